@@ -1,0 +1,63 @@
+# liteformer: every target calls the CLI (`python -m pipeline <stage>`); stages are file targets,
+# so a finished stage is not redone and `make compress` after `make train` does not retrain.
+#   make train DATA=../shared/data/sst2            (DATA: a data directory; default: GLUE SST-2 download)
+#   make train SET="train.epochs=3 model.num_layers=1"
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= params.yaml
+DATA   ?=
+RUN    ?= $(if $(DATA),$(notdir $(abspath $(DATA))),SST-2)
+SET    ?=
+
+ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+DATA_ARG  = $(if $(DATA),--data $(DATA),)
+PROCESSED = data/processed/$(RUN)/stats.json
+MODEL     = saved_models/$(RUN)/metrics.json
+DATA_FILES = $(if $(DATA),$(wildcard $(DATA)/train.* $(DATA)/dev.* $(DATA)/test.*),)
+
+.PHONY: venv data train evaluate compress benchmark report tensorboard test test-fast test-e2e clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# Its metadata pins absl-py~=1.2 and numpy~=1.23 (conflicting with TF 2.21 and mediapipe); it runs with theirs.
+	$(PY) -m pip install --quiet --no-deps tensorflow-model-optimization==0.8.1
+	touch $(STAMP)
+
+data: $(PROCESSED)
+$(PROCESSED): $(CONFIG) $(DATA_FILES) | $(STAMP)
+	$(PY) -m pipeline data $(DATA_ARG) --run $(RUN) $(ARGS)
+
+train: $(MODEL)
+$(MODEL): $(PROCESSED)
+	$(PY) -m pipeline train --run $(RUN) $(ARGS)
+
+evaluate: $(MODEL)
+	$(PY) -m pipeline evaluate --model saved_models/$(RUN) --data data/processed/$(RUN)/dev.jsonl \
+		--out saved_models/$(RUN)/eval $(ARGS)
+
+compress benchmark report: $(MODEL)
+	$(PY) -m pipeline $@ --run $(RUN) $(ARGS)
+
+tensorboard: | $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs
+
+test: | $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: | $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+test-e2e: | $(STAMP)
+	$(PY) -m pytest -q -m e2e
+
+clean:
+	rm -rf data/processed saved_models/* runs
+	touch saved_models/.gitkeep

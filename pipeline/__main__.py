@@ -1,0 +1,99 @@
+"""The one CLI: `python -m pipeline <stage>` (also installed as `liteformer`)."""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pipeline.errors import PipelineError
+
+DEFAULT_RUN = "SST-2"  # the run name of the GLUE SST-2 download
+
+
+def _common(p):
+    p.add_argument("--config", default="params.yaml", help="config file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def _run_name(args):
+    if getattr(args, "run", None):
+        return args.run
+    if getattr(args, "data", None):
+        return Path(args.data).resolve().name
+    return DEFAULT_RUN
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="liteformer", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("data", help="read, validate, split and tokenize a data set")
+    p.add_argument("--data", help="directory with train.* (and dev.*, test.*); default: download GLUE SST-2")
+    p.add_argument("--run", help="run name (default: the data directory's name)")
+    _common(p)
+
+    p = sub.add_parser("train", help="train the Transformer classifier on a processed run")
+    p.add_argument("--run", default=None, help=f"run name (default: {DEFAULT_RUN})")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a model directory or .tflite file on a data file")
+    p.add_argument("--model", required=True, help="trained model directory or .tflite file")
+    p.add_argument("--data", required=True, help="data file (.tsv, .csv or .jsonl) with text and label")
+    p.add_argument("--out", help="also write metrics.json and PNG plots here, and log them to TensorBoard")
+    _common(p)
+
+    p = sub.add_parser("predict", help="classify texts; one JSON line per text")
+    p.add_argument("--model", required=True, help="trained model directory or .tflite file")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    _common(p)
+
+    for name, what in (("compress", "prune, quantize and export TFLite variants"),
+                       ("benchmark", "measure latency, memory and size of every variant"),
+                       ("report", "write the comparison report")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--run", default=None)
+        _common(p)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        from pipeline.config import load_config
+
+        config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
+        cfg = load_config(config_path, args.set)
+        run = _run_name(args)
+        if args.stage == "data":
+            from pipeline.data import run_data_stage
+
+            run_data_stage(cfg, args.data, run)
+        elif args.stage == "train":
+            from pipeline.train import run_train_stage
+
+            run_train_stage(cfg, run)
+        elif args.stage == "evaluate":
+            from pipeline.evaluate import run_evaluate
+
+            run_evaluate(cfg, args.model, args.data, args.out)
+        elif args.stage == "predict":
+            from pipeline.evaluate import run_predict
+
+            run_predict(cfg, args.model, args.texts)
+        else:
+            raise PipelineError(f"'{args.stage}' is not built yet")
+    except PipelineError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""One config for every stage: dataclasses with defaults, read from params.yaml, overridable by --set."""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class PathsConfig:
+    data: str = "data"  # raw downloads under data/raw, processed runs under data/processed
+    models: str = "saved_models"
+    runs: str = "runs"  # TensorBoard logs
+
+
+@dataclass
+class DataConfig:
+    text_column: str = "sentence"  # "text" is accepted when this column is absent
+    label_column: str = "label"
+    vocab_size: int = 8000
+    max_seq_len: int = 128  # cap on the sequence length, [CLS] and [SEP] included
+    length_percentile: float = 99.0  # sequence length = this percentile of train token lengths
+    dev_fraction: float = 0.1  # held out of train (stratified) when the data has no dev split
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    ff_dim: int = 256
+    dropout: float = 0.1
+    position: str = "sinusoidal"  # or "learned"
+    pooling: str = "mean"  # masked mean over tokens, or "cls"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    patience: int = 2  # early stopping, in epochs without improvement of `monitor`
+    monitor: str = "val_loss"  # or "val_accuracy"
+    seed: int = 42
+    mixed_precision: str = "float32"  # "mixed_float16" or "mixed_bfloat16"
+    strategy: str = "default"  # "mirrored" or "multi_worker"
+    bucketing: bool = True  # batch by similar length; False pads every batch to the max length
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.position": ("sinusoidal", "learned"),
+    "model.pooling": ("mean", "cls"),
+    "train.monitor": ("val_loss", "val_accuracy"),
+    "train.mixed_precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "train.strategy": ("default", "mirrored", "multi_worker"),
+}
+
+
+def _key_lines(text):
+    """Map 'section.key' to its line number in the YAML text, for error messages."""
+    lines = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            lines[k.value] = k.start_mark.line + 1
+            if isinstance(v, yaml.MappingNode):
+                for kk, _ in v.value:
+                    lines[f"{k.value}.{kk.value}"] = kk.start_mark.line + 1
+    return lines
+
+
+def _coerce(value, default, where):
+    """Check `value` against the type of the default; ints are accepted where floats are."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise PipelineError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg, dotted, value, where):
+    section, _, key = dotted.partition(".")
+    if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+        raise PipelineError(f"{where}: unknown section '{section}' (sections: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+    sub = getattr(cfg, section)
+    names = [f.name for f in dataclasses.fields(sub)]
+    if key not in names:
+        raise PipelineError(f"{where}: unknown key '{dotted}' (keys of '{section}': {', '.join(names)})")
+    value = _coerce(value, getattr(sub, key), where)
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise PipelineError(f"{where}: '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    setattr(sub, key, value)
+
+
+def load_config(path=None, overrides=()):
+    """Defaults, then the YAML file at `path` (if any), then 'section.key=value' overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise PipelineError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise PipelineError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise PipelineError(f"{path}: expected a mapping of sections")
+        lines = _key_lines(text)
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise PipelineError(f"{path}:{lines.get(section, '?')}: section '{section}' must be a mapping")
+            for key, value in values.items():
+                dotted = f"{section}.{key}"
+                _apply(cfg, dotted, value, f"{path}:{lines.get(dotted, '?')}")
+    for item in overrides:
+        dotted, sep, text_value = item.partition("=")
+        if not sep:
+            raise PipelineError(f"--set {item}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text_value)
+        except yaml.YAMLError:
+            value = text_value
+        if value is None:
+            value = text_value
+        _apply(cfg, dotted.strip(), value, f"--set {item}")
+    return cfg
+
+
+def save_config(cfg, path):
+    from pipeline.files import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

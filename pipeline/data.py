@@ -1,0 +1,566 @@
+"""Data stage: read and validate labelled text, split, tokenize, write TFRecords; and the input pipeline.
+
+A data directory holds train.{tsv,csv,jsonl} and optionally dev.* and test.*. The stage writes
+data/processed/<run>/ with vocab.txt, labels.txt, {train,dev,test}.tfrecord, {dev,test}.jsonl
+and stats.json; make_dataset() turns a .tfrecord into batches for Keras.
+"""
+import collections
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import tensorflow as tf
+from pipeline import tokenizer as tok
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path, write_json, write_text
+
+FORMATS = (".tsv", ".csv", ".jsonl")
+SPLITS = ("train", "dev", "test")
+IMBALANCE_RATIO = 3.0  # warn when the largest class is this many times the smallest
+
+# GLUE SST-2. Checksum and size from tensorflow/datasets, tensorflow_datasets/url_checksums/glue.txt
+# (SST-2.zip, 7439277 bytes); the same values are listed for this address in the Hugging Face
+# datasets-server docs ("download_checksums" of glue/sst2).
+SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+SST2_SHA256 = "d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa"
+SST2_KEEP = ("train.tsv", "dev.tsv")  # GLUE's test.tsv has no labels
+
+# csv refuses fields over 128 KiB by default; a long text is legal (the tokenizer cuts it).
+csv.field_size_limit(1 << 30)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validation
+
+def read_table(path, data_cfg, require_labels=True) -> dict:
+    """Parse and validate one file: dict(texts, labels, lines, text_column, label_column).
+
+    labels is None for an unlabelled file (allowed only with require_labels=False); lines holds each
+    example's line number for messages. Raises PipelineError naming file:line.
+    """
+    path = Path(path)
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise PipelineError(f"{path}: unsupported format '{path.suffix}' (use .tsv, .csv or .jsonl)")
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw.strip():
+        raise PipelineError(f"{name}:1: empty file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        hint = " (a UTF-16 file? save it as UTF-8)" if nul < 4 else ""
+        raise PipelineError(f"{name}:{line}: NUL byte in the data{hint}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(f"{name}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    if suffix == ".jsonl":
+        out = _parse_jsonl(name, text, data_cfg, require_labels)
+    else:
+        out = _parse_delimited(name, text, data_cfg, suffix, require_labels)
+    _warn_quality(name, out)
+    return out
+
+
+def _parse_delimited(name, text, data_cfg, suffix, require_labels):
+    # TSV as GLUE writes it: no quoting, a quote is an ordinary character. CSV: standard quoting,
+    # so commas and newlines inside quoted fields work. newline="" lets csv handle CRLF itself.
+    if suffix == ".tsv":
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []  # (line where the record starts, fields)
+    end = 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if fields and not (len(fields) == 1 and not fields[0].strip()):  # skip blank lines
+                rows.append((start, fields))
+    except csv.Error as e:  # e.g. a quote never closed: name the line where the record starts
+        raise PipelineError(f"{name}:{end + 1}: {e}") from None
+    if not rows:
+        raise PipelineError(f"{name}:1: empty file")
+
+    text_names, label_names = (data_cfg.text_column, "text"), (data_cfg.label_column, "label")
+    head_line, first = rows[0][0], [f.strip() for f in rows[0][1]]
+    header = any(f in text_names or f in label_names for f in first)
+    if header:
+        text_col = next((c for c in text_names if c in first), None)
+        if text_col is None:
+            raise PipelineError(f"{name}:{head_line}: missing text column '{data_cfg.text_column}' "
+                                f"(or 'text'); columns: {', '.join(first)}")
+        label_col = next((c for c in label_names if c in first), None)
+        if label_col is None and require_labels:
+            raise PipelineError(f"{name}:{head_line}: missing label column '{data_cfg.label_column}' (or 'label'); "
+                                f"columns: {', '.join(first)}")
+        text_i, n_fields = first.index(text_col), len(first)
+        label_i = first.index(label_col) if label_col else None
+        rows = rows[1:]
+        if not rows:
+            raise PipelineError(f"{name}:{head_line}: header only, no data rows")
+    else:
+        # No header: text, label (two columns) or text only (one column).
+        n_fields = len(rows[0][1])
+        if n_fields > 2:
+            raise PipelineError(f"{name}:{head_line}: {n_fields} columns and no header; add a header "
+                                f"naming the '{data_cfg.text_column}' and '{data_cfg.label_column}' columns")
+        if n_fields == 1 and require_labels:
+            raise PipelineError(f"{name}:{head_line}: one column and no header, so no labels; expected "
+                                f"text{'<TAB>' if suffix == '.tsv' else ','}label")
+        text_i, label_i = 0, (1 if n_fields == 2 else None)
+        text_col, label_col = "column 1", ("column 2" if label_i is not None else None)
+
+    sep_hint = " (a tab inside the text?)" if suffix == ".tsv" else " (an unquoted comma, or a quote never closed?)"
+    texts, labels, lines = [], [], []
+    for line, fields in rows:
+        if len(fields) != n_fields:
+            raise PipelineError(f"{name}:{line}: expected {n_fields} fields, found {len(fields)}{sep_hint}")
+        texts.append(_check_text(name, line, fields[text_i]))
+        if label_i is not None:
+            labels.append(_check_label(name, line, fields[label_i]))
+        lines.append(line)
+    return dict(texts=texts, labels=labels if label_i is not None else None, lines=lines,
+                text_column=text_col, label_column=label_col)
+
+
+def _parse_jsonl(name, text, data_cfg, require_labels):
+    texts, labels, lines = [], [], []
+    text_cols, label_cols = set(), set()
+    for line, s in enumerate(text.split("\n"), 1):  # split("\n"): JSON strings may hold U+2028
+        if not s.strip():
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{name}:{line}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise PipelineError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
+        key = data_cfg.text_column if data_cfg.text_column in obj else "text"
+        if key not in obj:
+            raise PipelineError(f"{name}:{line}: missing text field '{data_cfg.text_column}' (or 'text')")
+        if not isinstance(obj[key], str):
+            raise PipelineError(f"{name}:{line}: text must be a string, got {type(obj[key]).__name__}")
+        text_cols.add(key)
+        texts.append(_check_text(name, line, obj[key]))
+        lines.append(line)
+        label_key = data_cfg.label_column if data_cfg.label_column in obj else "label"
+        if label_key in obj:
+            value = obj[label_key]
+            if value is None:
+                raise PipelineError(f"{name}:{line}: empty label")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise PipelineError(f"{name}:{line}: label must be a string or an integer, got {value!r}")
+            labels.append(_check_label(name, line, str(value)))
+            label_cols.add(label_key)
+        elif require_labels or labels:
+            raise PipelineError(f"{name}:{line}: missing label field '{data_cfg.label_column}' (or 'label')")
+    if labels and len(labels) != len(texts):  # labels start only after some unlabelled lines
+        raise PipelineError(f"{name}:{lines[0]}: missing label field '{data_cfg.label_column}'")
+    return dict(texts=texts, labels=labels if labels else None, lines=lines,
+                text_column="/".join(sorted(text_cols)), label_column="/".join(sorted(label_cols)) or None)
+
+
+def _check_text(name, line, value):
+    value = value.strip()
+    if not value:
+        raise PipelineError(f"{name}:{line}: empty text")
+    return value
+
+
+def _check_label(name, line, value):
+    value = value.strip()
+    if not value:
+        raise PipelineError(f"{name}:{line}: empty label")
+    if "\n" in value or "\r" in value:  # labels.txt holds one label per line
+        raise PipelineError(f"{name}:{line}: label contains a line break")
+    return value
+
+
+def _warn_quality(name, out):
+    """Warnings, not errors: duplicates and class imbalance are legal but worth knowing."""
+    first, dups, conflicts = {}, 0, 0
+    labels = out["labels"]
+    for i, t in enumerate(out["texts"]):
+        if t in first:
+            dups += 1
+            if labels is not None and labels[first[t]] != labels[i]:
+                conflicts += 1
+            if dups == 1:
+                example = (out["lines"][i], out["lines"][first[t]])
+        else:
+            first[t] = i
+    if dups:
+        extra = f", {conflicts} of them with a different label" if conflicts else ""
+        warn(f"{name}: {dups} duplicate texts{extra} (e.g. line {example[0]} repeats line {example[1]})")
+    if labels is not None:
+        counts = collections.Counter(labels)
+        if len(counts) > 1 and max(counts.values()) > IMBALANCE_RATIO * min(counts.values()):
+            desc = ", ".join(f"{k}: {v}" for k, v in counts.most_common())
+            warn(f"{name}: class imbalance ({desc})")
+
+
+_read = read_table  # evaluate.py calls data._read; read_table is the public name
+
+
+def read_examples(path, data_cfg, *, require_labels=True) -> tuple[list[str], list[str]]:
+    """Read a .tsv/.csv/.jsonl file into (texts, label strings); PipelineError names file:line.
+
+    With require_labels=False an unlabelled file (one headerless column) gives an empty label list.
+    """
+    out = read_table(path, data_cfg, require_labels)
+    return out["texts"], out["labels"] or []
+
+
+def find_splits(data_dir) -> dict[str, Path]:
+    """{'train': path, 'dev': path?, 'test': path?} for a data directory."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise PipelineError(f"{data_dir}: data directory not found")
+    found = {}
+    for split in SPLITS:
+        paths = [data_dir / f"{split}{ext}" for ext in FORMATS if (data_dir / f"{split}{ext}").is_file()]
+        if len(paths) > 1:
+            raise PipelineError(f"{data_dir}: both {' and '.join(p.name for p in paths)}; keep one")
+        if paths:
+            found[split] = paths[0]
+    if "train" not in found:
+        raise PipelineError(f"{data_dir}: no train.tsv, train.csv or train.jsonl")
+    return found
+
+
+def sort_labels(labels) -> list[str]:
+    """Distinct labels in id order: numeric when all are integers, else alphabetical."""
+    distinct = set(labels)
+    if all(re.fullmatch(r"[+-]?\d+", s) for s in distinct):
+        return sorted(distinct, key=lambda s: (int(s), s))
+    return sorted(distinct)
+
+
+def stratified_split(labels, fraction, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified hold-out: (keep indices, held-out indices), both in file order."""
+    if not 0.0 < fraction < 1.0:
+        raise PipelineError(f"data.dev_fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    held = []
+    for label in sorted(set(labels.tolist())):  # fixed class order, so the rng draws are reproducible
+        idx = np.flatnonzero(labels == label)
+        n = min(int(round(len(idx) * fraction)), len(idx) - 1)  # keep at least one in train
+        held.append(rng.permutation(idx)[:n])
+    held = np.sort(np.concatenate(held)).astype(np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    return keep, held
+
+
+def load_labels(directory) -> list[str]:
+    """Labels of a processed run (or any directory with labels.txt); id = line index."""
+    path = Path(directory) / "labels.txt"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run the data stage first)")
+    labels = [s for s in path.read_text(encoding="utf-8").split("\n") if s]
+    if not labels:
+        raise PipelineError(f"{path}: empty")
+    return labels
+
+
+def load_stats(directory) -> dict:
+    """stats.json of a processed run."""
+    path = Path(directory) / "stats.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run the data stage first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def processed_dir(cfg, run) -> Path:
+    return Path(cfg.paths.data) / "processed" / run
+
+
+# ----------------------------------------------------------------------------------------------
+# GLUE SST-2 download
+
+def fetch(url, dest, sha256) -> Path:
+    """Download `url` to `dest` (via a temp file, then rename) and verify its SHA-256; skip if present."""
+    dest = Path(dest)
+    if dest.is_file() and _sha256(dest) == sha256:
+        return dest
+    print(f"downloading {url}", file=sys.stderr)
+    with atomic_path(dest) as tmp:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
+            raise PipelineError(f"could not download {url}: {getattr(e, 'reason', e)} "
+                                f"(save it by hand as {dest}, or pass --data DIR)") from None
+        if digest.hexdigest() != sha256:
+            raise PipelineError(f"{url}: SHA-256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
+                                "the download is corrupt or the file changed")
+    return dest
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_extract(zip_path, dest, keep=None) -> Path:
+    """Extract a zip's files by base name into `dest` (atomically), refusing the whole archive if
+    any member path would resolve outside it. keep: optional set of member names to extract."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise PipelineError(f"{zip_path}: not a zip file") from None
+    with zf, atomic_path(dest) as tmp:
+        root = tmp.resolve()
+        # Check every member before writing anything: one escaping path means a hostile archive.
+        for info in zf.infolist():
+            target = (root / info.filename).resolve()
+            if info.filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", info.filename) \
+                    or not target.is_relative_to(root):
+                raise PipelineError(f"{zip_path.name}: member '{info.filename}' would be written outside "
+                                    f"{dest}; refusing to extract")
+        tmp.mkdir()
+        for info in zf.infolist():
+            if info.is_dir() or (keep is not None and info.filename not in keep):
+                continue
+            with zf.open(info) as src, open(tmp / Path(info.filename).name, "wb") as out:
+                shutil.copyfileobj(src, out)
+    return dest
+
+
+def download_sst2(raw_dir, url=SST2_URL, sha256=SST2_SHA256) -> Path:
+    """Fetch GLUE SST-2 into raw_dir/SST-2 (train.tsv, dev.tsv) and return that directory."""
+    raw_dir = Path(raw_dir)
+    target = raw_dir / "SST-2"
+    if all((target / n).is_file() for n in SST2_KEEP):
+        return target
+    zip_path = fetch(url, raw_dir / "SST-2.zip", sha256)
+    safe_extract(zip_path, target, keep={f"SST-2/{n}" for n in SST2_KEEP})
+    missing = [n for n in SST2_KEEP if not (target / n).is_file()]
+    if missing:
+        shutil.rmtree(target, ignore_errors=True)  # so the next run does not take it as done
+        raise PipelineError(f"{zip_path}: no {', '.join(missing)} in the archive")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# The data stage
+
+def _tokenize_split(tokenizer, texts, max_chars):
+    """Wordpiece ids (no [CLS]/[SEP]) of every text: one RaggedTensor [len(texts), None]."""
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string)).batch(1024)
+    return tf.concat(list(ds.map(lambda t: tok.wordpiece_ids(tokenizer, t, max_chars))), axis=0)
+
+
+def _write_tfrecord(path, ids, labels, seq_len, cls_id, sep_id):
+    packed = tok.add_special_tokens(ids, seq_len, cls_id, sep_id)
+    rows = np.split(packed.flat_values.numpy().astype(np.int64), packed.row_splits.numpy()[1:-1])
+    assert len(rows) == len(labels), (len(rows), len(labels))
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for row, label in zip(rows, labels):
+            w.write(tf.train.Example(features=tf.train.Features(feature={
+                "input_word_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=row)),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            })).SerializeToString())
+
+
+def _write_jsonl(path, texts, labels):
+    write_text(path, "".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n"
+                             for t, l in zip(texts, labels)))
+
+
+def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
+    """Read, validate, split and tokenize a data directory into data/processed/<run>/; return stats."""
+    t0 = time.time()
+    dc = cfg.data
+    if not run or run in (".", "..") or "/" in run or "\\" in run:
+        raise PipelineError(f"invalid run name {run!r}")
+    if dc.max_seq_len < 8:
+        raise PipelineError(f"data.max_seq_len must be at least 8, got {dc.max_seq_len}")
+    if not 0 < dc.length_percentile <= 100:
+        raise PipelineError(f"data.length_percentile must be in (0, 100], got {dc.length_percentile}")
+    if data_dir is None:
+        src = download_sst2(Path(cfg.paths.data) / "raw")
+    else:
+        src = Path(data_dir)
+
+    # 1. Read and validate everything before writing anything.
+    files = find_splits(src)
+    parsed = {split: read_table(path, dc) for split, path in files.items()}
+    train = parsed["train"]
+    labels = sort_labels(train["labels"])
+    if len(labels) < 2:
+        raise PipelineError(f"{files['train'].name}:{train['lines'][0]}: only one class ('{labels[0]}') "
+                            "in the whole file; a classifier needs at least two")
+    label_id = {l: i for i, l in enumerate(labels)}
+    for split in ("dev", "test"):
+        if split in parsed:
+            p = parsed[split]
+            for l, line in zip(p["labels"], p["lines"]):
+                if l not in label_id:
+                    raise PipelineError(f"{files[split].name}:{line}: label '{l}' does not occur in "
+                                        f"{files['train'].name} (labels: {', '.join(labels)})")
+
+    splits = {s: (p["texts"], p["labels"]) for s, p in parsed.items()}
+    sources = {s: files[s].name for s in files}
+    if "dev" not in splits:
+        keep, held = stratified_split(train["labels"], dc.dev_fraction, dc.seed)
+        if len(held) == 0:
+            raise PipelineError(f"{files['train'].name}: too few rows to hold out a dev split "
+                                f"(dev_fraction {dc.dev_fraction}); add a dev file")
+        t, l = splits["train"]
+        splits["train"] = ([t[i] for i in keep], [l[i] for i in keep])
+        splits["dev"] = ([t[i] for i in held], [l[i] for i in held])
+        sources["dev"] = f"{files['train'].name} (stratified hold-out, fraction {dc.dev_fraction}, seed {dc.seed})"
+        splits = {s: splits[s] for s in SPLITS if s in splits}  # train, dev, test order
+    train_texts = set(splits["train"][0])
+    for split in ("dev", "test"):
+        if split in splits:
+            n = sum(t in train_texts for t in splits[split][0])
+            if n:
+                warn(f"{sources[split]}: {n} of {len(splits[split][0])} texts also occur in train")
+
+    # 2. Vocabulary from train only, then wordpieces of every split (batched tf ops).
+    max_chars = dc.max_seq_len * tok.CHARS_PER_TOKEN
+    vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0]], dc.vocab_size)
+    tokenizer = tok.make_tokenizer(vocab)
+    unk_id, cls_id, sep_id = (tokenizer.token_to_id(t) for t in (tok.UNK, tok.CLS, tok.SEP))
+    ids = {s: _tokenize_split(tokenizer, texts, max_chars) for s, (texts, _) in splits.items()}
+    lengths = {s: r.row_lengths().numpy() + 2 for s, r in ids.items()}
+    # OOV rate: the fraction of wordpieces (before truncation) that are [UNK].
+    oov = {s: float((r.flat_values.numpy() == unk_id).sum()) / max(1, r.flat_values.shape[0])
+           for s, r in ids.items()}
+
+    # 3. Sequence length: a percentile of train lengths ([CLS] and [SEP] included), capped.
+    pct = float(np.percentile(lengths["train"], dc.length_percentile))
+    seq_len = int(max(8, min(dc.max_seq_len, math.ceil(pct))))
+
+    stats = {
+        "source": str(src.resolve()),
+        "files": sources,
+        "text_column": train["text_column"],
+        "label_column": train["label_column"],
+        "labels": labels,
+        "rows": {s: len(splits[s][0]) for s in splits},
+        "class_counts": {s: {l: c for l, c in sorted(collections.Counter(splits[s][1]).items(),
+                                                      key=lambda kv: label_id[kv[0]])} for s in splits},
+        "train_token_lengths": {**{f"p{q}": float(np.percentile(lengths["train"], q)) for q in (50, 90, 95, 99)},
+                                "max": int(lengths["train"].max())},
+        "seq_len": seq_len,
+        "length_percentile": dc.length_percentile,
+        "vocab_size": len(vocab),
+        "oov_rate": {s: round(v, 6) for s, v in oov.items()},
+        "truncated_fraction": {s: round(float((lengths[s] > seq_len).mean()), 6) for s in splits},
+    }
+
+    # 4. Write the run directory whole: it appears complete or not at all.
+    out = processed_dir(cfg, run)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        tok.save_vocabulary(vocab, tmp / "vocab.txt")
+        write_text(tmp / "labels.txt", "".join(f"{l}\n" for l in labels))
+        for s, (texts, labs) in splits.items():
+            _write_tfrecord(tmp / f"{s}.tfrecord", ids[s], [label_id[l] for l in labs], seq_len, cls_id, sep_id)
+            if s != "train":
+                _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
+        write_json(tmp / "stats.json", stats)
+
+    _print_summary(out, stats, time.time() - t0)
+    return stats
+
+
+def _print_summary(out, stats, seconds):
+    rows = ", ".join(f"{s} {n:,}" for s, n in stats["rows"].items())
+    counts = ", ".join(f"{l}: {c:,}" for l, c in stats["class_counts"]["train"].items())
+    lens = stats["train_token_lengths"]
+    oov = ", ".join(f"{s} {r:.3%}" for s, r in stats["oov_rate"].items())
+    print(f"data: {stats['source']} -> {out}")
+    print(f"  rows: {rows}")
+    print(f"  classes: {len(stats['labels'])} (train {counts})")
+    print(f"  seq_len: {stats['seq_len']} (p{stats['length_percentile']:g} of train lengths; "
+          f"p50 {lens['p50']:g}, max {lens['max']}; {stats['truncated_fraction']['train']:.2%} of train truncated)")
+    print(f"  vocab: {stats['vocab_size']:,} tokens; OOV: {oov}")
+    print(f"  done in {seconds:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input pipeline for training and evaluation
+
+SHUFFLE_BUFFER = 100_000  # records; SST-2's 60k serialized examples take a few MB
+
+
+def bucket_boundaries(seq_len) -> list[int]:
+    """Seven length boundaries at seq_len/8, 2/8 ... 7/8 (a bucket holds lengths below its boundary)."""
+    bounds = {int(round(seq_len * f / 8)) for f in range(1, 8)}
+    return sorted(b for b in bounds if 2 < b <= seq_len)
+
+
+def count_records(path) -> int:
+    return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,
+                 seed: int | None = None):
+    """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]).
+
+    training: shuffled each epoch, and batched by similar length (each batch padded to its longest
+    member) when bucketing, else padded to seq_len. Eval: file order, padded to seq_len.
+    No batch is ever dropped.
+    """
+    path = Path(tfrecord_path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run the data stage first)")
+    features = {"input_word_ids": tf.io.RaggedFeature(tf.int64), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, features)
+        ids = tf.cast(ex["input_word_ids"], tf.int32)
+        # Records longer than seq_len (written with a larger one) keep their final [SEP].
+        n = tf.minimum(tf.shape(ids)[0], seq_len)
+        ids = tf.concat([ids[: n - 1], ids[-1:]], axis=0)
+        return ids, tf.cast(ex["label"], tf.int32)
+
+    def to_inputs(ids, label):
+        mask = tf.cast(tf.not_equal(ids, 0), tf.int32)  # [PAD] (id 0) is never a real token
+        return {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}, label
+
+    ds = tf.data.TFRecordDataset(str(path))
+    if training:
+        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training and bucketing:
+        bounds = bucket_boundaries(seq_len)
+        ds = ds.bucket_by_sequence_length(
+            lambda ids, label: tf.shape(ids)[0], bounds, [batch_size] * (len(bounds) + 1),
+            padded_shapes=([None], []), drop_remainder=False)
+    else:
+        ds = ds.padded_batch(batch_size, padded_shapes=([seq_len], []), drop_remainder=False)
+    return ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

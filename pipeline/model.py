@@ -1,0 +1,576 @@
+"""The Transformer encoder classifier: small Keras layers, a functional model, TFMOT hooks, loading.
+
+Model graph (a FUNCTIONAL tf.keras model, because TFMOT's prune_low_magnitude / quantize_apply clone
+functional models layer by layer and refuse subclassed Models):
+
+    input_word_ids -> ClipTokenIds -> TokenAndPositionEmbedding -+
+    input_mask     -> PaddingMask ---------------+----------------+-> EncoderBlock x N -> LayerNorm
+    input_type_ids   (an input for MediaPipe's BERT signature; unused by the math, still kept by TFLite)
+                                                 +-> SequencePooling (masked mean or [CLS]) -> ClassifierHead
+                                                                          (dense -> softmax, float32)
+
+Design notes
+* Pre-LN blocks (LayerNorm before attention and before the FFN, plus a final LayerNorm): the residual
+  path is an identity, so gradients reach every layer unscaled; Pre-LN trains stably at 1e-3 with a
+  short (or no) warmup, where Post-LN is sensitive to the learning rate and warmup length.
+* GELU in the FFN (TFLite has a builtin GELU op, int8 included); "relu" is accepted by EncoderBlock.
+* Masking: input_mask (1 = token, 0 = [PAD]) becomes a float mask once (PaddingMask). Attention adds
+  -1e9 (in float32) to the scores of padded keys, so their softmax weight is exactly 0 and real
+  positions do not depend on how much padding follows. Pooling averages over mask==1 only.
+* Every block owns its weights (add_weight) and computes with plain tf ops: 2-D matmuls
+  ([B*T, d] @ [d, d]) for projections (TFLite FULLY_CONNECTED), batch matmul for scores, softmax and
+  LayerNorm in float32. Weights are read through `_weight(name)` and quantization points through
+  `_point(name, x)`, so a QuantizeConfig can swap in fake-quantized tensors without nested Keras layers.
+* Mixed precision: layers compute in `self.compute_dtype` and cast explicitly (TFMOT wrappers call
+  `layer.call` directly, bypassing Keras' autocast); the head runs in float32.
+* ClipTokenIds and PaddingMask exist so that no layer annotated for QAT consumes an int32 model input:
+  quantize_apply puts a FakeQuant QuantizeLayer after every InputLayer that feeds an annotated layer,
+  which fails on int32 ("Input 'inputs' of 'FakeQuantWithMinMaxVars' Op has type int32 that does not
+  match expected type of float32"). ClipTokenIds also keeps out-of-range ids from crashing the gather.
+"""
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+
+PACKAGE = "liteformer"
+INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
+_MASK_VALUE = -1e9  # added (in float32) to attention scores of padded keys
+
+_register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
+_quant = tfmot.quantization.keras.quantizers
+
+
+def sinusoidal_encoding(length: int, d_model: int) -> np.ndarray:
+    """Positional encoding of "Attention Is All You Need", float32 [length, d_model].
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)).
+    """
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    dims = np.arange(d_model)
+    angles = pos / np.power(10000.0, (2 * (dims // 2)) / d_model)[None, :]
+    table = np.where(dims % 2 == 0, np.sin(angles), np.cos(angles))
+    return table.astype(np.float32)
+
+
+def _layer_norm(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis, computed in float32 whatever the compute dtype."""
+    dtype = x.dtype
+    x = tf.cast(x, tf.float32)
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+    y = centered * tf.math.rsqrt(var + epsilon) * tf.cast(gamma, tf.float32) + tf.cast(beta, tf.float32)
+    return tf.cast(y, dtype)
+
+
+class _Layer(tf.keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
+    """Base of our layers: pruning and quantization hooks.
+
+    Subclasses list `_quantizable_weights()` (attribute names of kernels to fake-quantize) and
+    `_quant_points()` (name -> activation applied at that point; fake-quantized under QAT), and
+    read weights with `_weight(name)` and intermediate tensors with `_point(name, x)`.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Transient overrides set by QuantizeConfig on every call of the QuantizeWrapper. Set with
+        # object.__setattr__ so Keras does not track them (and does not untrack the variables).
+        object.__setattr__(self, "_weight_overrides", {})
+        object.__setattr__(self, "_point_overrides", {})
+
+    def get_prunable_weights(self):
+        return []
+
+    def _quantizable_weights(self):
+        return []
+
+    def _quant_points(self):
+        return {}
+
+    def _weight(self, name):
+        w = self._weight_overrides.get(name)
+        if w is None:
+            w = getattr(self, name)
+        return tf.cast(w, self.compute_dtype)
+
+    def _point(self, name, x):
+        fn = self._point_overrides.get(name) or self._quant_points()[name]
+        return fn(x)
+
+    def _set_weight_overrides(self, mapping):
+        object.__setattr__(self, "_weight_overrides", dict(mapping))
+
+    def _set_point_overrides(self, mapping):
+        object.__setattr__(self, "_point_overrides", dict(mapping))
+
+
+# Identity at a quantization point; QuantizeAwareActivation fake-quantizes the output of "linear".
+_linear = tf.keras.activations.linear
+
+
+@_register
+class ClipTokenIds(_Layer):
+    """int32 ids -> ids clipped into [0, vocab_size): no out-of-range gather, and the int input stays
+    away from QAT-annotated layers (see module docstring)."""
+
+    def __init__(self, vocab_size, **kwargs):
+        kwargs.setdefault("dtype", "int32")
+        super().__init__(**kwargs)
+        self.vocab_size = int(vocab_size)
+
+    def call(self, inputs):
+        return tf.clip_by_value(tf.cast(inputs, tf.int32), 0, self.vocab_size - 1)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size}
+
+
+@_register
+class PaddingMask(_Layer):
+    """input_mask (1 = token, 0 = padding; any int or float dtype) -> float mask [B, T] in compute dtype."""
+
+    def call(self, inputs):
+        return tf.cast(tf.not_equal(inputs, 0), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+
+@_register
+class TokenAndPositionEmbedding(_Layer):
+    """ids [B, T] -> embeddings * sqrt(d_model) + position encoding [B, T, d_model], then dropout.
+
+    position: "sinusoidal" (fixed table, not a weight) or "learned" (a [max_len, d_model] weight).
+    T must be <= max_len.
+    """
+
+    def __init__(self, vocab_size, d_model, max_len, position="sinusoidal", dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if position not in ("sinusoidal", "learned"):
+            raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
+        self.vocab_size = int(vocab_size)
+        self.d_model = int(d_model)
+        self.max_len = int(max_len)
+        self.position = position
+        self.dropout = float(dropout)
+        self._dropout = tf.keras.layers.Dropout(self.dropout)
+        self._table = sinusoidal_encoding(self.max_len, self.d_model) if position == "sinusoidal" else None
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            "embeddings", shape=(self.vocab_size, self.d_model),
+            initializer=tf.keras.initializers.RandomNormal(stddev=self.d_model ** -0.5))
+        if self.position == "learned":
+            self.position_embeddings = self.add_weight(
+                "position_embeddings", shape=(self.max_len, self.d_model),
+                initializer=tf.keras.initializers.RandomNormal(stddev=0.02))
+        super().build(input_shape)
+
+    def get_prunable_weights(self):
+        return [self.embeddings]
+
+    def _quantizable_weights(self):
+        return ["embeddings"]
+
+    def call(self, inputs, training=None):
+        ids = tf.cast(inputs, tf.int32)
+        x = tf.gather(self._weight("embeddings"), ids) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
+        length = tf.shape(ids)[1]
+        if self.position == "learned":
+            pos = self.position_embeddings[:length]
+        else:
+            pos = tf.constant(self._table)[:length]
+        x = x + tf.cast(pos, self.compute_dtype)  # [T, d] broadcasts over the batch
+        return self._dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape).concatenate([self.d_model])
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "d_model": self.d_model,
+                "max_len": self.max_len, "position": self.position, "dropout": self.dropout}
+
+
+@_register
+class EncoderBlock(_Layer):
+    """Pre-LN Transformer encoder block: x + MHA(LN(x)), then x + FFN(LN(x)).
+
+    inputs: [x [B, T, d_model], mask [B, T] (1 = token, 0 = padding)] -> [B, T, d_model].
+    """
+
+    def __init__(self, d_model, num_heads, ff_dim, dropout=0.0, activation="gelu", epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+        self.d_model = int(d_model)
+        self.num_heads = int(num_heads)
+        self.ff_dim = int(ff_dim)
+        self.dropout = float(dropout)
+        self.activation = activation
+        self.epsilon = float(epsilon)
+        self._head_dim = self.d_model // self.num_heads
+        self._attn_dropout = tf.keras.layers.Dropout(self.dropout)
+        self._out_dropout = tf.keras.layers.Dropout(self.dropout)
+        self._ffn_dropout = tf.keras.layers.Dropout(self.dropout)
+
+    def build(self, input_shape):
+        d, f = self.d_model, self.ff_dim
+        glorot, zeros, ones = "glorot_uniform", "zeros", "ones"
+        self.ln1_gamma = self.add_weight("ln1_gamma", shape=(d,), initializer=ones)
+        self.ln1_beta = self.add_weight("ln1_beta", shape=(d,), initializer=zeros)
+        self.q_kernel = self.add_weight("q_kernel", shape=(d, d), initializer=glorot)
+        self.q_bias = self.add_weight("q_bias", shape=(d,), initializer=zeros)
+        self.k_kernel = self.add_weight("k_kernel", shape=(d, d), initializer=glorot)
+        self.k_bias = self.add_weight("k_bias", shape=(d,), initializer=zeros)
+        self.v_kernel = self.add_weight("v_kernel", shape=(d, d), initializer=glorot)
+        self.v_bias = self.add_weight("v_bias", shape=(d,), initializer=zeros)
+        self.o_kernel = self.add_weight("o_kernel", shape=(d, d), initializer=glorot)
+        self.o_bias = self.add_weight("o_bias", shape=(d,), initializer=zeros)
+        self.ln2_gamma = self.add_weight("ln2_gamma", shape=(d,), initializer=ones)
+        self.ln2_beta = self.add_weight("ln2_beta", shape=(d,), initializer=zeros)
+        self.ff1_kernel = self.add_weight("ff1_kernel", shape=(d, f), initializer=glorot)
+        self.ff1_bias = self.add_weight("ff1_bias", shape=(f,), initializer=zeros)
+        self.ff2_kernel = self.add_weight("ff2_kernel", shape=(f, d), initializer=glorot)
+        self.ff2_bias = self.add_weight("ff2_bias", shape=(d,), initializer=zeros)
+        super().build(input_shape)
+
+    _KERNELS = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel")
+
+    def get_prunable_weights(self):
+        return [getattr(self, name) for name in self._KERNELS]
+
+    def _quantizable_weights(self):
+        return list(self._KERNELS)
+
+    def _quant_points(self):
+        # Inputs of every matmul are quantization points (int8 FULLY_CONNECTED / BATCH_MATMUL need
+        # input ranges). Scores are quantized before the padding bias so -1e9 never enters a range.
+        act = tf.keras.activations.get(self.activation)
+        return {"attn_input": _linear, "query": _linear, "key": _linear, "value": _linear,
+                "scores": _linear, "probs": _linear, "context": _linear,
+                "ffn_input": _linear, "ffn_hidden": act}
+
+    def _dense(self, x2d, name):
+        """[N, d_in] @ [d_in, d_out] + b: a plain 2-D matmul, FULLY_CONNECTED in TFLite."""
+        return tf.matmul(x2d, self._weight(f"{name}_kernel")) + self._weight(f"{name}_bias")
+
+    def call(self, inputs, training=None):
+        x, mask = inputs
+        x = tf.cast(x, self.compute_dtype)
+        shape = tf.shape(x)
+        batch, length = shape[0], shape[1]
+        h, d = self.num_heads, self._head_dim
+
+        # Self-attention on LN(x).
+        y = _layer_norm(x, self._weight("ln1_gamma"), self._weight("ln1_beta"), self.epsilon)
+        y = tf.reshape(self._point("attn_input", y), [-1, self.d_model])
+
+        def heads(t):  # [B*T, d] -> [B, H, T, d_head]
+            return tf.transpose(tf.reshape(t, [batch, length, h, d]), [0, 2, 1, 3])
+
+        q = heads(self._point("query", self._dense(y, "q") * tf.cast(d ** -0.5, self.compute_dtype)))
+        k = heads(self._point("key", self._dense(y, "k")))
+        v = heads(self._point("value", self._dense(y, "v")))
+        scores = self._point("scores", tf.matmul(q, k, transpose_b=True))  # [B, H, T, T]
+        # [B, 1, 1, T] over keys. reshape/expand_dims, not [:, None]: a new-axis strided slice on a
+        # dynamic shape needs Flex ops in TFLite.
+        bias = tf.reshape((1.0 - tf.cast(mask, tf.float32)) * _MASK_VALUE, [batch, 1, 1, length])
+        probs = tf.nn.softmax(tf.cast(scores, tf.float32) + bias, axis=-1)
+        probs = self._point("probs", tf.cast(probs, self.compute_dtype))
+        probs = self._attn_dropout(probs, training=training)
+        ctx = tf.reshape(tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3]), [-1, self.d_model])
+        out = self._dense(self._point("context", ctx), "o")
+        x = x + self._out_dropout(tf.reshape(out, shape), training=training)
+
+        # Feed-forward on LN(x).
+        y = _layer_norm(x, self._weight("ln2_gamma"), self._weight("ln2_beta"), self.epsilon)
+        y = tf.reshape(self._point("ffn_input", y), [-1, self.d_model])
+        y = self._point("ffn_hidden", self._dense(y, "ff1"))
+        y = self._dense(y, "ff2")
+        return x + self._ffn_dropout(tf.reshape(y, shape), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads,
+                "ff_dim": self.ff_dim, "dropout": self.dropout, "activation": self.activation,
+                "epsilon": self.epsilon}
+
+
+@_register
+class LayerNorm(_Layer):
+    """LayerNorm over the last axis with its own gamma/beta, computed in float32 (the final Pre-LN norm)."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        dim = tf.TensorShape(input_shape)[-1]
+        self.gamma = self.add_weight("gamma", shape=(dim,), initializer="ones")
+        self.beta = self.add_weight("beta", shape=(dim,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x = tf.cast(inputs, self.compute_dtype)
+        return _layer_norm(x, self._weight("gamma"), self._weight("beta"), self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@_register
+class SequencePooling(_Layer):
+    """[x [B, T, d], mask [B, T]] -> [B, d]: mean over positions with mask 1 ("mean"; 0 vector for an
+    all-padding row) or the vector at position 0 ("cls")."""
+
+    def __init__(self, mode="mean", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("mean", "cls"):
+            raise ValueError(f"mode must be 'mean' or 'cls', got {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x, mask = inputs
+        if self.mode == "cls":
+            return tf.cast(x[:, 0, :], self.compute_dtype)
+        x = tf.cast(x, tf.float32)
+        m = tf.expand_dims(tf.cast(mask, tf.float32), -1)
+        total = tf.reduce_sum(x * m, axis=1)
+        count = tf.maximum(tf.reduce_sum(m, axis=1), 1.0)
+        return tf.cast(total / count, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        shape = tf.TensorShape(input_shape[0])
+        return tf.TensorShape([shape[0], shape[-1]])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@_register
+class ClassifierHead(_Layer):
+    """[B, d] -> class probabilities [B, num_classes]: dense then softmax, both in float32 whatever the
+    mixed-precision policy. Not pruned (a few hundred weights that every prediction goes through)."""
+
+    def __init__(self, num_classes, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+
+    def build(self, input_shape):
+        dim = tf.TensorShape(input_shape)[-1]
+        self.kernel = self.add_weight("kernel", shape=(dim, self.num_classes), initializer="glorot_uniform")
+        self.bias = self.add_weight("bias", shape=(self.num_classes,), initializer="zeros")
+        super().build(input_shape)
+
+    def _quantizable_weights(self):
+        return ["kernel"]
+
+    def _quant_points(self):
+        return {"logits": _linear}
+
+    def call(self, inputs):
+        x = tf.cast(inputs, tf.float32)
+        logits = self._point("logits", tf.matmul(x, self._weight("kernel")) + self._weight("bias"))
+        return tf.nn.softmax(logits, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.num_classes])
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int) -> tf.keras.Model:
+    """The functional classifier: dict of int32 inputs [B, T] (T <= max_len, any T) -> probabilities
+    [B, num_classes] float32. Layers are created under the current global mixed-precision policy."""
+    if cfg.d_model % cfg.num_heads:
+        raise PipelineError(f"model.d_model ({cfg.d_model}) must be divisible by model.num_heads ({cfg.num_heads})")
+    if cfg.position not in ("sinusoidal", "learned"):
+        raise PipelineError(f"model.position must be sinusoidal or learned, got {cfg.position!r}")
+    if cfg.pooling not in ("mean", "cls"):
+        raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
+    if num_classes < 2:
+        raise PipelineError(f"need at least 2 classes, got {num_classes}")
+    if vocab_size < 1 or max_len < 1:
+        raise PipelineError(f"vocab_size and max_len must be positive, got {vocab_size} and {max_len}")
+
+    inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+    ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
+    mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
+    x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
+                                  dropout=cfg.dropout, name="embedding")(ids)
+    for i in range(cfg.num_layers):
+        x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout,
+                         activation="gelu", name=f"encoder_{i}")([x, mask])
+    x = LayerNorm(name="final_norm")(x)
+    x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
+    probs = ClassifierHead(num_classes, name="probabilities")(x)
+    return tf.keras.Model(inputs=inputs, outputs=probs, name="liteformer")
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization-aware training
+
+
+@_register
+class PointQuantizer(_quant.MovingAverageQuantizer):
+    """MovingAverageQuantizer whose min/max variables carry the point's name (unique within a layer;
+    QuantizeAwareActivation would name all of them 'post_activation_min/max')."""
+
+    def __init__(self, point, num_bits=8, per_axis=False, symmetric=False, narrow_range=False):
+        super().__init__(num_bits=num_bits, per_axis=per_axis, symmetric=symmetric, narrow_range=narrow_range)
+        self.point = point
+
+    def build(self, tensor_shape, name, layer):
+        return super().build(tensor_shape, f"{self.point}_{name}", layer)
+
+    def get_config(self):
+        return {**super().get_config(), "point": self.point}
+
+
+@_register
+class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """QuantizeConfig for our layers: kernels (and the embedding matrix) fake-quantized with
+    LastValueQuantizer (8 bits, per-tensor, symmetric, narrow range), every quantization point of the
+    layer with MovingAverageQuantizer (attention probabilities: FixedQuantizer [0, 1]), and the layer
+    output with MovingAverageQuantizer (unless quantize_output=False).
+
+    Per-tensor only: per-axis kernels train, but TF 2.21's TFLite converter rejects them for these
+    matmuls ("'tfl.transpose' op has mismatched quantized axes of input and output"); TFMOT's own
+    Dense config is per-tensor for the same reason."""
+
+    def __init__(self, num_bits=8, quantize_output=True):
+        self.num_bits = int(num_bits)
+        self.quantize_output = bool(quantize_output)
+
+    def get_weights_and_quantizers(self, layer):
+        return [(getattr(layer, name), _quant.LastValueQuantizer(
+                    num_bits=self.num_bits, per_axis=False, symmetric=True, narrow_range=True))
+                for name in layer._quantizable_weights()]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        layer._set_weight_overrides(zip(layer._quantizable_weights(), quantize_weights))
+
+    def get_activations_and_quantizers(self, layer):
+        out = []
+        for name, fn in layer._quant_points().items():
+            if name == "probs":
+                quantizer = _quant.FixedQuantizer(num_bits=self.num_bits, init_min=0.0, init_max=1.0,
+                                                  narrow_range=False)
+            else:
+                quantizer = PointQuantizer(name, num_bits=self.num_bits)
+            out.append((fn, quantizer))
+        return out
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        layer._set_point_overrides(zip(layer._quant_points(), quantize_activations))
+
+    def get_output_quantizers(self, layer):
+        if not self.quantize_output:
+            return []
+        return [_quant.MovingAverageQuantizer(num_bits=self.num_bits, per_axis=False, symmetric=False,
+                                              narrow_range=False)]
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "quantize_output": self.quantize_output}
+
+
+_QAT_LAYERS = (TokenAndPositionEmbedding, EncoderBlock, LayerNorm, SequencePooling, ClassifierHead)
+_NO_QAT_LAYERS = (ClipTokenIds, PaddingMask)  # int32 consumers: must stay unannotated
+
+
+def custom_objects():
+    """Every class this module registers, by plain and registered name."""
+    classes = (ClipTokenIds, PaddingMask, TokenAndPositionEmbedding, EncoderBlock, LayerNorm,
+               SequencePooling, ClassifierHead, PointQuantizer, LiteformerQuantizeConfig)
+    objects = {cls.__name__: cls for cls in classes}
+    objects.update({f"{PACKAGE}>{cls.__name__}": cls for cls in classes})
+    return objects
+
+
+def qat_scope():
+    """tfmot quantize_scope with our layers and configs (for quantize_apply and loading QAT models)."""
+    return tfmot.quantization.keras.quantize_scope(custom_objects())
+
+
+def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8) -> tf.keras.Model:
+    """A clone of `model` (sharing its layers) with every layer annotated for QAT: our layers with
+    LiteformerQuantizeConfig, any built-in layer with TFMOT's default registry. ClipTokenIds and
+    PaddingMask are left alone (their inputs are int32, see the module docstring).
+
+    Then: `with qat_scope(): qat = tfmot.quantization.keras.quantize_apply(annotated)` (float32 only:
+    FakeQuant ops have no bfloat16/float16 kernels)."""
+    annotate = tfmot.quantization.keras.quantize_annotate_layer
+
+    def _annotate(layer):
+        if isinstance(layer, _NO_QAT_LAYERS):
+            return layer
+        if isinstance(layer, _QAT_LAYERS):
+            # The head's output is the float probabilities: its logits are quantized, not its output
+            # (as TFMOT does for softmax).
+            return annotate(layer, LiteformerQuantizeConfig(
+                num_bits=num_bits, quantize_output=not isinstance(layer, ClassifierHead)))
+        return annotate(layer)  # any built-in layer: TFMOT's default registry
+
+    with qat_scope():
+        return tf.keras.models.clone_model(model, clone_function=_annotate)
+
+
+def quantize_model(model: tf.keras.Model, num_bits: int = 8) -> tf.keras.Model:
+    """annotate_for_qat + quantize_apply: a QAT model initialised with `model`'s weights (a copy: the
+    float model is not changed by training the QAT model)."""
+    annotated = annotate_for_qat(model, num_bits=num_bits)
+    with qat_scope():
+        return tfmot.quantization.keras.quantize_apply(annotated)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export helpers and loading
+
+
+def serving_function(model: tf.keras.Model, seq_len: int, batch_size: int = 1):
+    """A concrete function of `model` with fixed int32 [batch_size, seq_len] inputs named like the
+    model inputs (for tf.lite.TFLiteConverter.from_concrete_functions([fn], model))."""
+    specs = {name: tf.TensorSpec([batch_size, seq_len], tf.int32, name=name) for name in INPUT_NAMES}
+
+    @tf.function
+    def serve(inputs):
+        return model(inputs, training=False)
+
+    return serve.get_concrete_function(specs)
+
+
+def load_model(path, compile: bool = False) -> tf.keras.Model:
+    """Load a `.keras` file (safe_mode=True) or a SavedModel directory saved from a model of this
+    module. QAT models and unstripped pruned models load too (TFMOT scopes are opened)."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: model not found")
+    if path.is_file() and path.suffix != ".keras":
+        raise PipelineError(f"{path}: expected a .keras file or a SavedModel directory")
+    if path.is_dir() and not (path / "saved_model.pb").exists():
+        raise PipelineError(f"{path}: not a SavedModel directory (no saved_model.pb)")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(qat_scope())
+        stack.enter_context(tfmot.sparsity.keras.prune_scope())
+        if path.is_file():
+            return tf.keras.models.load_model(path, compile=compile, safe_mode=True)
+        return tf.keras.models.load_model(path, compile=compile)

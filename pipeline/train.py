@@ -1,0 +1,244 @@
+"""Training stage: fit the Transformer on a processed run, keep the best epoch, save everything."""
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from pipeline import files
+from pipeline.config import save_config
+from pipeline.errors import PipelineError
+
+
+@tf.keras.utils.register_keras_serializable(package="liteformer")
+class WarmupLinearDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+
+    def __init__(self, peak, warmup_steps, total_steps):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = (step + 1.0) / max(self.warmup_steps, 1)
+        decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * tf.clip_by_value(tf.minimum(warmup, decay), 0.0, 1.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def read_epoch_log(path):
+    """Rows of the CSVLogger file as dicts of floats, one per epoch (the last write of an epoch wins)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r}  # an epoch redone after a kill is logged twice
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def best_in_log(rows, monitor, improves):
+    """(best value, its epoch, epochs since) of `monitor` in the epoch log; (None, 0, 0) when empty."""
+    best, best_epoch, wait = None, 0, 0
+    for row in rows:
+        if monitor not in row:
+            continue
+        if best is None or improves(row[monitor], best):
+            best, best_epoch, wait = row[monitor], int(row["epoch"]), 0
+        else:
+            wait += 1
+    return best, best_epoch, wait
+
+
+# BackupAndRestore restores weights, optimizer and epoch counter after a kill, but not callback state:
+# without these two, a resumed run would forget its best epoch, overwrite the best weights with a worse
+# epoch, and train for longer than an uninterrupted run. Both rebuild their state from the epoch log.
+class ResumableModelCheckpoint(tf.keras.callbacks.ModelCheckpoint):
+    def __init__(self, filepath, log_path, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.log_path = Path(log_path)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        best, _, _ = best_in_log(read_epoch_log(self.log_path), self.monitor, self.monitor_op)
+        if best is not None:
+            self.best = best
+
+
+class ResumableEarlyStopping(tf.keras.callbacks.EarlyStopping):
+    def __init__(self, log_path, **kwargs):
+        super().__init__(**kwargs)
+        self.log_path = Path(log_path)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        best, best_epoch, wait = best_in_log(read_epoch_log(self.log_path), self.monitor, self._is_improvement)
+        if best is not None:
+            self.best, self.best_epoch, self.wait = best, best_epoch, wait
+
+
+class EpochTimer(tf.keras.callbacks.Callback):
+    """Adds `epoch_seconds` to the epoch logs, so the total training time survives a resume."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+def make_strategy(name):
+    """TensorFlow's own distributed engine: one device, all local devices, or several workers."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":  # reads TF_CONFIG, as tf.distribute documents
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def load_processed(cfg, run):
+    """(directory, stats, labels) of data/processed/<run>, or a PipelineError saying to run the data stage."""
+    from pipeline.data import load_labels
+
+    processed = Path(cfg.paths.data) / "processed" / run
+    stats_path = processed / "stats.json"
+    if not stats_path.exists():
+        raise PipelineError(f"{processed}: no processed data for run '{run}'; run `python -m pipeline data` first")
+    return processed, json.loads(stats_path.read_text()), load_labels(processed)
+
+
+def prepare_train_state(cfg, state):
+    """Keep the state of an interrupted run of the same config (to resume it); otherwise start clean."""
+    import yaml
+
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+    saved = state / "config.yaml"
+    resumable = (state / "backup").exists() and saved.exists() and saved.read_text() == config_text
+    if not resumable:
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        files.write_text(saved, config_text)
+    else:
+        print(f"resuming the interrupted run in {state}")
+    return state
+
+
+def _log_hparams(cfg, logdir):
+    from tensorboard.plugins.hparams import api as hp
+
+    flat = {f"{s}.{k}": v for s, d in cfg.to_dict().items() if s in ("data", "model", "train") for k, v in d.items()}
+    with tf.summary.create_file_writer(str(logdir)).as_default():
+        hp.hparams(flat)
+
+
+def build_callbacks(cfg, state, logdir):
+    """Order matters: the timer fills the logs first, and the epoch log is written before the backup,
+    so a kill between the two only logs an epoch twice (read_epoch_log keeps the last)."""
+    log = state / "epochs.csv"
+    monitor = cfg.train.monitor
+    return [
+        EpochTimer(),
+        tf.keras.callbacks.TerminateOnNaN(),
+        ResumableModelCheckpoint(str(state / "best.weights.h5"), log, monitor=monitor, save_best_only=True,
+                                 save_weights_only=True),
+        ResumableEarlyStopping(log, monitor=monitor, patience=cfg.train.patience),
+        tf.keras.callbacks.CSVLogger(str(log), append=True),
+        tf.keras.callbacks.BackupAndRestore(str(state / "backup")),
+        tf.keras.callbacks.TensorBoard(str(logdir), histogram_freq=1, write_graph=True),
+    ]
+
+
+def train_model(cfg, run):
+    """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels)."""
+    from pipeline.data import make_dataset
+    from pipeline.model import build_model
+    from pipeline.tokenizer import load_vocabulary
+
+    processed, stats, labels = load_processed(cfg, run)
+    vocab = load_vocabulary(processed / "vocab.txt")
+    seq_len = int(stats["seq_len"])
+    t = cfg.train
+    tf.keras.utils.set_random_seed(t.seed)
+    tf.config.experimental.enable_op_determinism()
+    tf.keras.mixed_precision.set_global_policy(t.mixed_precision)
+
+    one_hot = lambda x, y: (x, tf.one_hot(y, len(labels)))  # noqa: E731  (label smoothing needs one-hot)
+    train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
+                            bucketing=t.bucketing, seed=t.seed).map(one_hot)
+    dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False).map(one_hot)
+    total_steps = math.ceil(stats["rows"]["train"] / t.batch_size) * t.epochs
+
+    with make_strategy(t.strategy).scope():
+        model = build_model(cfg.model, len(vocab), len(labels), seq_len)
+        schedule = WarmupLinearDecay(t.learning_rate, int(t.warmup_fraction * total_steps), total_steps)
+        optimizer = tf.keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay, jit_compile=False)
+        # Decoupled weight decay regularizes matrices; decaying biases and norms only hurts.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
+        model.compile(
+            optimizer=optimizer,
+            loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
+            metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+
+    state = prepare_train_state(cfg, Path(cfg.paths.models) / run / "train_state")
+    logdir = Path(cfg.paths.runs) / run / "train"
+    _log_hparams(cfg, logdir)
+    model.fit(train_ds, validation_data=dev_ds, epochs=t.epochs, callbacks=build_callbacks(cfg, state, logdir),
+              verbose=1 if sys.stdout.isatty() else 2)
+    rows = read_epoch_log(state / "epochs.csv")
+    if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
+        raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
+    model.load_weights(str(state / "best.weights.h5"))
+    return model, rows, stats, labels
+
+
+def run_train_stage(cfg, run):
+    """`python -m pipeline train`: train, evaluate on dev, and write saved_models/<run>/."""
+    from pipeline.data import read_examples
+    from pipeline.evaluate import classification_metrics, load_predictor
+
+    model, rows, stats, labels = train_model(cfg, run)
+    processed = Path(cfg.paths.data) / "processed" / run
+    model_dir = Path(cfg.paths.models) / run
+
+    # Keras format and SavedModel; each lands at its final path only when complete.
+    with files.atomic_path(model_dir / "model.keras") as tmp:
+        model.save(tmp)
+    with files.atomic_path(model_dir / "saved_model") as tmp:
+        model.save(tmp, save_format="tf")
+    for name in ("vocab.txt", "labels.txt"):
+        files.write_bytes(model_dir / name, (processed / name).read_bytes())
+    files.write_json(model_dir / "preprocess.json", {"seq_len": int(stats["seq_len"])})
+    save_config(cfg, model_dir / "config.yaml")
+    files.write_json(model_dir / "history.json", rows)
+
+    # Dev metrics through the same code as `pipeline evaluate`, from the raw dev texts.
+    texts, gold = read_examples(processed / "dev.jsonl", cfg.data)
+    probs = load_predictor(model_dir).predict_proba(texts)
+    dev = classification_metrics([labels.index(g) for g in gold], probs, labels)
+    seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)
+    best = int(best_in_log(rows, cfg.train.monitor, (lambda a, b: a < b) if cfg.train.monitor == "val_loss"
+                           else (lambda a, b: a > b))[1])
+    metrics = {
+        "dev": dev,
+        "epochs": len(rows),
+        "best_epoch": best + 1,
+        "train_seconds": round(seconds, 1),
+        "train_examples_per_second": round(stats["rows"]["train"] * len(rows) / max(seconds, 1e-9), 1),
+        "params": int(model.count_params()),
+        "seq_len": int(stats["seq_len"]),
+    }
+    files.write_json(model_dir / "metrics.json", metrics)  # last: it is the Makefile's target for this stage
+    shutil.rmtree(model_dir / "train_state" / "backup", ignore_errors=True)
+    print(f"trained {run}: dev accuracy {dev['accuracy']:.4f}, macro F1 {dev['macro_f1']:.4f}, "
+          f"{len(rows)} epochs (best {best + 1}) in {seconds:.0f} s -> {model_dir}")
+    return metrics

@@ -1,0 +1,45 @@
+"""Shared test setup: import the package first so tf.keras resolves to tf-keras; tiny data and config."""
+import random
+
+import pytest
+
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "warm", "funny", "clever"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak", "tired", "ugly"]
+FILLER = ["the", "movie", "film", "a", "was", "is", "plot", "actors", "story", "very", "and", "it"]
+
+# A tiny model and vocabulary: the whole train stage runs in seconds.
+TINY = [
+    "data.vocab_size=120", "model.d_model=16", "model.num_layers=1", "model.num_heads=2",
+    "model.ff_dim=32", "model.dropout=0.0", "train.epochs=3", "train.batch_size=16",
+    "train.learning_rate=0.005", "train.warmup_fraction=0.0",
+]
+
+
+def make_toy_split(path, n, seed):
+    """Write a separable sentiment TSV: a label-bearing word among filler words."""
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, rng.randint(2, 8)) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        lines.append(" ".join(words) + f"\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    """A data directory with train.tsv (400 rows) and dev.tsv (80 rows)."""
+    d = tmp_path / "toy"
+    d.mkdir()
+    make_toy_split(d / "train.tsv", 400, 0)
+    make_toy_split(d / "dev.tsv", 80, 1)
+    return d
+
+
+def tiny_overrides(root, *extra):
+    """--set overrides that send every output under `root` and make the model tiny."""
+    paths = [f"paths.data={root}/data", f"paths.models={root}/saved_models", f"paths.runs={root}/runs"]
+    return paths + TINY + list(extra)

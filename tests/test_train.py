@@ -1,0 +1,137 @@
+"""Training stage: files written, learning, resume after SIGKILL, mirrored strategy, LR schedule."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_toy_split, tiny_overrides
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+                          **kwargs)
+
+
+def sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_warmup_linear_decay_schedule():
+    from pipeline.train import WarmupLinearDecay
+
+    s = WarmupLinearDecay(1.0, warmup_steps=10, total_steps=110)
+    values = [float(s(step)) for step in (0, 4, 9, 10, 60, 110, 200)]
+    assert values == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert WarmupLinearDecay(**s.get_config()).get_config() == s.get_config()
+
+
+def test_best_in_log_rebuilds_early_stopping_state():
+    from pipeline.train import best_in_log
+
+    rows = [{"epoch": 0, "val_loss": 0.9}, {"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.6},
+            {"epoch": 3, "val_loss": 0.7}]
+    assert best_in_log(rows, "val_loss", lambda a, b: a < b) == (0.5, 1, 2)
+    assert best_in_log([], "val_loss", lambda a, b: a < b) == (None, 0, 0)
+
+
+def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
+    from pipeline.data import run_data_stage
+    from pipeline.evaluate import load_predictor
+    from pipeline.train import run_train_stage
+
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6"))
+    run_data_stage(cfg, str(toy_data), "toy")
+    metrics = run_train_stage(cfg, "toy")
+
+    model_dir = tmp_path / "saved_models" / "toy"
+    for name in ("model.keras", "saved_model/saved_model.pb", "vocab.txt", "labels.txt", "preprocess.json",
+                 "config.yaml", "metrics.json", "history.json"):
+        assert (model_dir / name).exists(), name
+    assert metrics["dev"]["accuracy"] > 0.9  # the toy task is separable by one word
+    assert json.loads((model_dir / "metrics.json").read_text())["dev"]["accuracy"] == metrics["dev"]["accuracy"]
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [int(r["epoch"]) for r in history] == list(range(len(history)))
+    assert {"loss", "val_loss", "accuracy", "val_accuracy", "epoch_seconds"} <= set(history[0])
+    assert list((tmp_path / "runs" / "toy" / "train").rglob("events.out.tfevents.*"))
+
+    # The saved model reloads and predicts like the in-memory one did on dev.
+    predictor = load_predictor(model_dir)
+    probs = predictor.predict_proba(["the movie was great", "the movie was awful"])
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert predictor.labels[int(np.argmax(probs[0]))] == "1" and predictor.labels[int(np.argmax(probs[1]))] == "0"
+
+
+def test_same_seed_gives_same_metrics(toy_data, tmp_path):
+    from pipeline.data import run_data_stage
+    from pipeline.train import run_train_stage
+
+    results = []
+    for name in ("a", "b"):
+        cfg = load_config(None, tiny_overrides(tmp_path / name, "train.epochs=2"))
+        run_data_stage(cfg, str(toy_data), "toy")
+        m = run_train_stage(cfg, "toy")
+        results.append((m["dev"]["log_loss"], m["dev"]["confusion_matrix"]))
+    assert results[0] == results[1]
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
+    data = tmp_path / "big"
+    data.mkdir()
+    make_toy_split(data / "train.tsv", 6000, 0)  # enough steps per epoch to be killed inside one
+    make_toy_split(data / "dev.tsv", 200, 1)
+    overrides = sets(tiny_overrides(tmp_path, "train.epochs=4", "train.batch_size=8", "train.patience=10"))
+    assert cli("data", "--data", str(data), "--run", "big", *overrides).returncode == 0
+
+    state = tmp_path / "saved_models" / "big" / "train_state"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--run", "big", *overrides], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = state / "epochs.csv"
+        if log.exists() and len(log.read_text().strip().splitlines()) >= 2 and (state / "backup").exists():
+            time.sleep(0.5)  # now inside the second epoch
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be killed; make the epoch longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "saved_models" / "big" / "metrics.json").exists()
+    done_before = len((state / "epochs.csv").read_text().strip().splitlines()) - 1
+
+    again = cli("train", "--run", "big", *overrides, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout
+    assert f"Epoch {done_before + 1}/4" in again.stdout and "Epoch 1/4" not in again.stdout
+    history = json.loads((tmp_path / "saved_models" / "big" / "history.json").read_text())
+    assert [int(r["epoch"]) for r in history] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "saved_models" / "big" / "metrics.json").read_text())["dev"]["accuracy"] > 0.9
+
+
+@pytest.mark.e2e
+def test_mirrored_strategy_on_two_logical_cpus(toy_data, tmp_path):
+    script = f"""
+import pipeline, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from pipeline.config import load_config
+from pipeline.data import run_data_stage
+from pipeline.train import run_train_stage
+cfg = load_config(None, {tiny_overrides(tmp_path, "train.strategy=mirrored", "train.epochs=4")!r})
+run_data_stage(cfg, {str(toy_data)!r}, "toy")
+m = run_train_stage(cfg, "toy")
+print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync, "accuracy", m["dev"]["accuracy"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("replicas")][-1].split()
+    assert line[1] == "2" and float(line[3]) > 0.9
