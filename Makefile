@@ -3,7 +3,6 @@
 #   make train DATA=../shared/data/sst2            (DATA: a data directory; default: GLUE SST-2 download)
 #   make train SET="train.epochs=3 model.num_layers=1"
 export TF_USE_LEGACY_KERAS := 1
-export TF_CPP_MIN_LOG_LEVEL := 2
 
 PYTHON ?= python3.11
 VENV   := .venv

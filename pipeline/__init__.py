@@ -4,6 +4,8 @@ import os
 # TFMOT 0.8.1 works only with Keras 2, so tf.keras must resolve to tf-keras. This has to be set
 # before TensorFlow is first imported, which is why it lives at the package root.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# C++ INFO/WARNING/ERROR logs (e.g. failed CUDA probes on CPU machines) drown the output; Python
+# errors are unaffected. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"

@@ -221,7 +221,6 @@ def _warn_quality(name, out):
             warn(f"{name}: class imbalance ({desc})")
 
 
-_read = read_table  # evaluate.py calls data._read; read_table is the public name
 
 
 def read_examples(path, data_cfg, *, require_labels=True) -> tuple[list[str], list[str]]:

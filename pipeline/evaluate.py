@@ -367,8 +367,7 @@ def run_evaluate(cfg, model_path, data_path, out_dir=None):
     from pipeline import data
 
     predictor = load_predictor(model_path)
-    # read_examples' parser, called directly because it also returns each example's line number
-    examples = data._read(data_path, cfg.data)
+    examples = data.read_table(data_path, cfg.data)  # with line numbers, for the unknown-label error
     texts, labels, lines = examples["texts"], examples["labels"], examples["lines"]
     label_ids = {label: i for i, label in enumerate(predictor.labels)}
     unknown = [i for i, label in enumerate(labels) if label not in label_ids]

@@ -148,7 +148,7 @@ def build_callbacks(cfg, state, logdir):
     return [
         EpochTimer(),
         tf.keras.callbacks.TerminateOnNaN(),
-        ResumableModelCheckpoint(str(state / "best.weights.h5"), log, monitor=monitor, save_best_only=True,
+        ResumableModelCheckpoint(str(state / "best" / "weights"), log, monitor=monitor, save_best_only=True,
                                  save_weights_only=True),
         ResumableEarlyStopping(log, monitor=monitor, patience=cfg.train.patience),
         tf.keras.callbacks.CSVLogger(str(log), append=True),
@@ -197,7 +197,8 @@ def train_model(cfg, run):
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
-    model.load_weights(str(state / "best.weights.h5"))
+    # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
+    model.load_weights(str(state / "best" / "weights")).expect_partial()
     return model, rows, stats, labels
 
 

@@ -1,4 +1,4 @@
-"""Tests of pipeline/model.py on a tiny model (d=16, 2 layers, vocab 50, sequences of 12)."""
+"""Tests of pipeline/model.py on tiny models (d=16, 1-2 layers, vocab 50, sequences of up to 12)."""
 import numpy as np
 import pytest
 
