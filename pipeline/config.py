@@ -32,18 +32,18 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     ff_dim: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.2
     position: str = "sinusoidal"  # or "learned"
     pooling: str = "mean"  # masked mean over tokens, or "cls"
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
-    weight_decay: float = 0.01
+    weight_decay: float = 0.05
     label_smoothing: float = 0.0
     patience: int = 2  # early stopping, in epochs without improvement of `monitor`
     monitor: str = "val_loss"  # or "val_accuracy"
