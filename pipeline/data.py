@@ -221,8 +221,6 @@ def _warn_quality(name, out):
             warn(f"{name}: class imbalance ({desc})")
 
 
-
-
 def read_examples(path, data_cfg, *, require_labels=True) -> tuple[list[str], list[str]]:
     """Read a .tsv/.csv/.jsonl file into (texts, label strings); PipelineError names file:line.
 
