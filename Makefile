@@ -17,6 +17,9 @@ ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
 PROCESSED = data/processed/$(RUN)/stats.json
 MODEL     = saved_models/$(RUN)/metrics.json
+COMPRESSED = saved_models/$(RUN)/compression.json
+BENCHMARK = saved_models/$(RUN)/benchmark.json
+REPORT    = saved_models/$(RUN)/report.md
 DATA_FILES = $(if $(DATA),$(wildcard $(DATA)/train.* $(DATA)/dev.* $(DATA)/test.*),)
 
 .PHONY: venv data train evaluate compress benchmark report tensorboard test test-fast test-e2e clean
@@ -42,8 +45,17 @@ evaluate: $(MODEL)
 	$(PY) -m pipeline evaluate --model saved_models/$(RUN) --data data/processed/$(RUN)/dev.jsonl \
 		--out saved_models/$(RUN)/eval $(ARGS)
 
-compress benchmark report: $(MODEL)
-	$(PY) -m pipeline $@ --run $(RUN) $(ARGS)
+compress: $(COMPRESSED)
+$(COMPRESSED): $(MODEL)
+	$(PY) -m pipeline compress --run $(RUN) $(ARGS)
+
+benchmark: $(BENCHMARK)
+$(BENCHMARK): $(COMPRESSED)
+	$(PY) -m pipeline benchmark --run $(RUN) $(ARGS)
+
+report: $(REPORT)
+$(REPORT): $(BENCHMARK)
+	$(PY) -m pipeline report --run $(RUN) $(ARGS)
 
 tensorboard: | $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs

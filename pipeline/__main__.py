@@ -82,8 +82,18 @@ def main(argv=None):
             from pipeline.evaluate import run_predict
 
             run_predict(cfg, args.model, args.texts)
+        elif args.stage == "compress":
+            from pipeline.compress import run_compress_stage
+
+            run_compress_stage(cfg, run)
+        elif args.stage == "benchmark":
+            from pipeline.benchmark import run_benchmark_stage
+
+            run_benchmark_stage(cfg, run)
         else:
-            raise PipelineError(f"'{args.stage}' is not built yet")
+            from pipeline.report import run_report_stage
+
+            run_report_stage(cfg, run)
     except PipelineError as e:
         if args.debug:
             raise

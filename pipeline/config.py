@@ -54,11 +54,23 @@ class TrainConfig:
 
 
 @dataclass
+class CompressConfig:
+    sparsity: float = 0.8  # final fraction of zeros in every pruned kernel
+    prune_epochs: float = 2.0  # fine-tuning while pruning; sparsity ramps up over the first 60%
+    qat_epochs: float = 1.0  # quantization-aware fine-tuning (each of qat_int8 and pruned_qat_int8)
+    learning_rate: float = 1e-4  # peak of the fine-tuning schedule (warmup then linear decay)
+    pruning_frequency: int = 50  # steps between mask updates
+    calibration_samples: int = 500  # training sentences for int8 post-training calibration
+    parity_tolerance: float = 1e-4  # max |p_keras - p_float32.tflite| on dev
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -14,9 +14,12 @@ Design notes
   path is an identity, so gradients reach every layer unscaled; Pre-LN trains stably at 1e-3 with a
   short (or no) warmup, where Post-LN is sensitive to the learning rate and warmup length.
 * GELU in the FFN (TFLite has a builtin GELU op, int8 included); "relu" is accepted by EncoderBlock.
-* Masking: input_mask (1 = token, 0 = [PAD]) becomes a float mask once (PaddingMask). Attention adds
-  -1e9 (in float32) to the scores of padded keys, so their softmax weight is exactly 0 and real
-  positions do not depend on how much padding follows. Pooling averages over mask==1 only.
+* Masking: input_mask (1 = token, 0 = [PAD]) becomes a float mask once (PaddingMask). Attention
+  scores are clipped to [-8, 8] and padded keys get the logit -24: their softmax weight is at most
+  e^-16 of the largest real one (< 1e-6 in all), so real positions do not depend on how much padding
+  follows. Not -1e9: every tensor on this path must keep a small range, or full-int8 quantization
+  gives the scores a scale of ~4e6, rounds them all to 0 and makes attention uniform (seen with the
+  TFLite QuantizationDebugger). Pooling averages over mask==1 only.
 * Every block owns its weights (add_weight) and computes with plain tf ops: 2-D matmuls
   ([B*T, d] @ [d, d]) for projections (TFLite FULLY_CONNECTED), batch matmul for scores, softmax and
   LayerNorm in float32. Weights are read through `_weight(name)` and quantization points through
@@ -35,16 +38,21 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
+# The prune-preserving weight quantizer is not exported by tfmot's public API (only the scheme is).
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
+    prune_preserve_quantize_registry)
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 
 PACKAGE = "liteformer"
 INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
-_MASK_VALUE = -1e9  # added (in float32) to attention scores of padded keys
+_SCORE_LIMIT = 8.0  # attention scores are clipped to [-8, 8] ...
+_PAD_LOGIT = -24.0  # ... and padded keys get -24 (see "Masking" above)
 
 _register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
 _quant = tfmot.quantization.keras.quantizers
+_PrunePreserveQuantizer = prune_preserve_quantize_registry.PrunePreserveDefaultWeightsQuantizer
 
 
 def sinusoidal_encoding(length: int, d_model: int) -> np.ndarray:
@@ -256,7 +264,7 @@ class EncoderBlock(_Layer):
 
     def _quant_points(self):
         # Inputs of every matmul are quantization points (int8 FULLY_CONNECTED / BATCH_MATMUL need
-        # input ranges). Scores are quantized before the padding bias so -1e9 never enters a range.
+        # input ranges). "scores" is the masked softmax input, in [-24, 8].
         act = tf.keras.activations.get(self.activation)
         return {"attn_input": _linear, "query": _linear, "key": _linear, "value": _linear,
                 "scores": _linear, "probs": _linear, "context": _linear,
@@ -283,11 +291,12 @@ class EncoderBlock(_Layer):
         q = heads(self._point("query", self._dense(y, "q") * tf.cast(d ** -0.5, self.compute_dtype)))
         k = heads(self._point("key", self._dense(y, "k")))
         v = heads(self._point("value", self._dense(y, "v")))
-        scores = self._point("scores", tf.matmul(q, k, transpose_b=True))  # [B, H, T, T]
-        # [B, 1, 1, T] over keys. reshape/expand_dims, not [:, None]: a new-axis strided slice on a
-        # dynamic shape needs Flex ops in TFLite.
-        bias = tf.reshape((1.0 - tf.cast(mask, tf.float32)) * _MASK_VALUE, [batch, 1, 1, length])
-        probs = tf.nn.softmax(tf.cast(scores, tf.float32) + bias, axis=-1)
+        scores = tf.clip_by_value(tf.matmul(q, k, transpose_b=True), -_SCORE_LIMIT, _SCORE_LIMIT)  # [B, H, T, T]
+        # keys mask [B, 1, 1, T]. reshape, not [:, None]: a new-axis strided slice on a dynamic shape
+        # needs Flex ops in TFLite.
+        keys = tf.reshape(tf.cast(mask, self.compute_dtype), [batch, 1, 1, length])
+        scores = self._point("scores", scores * keys + (1.0 - keys) * tf.cast(_PAD_LOGIT, self.compute_dtype))
+        probs = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)
         probs = self._point("probs", tf.cast(probs, self.compute_dtype))
         probs = self._attn_dropout(probs, training=training)
         ctx = tf.reshape(tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3]), [-1, self.d_model])
@@ -457,12 +466,16 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     matmuls ("'tfl.transpose' op has mismatched quantized axes of input and output"); TFMOT's own
     Dense config is per-tensor for the same reason."""
 
-    def __init__(self, num_bits=8, quantize_output=True):
+    def __init__(self, num_bits=8, quantize_output=True, preserve_sparsity=False):
         self.num_bits = int(num_bits)
         self.quantize_output = bool(quantize_output)
+        self.preserve_sparsity = bool(preserve_sparsity)
 
     def get_weights_and_quantizers(self, layer):
-        return [(getattr(layer, name), _quant.LastValueQuantizer(
+        # TFMOT's prune-preserving quantizer (of Default8BitPrunePreserveQuantizeScheme) multiplies the
+        # kernel by its zero mask, taken when the QAT model is built, before fake-quantizing it.
+        quantizer = _PrunePreserveQuantizer if self.preserve_sparsity else _quant.LastValueQuantizer
+        return [(getattr(layer, name), quantizer(
                     num_bits=self.num_bits, per_axis=False, symmetric=True, narrow_range=True))
                 for name in layer._quantizable_weights()]
 
@@ -490,7 +503,8 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
                                               narrow_range=False)]
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "quantize_output": self.quantize_output}
+        return {"num_bits": self.num_bits, "quantize_output": self.quantize_output,
+                "preserve_sparsity": self.preserve_sparsity}
 
 
 _QAT_LAYERS = (TokenAndPositionEmbedding, EncoderBlock, LayerNorm, SequencePooling, ClassifierHead)
@@ -502,6 +516,7 @@ def custom_objects():
     classes = (ClipTokenIds, PaddingMask, TokenAndPositionEmbedding, EncoderBlock, LayerNorm,
                SequencePooling, ClassifierHead, PointQuantizer, LiteformerQuantizeConfig)
     objects = {cls.__name__: cls for cls in classes}
+    objects[_PrunePreserveQuantizer.__name__] = _PrunePreserveQuantizer
     objects.update({f"{PACKAGE}>{cls.__name__}": cls for cls in classes})
     return objects
 
@@ -511,7 +526,7 @@ def qat_scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8) -> tf.keras.Model:
+def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
     """A clone of `model` (sharing its layers) with every layer annotated for QAT: our layers with
     LiteformerQuantizeConfig, any built-in layer with TFMOT's default registry. ClipTokenIds and
     PaddingMask are left alone (their inputs are int32, see the module docstring).
@@ -527,19 +542,34 @@ def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8) -> tf.keras.Model
             # The head's output is the float probabilities: its logits are quantized, not its output
             # (as TFMOT does for softmax).
             return annotate(layer, LiteformerQuantizeConfig(
-                num_bits=num_bits, quantize_output=not isinstance(layer, ClassifierHead)))
+                num_bits=num_bits, quantize_output=not isinstance(layer, ClassifierHead),
+                preserve_sparsity=preserve_sparsity))
         return annotate(layer)  # any built-in layer: TFMOT's default registry
 
     with qat_scope():
         return tf.keras.models.clone_model(model, clone_function=_annotate)
 
 
-def quantize_model(model: tf.keras.Model, num_bits: int = 8) -> tf.keras.Model:
+class _PrunePreserveScheme(tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme):
+    """TFMOT's prune-preserving scheme, except that its registry claims every weightless layer and then
+    fails on ours (ClipTokenIds, PaddingMask: "get_quantize_config() called on an unsupported layer")."""
+
+    def get_quantize_registry(self):
+        registry = super().get_quantize_registry()
+        supports = registry.supports
+        registry.supports = lambda layer: not isinstance(layer, _NO_QAT_LAYERS) and supports(layer)
+        return registry
+
+
+def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
     """annotate_for_qat + quantize_apply: a QAT model initialised with `model`'s weights (a copy: the
-    float model is not changed by training the QAT model)."""
-    annotated = annotate_for_qat(model, num_bits=num_bits)
+    float model is not changed by training the QAT model). preserve_sparsity: TFMOT's collaborative
+    prune-preserving scheme, so the zeros of a pruned model stay zero in the quantized kernels."""
+    annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity)
+    scheme = (_PrunePreserveScheme() if preserve_sparsity
+              else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
     with qat_scope():
-        return tfmot.quantization.keras.quantize_apply(annotated)
+        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ def prepare_train_state(cfg, state):
     """Keep the state of an interrupted run of the same config (to resume it); otherwise start clean."""
     import yaml
 
-    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+    # Only what shapes training: a changed compress setting must not restart an interrupted training.
+    config_text = yaml.safe_dump({s: cfg.to_dict()[s] for s in ("data", "model", "train")}, sort_keys=True)
     saved = state / "config.yaml"
     resumable = (state / "backup").exists() and saved.exists() and saved.read_text() == config_text
     if not resumable:

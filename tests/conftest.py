@@ -1,5 +1,6 @@
 """Shared test setup: import the package first so tf.keras resolves to tf-keras; tiny data and config."""
 import random
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,29 @@ def tiny_overrides(root, *extra):
     """--set overrides that send every output under `root` and make the model tiny."""
     paths = [f"paths.data={root}/data", f"paths.models={root}/saved_models", f"paths.runs={root}/runs"]
     return paths + TINY + list(extra)
+
+
+# Short fine-tuning and calibration: the tiny run has 25 batches per epoch.
+COMPRESS = ["compress.prune_epochs=2", "compress.qat_epochs=1", "compress.calibration_samples=50",
+            "compress.sparsity=0.75", "compress.learning_rate=0.001"]
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory):
+    """(config, model directory, summary) after data, train and compress on the toy task."""
+    from pipeline.compress import run_compress_stage
+    from pipeline.config import load_config
+    from pipeline.data import run_data_stage
+    from pipeline.train import run_train_stage
+
+    root = tmp_path_factory.mktemp("compress")
+    data = root / "toy"
+    data.mkdir()
+    make_toy_split(data / "train.tsv", 400, 0)
+    make_toy_split(data / "dev.tsv", 80, 1)
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    cfg = load_config(params, tiny_overrides(root, "train.epochs=6", *COMPRESS))
+    run_data_stage(cfg, str(data), "toy")
+    run_train_stage(cfg, "toy")
+    summary = run_compress_stage(cfg, "toy")
+    return cfg, root / "saved_models" / "toy", summary

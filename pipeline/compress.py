@@ -1,0 +1,317 @@
+"""Compression stage: prune, quantize (QAT and post-training), export every variant to TFLite, and
+evaluate each `.tflite` with LiteRT through the same code as `pipeline evaluate`.
+
+    model.keras -+-> float32 / dynamic_range / float16 / int8 (post-training, TFLite converter)
+                 +-> prune (PolynomialDecay to `sparsity`) -> pruned_int8 (post-training)
+                 |                                          -> prune-preserving QAT -> pruned_qat_int8
+                 +-> QAT -> qat_int8
+
+Each step writes its artifact atomically under saved_models/<run>/ and is skipped when a re-run finds
+it (compress_state/ remembers the config and model it was made from), so a killed stage resumes.
+"""
+import gzip
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from pipeline import files
+from pipeline.errors import PipelineError
+
+VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
+PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def _fine_tune_data(cfg, processed, seq_len, num_classes):
+    from pipeline.data import make_dataset
+
+    one_hot = lambda x, y: (x, tf.one_hot(y, num_classes))  # noqa: E731
+    t = cfg.train
+    return make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
+                        bucketing=t.bucketing, seed=t.seed).map(one_hot)
+
+
+def _steps(cfg, train_rows, epochs):
+    """Whole batches in `epochs` (a float) of the training set; at least one."""
+    return max(1, round(math.ceil(train_rows / cfg.train.batch_size) * epochs))
+
+
+def _compile(model, cfg, total_steps):
+    """AdamW with a short warmup and linear decay to zero, as in training but at the fine-tuning rate."""
+    from pipeline.train import WarmupLinearDecay
+
+    schedule = WarmupLinearDecay(cfg.compress.learning_rate, int(0.1 * total_steps), total_steps)
+    optimizer = tf.keras.optimizers.AdamW(schedule, weight_decay=cfg.train.weight_decay, jit_compile=False)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
+    model.compile(optimizer=optimizer, loss=tf.keras.losses.CategoricalCrossentropy(),
+                  metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def _fit(model, data, steps, callbacks=()):
+    """Train for exactly `steps` batches (the dataset repeats), one log line at the end."""
+    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks), verbose=2)
+
+
+def clone(model):
+    """An independent copy of `model` with the same weights (TFMOT wrappers change the layers they wrap)."""
+    copy = tf.keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def prune_model(model, cfg, data, steps, log_dir):
+    """Magnitude-prune every prunable kernel (embedding, attention, FFN) of a copy of `model` to
+    cfg.compress.sparsity while fine-tuning for `steps`; return it with the pruning wrappers stripped."""
+    c = cfg.compress
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=0.0, final_sparsity=c.sparsity, begin_step=0,
+        end_step=max(1, int(PRUNE_RAMP * steps)), frequency=max(1, min(c.pruning_frequency, steps // 4)))
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(clone(model), pruning_schedule=schedule)
+    _compile(pruned, cfg, steps)
+    _fit(pruned, data, steps, [tfmot.sparsity.keras.UpdatePruningStep(),
+                               tfmot.sparsity.keras.PruningSummaries(log_dir=str(log_dir))])
+    return tfmot.sparsity.keras.strip_pruning(pruned)
+
+
+def kernel_sparsity(model):
+    """{"layer/weight": fraction of exact zeros} for every prunable kernel of `model`."""
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
+            for w in layer.get_prunable_weights():
+                out[f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"] = float(np.mean(w.numpy() == 0))
+    return out
+
+
+def qat_model(model, cfg, data, steps, preserve_sparsity=False):
+    """Quantization-aware fine-tuning of a copy of `model` (float32) for `steps`; with
+    preserve_sparsity, TFMOT's prune-preserving scheme keeps the zeros of a pruned model."""
+    from pipeline.model import quantize_model
+
+    qat = quantize_model(model, preserve_sparsity=preserve_sparsity)
+    _compile(qat, cfg, steps)
+    _fit(qat, data, steps)
+    return qat
+
+
+# ---------------------------------------------------------------- TFLite export
+
+
+def representative_data(processed, seq_len, n, seed):
+    """`n` shuffled training examples padded to seq_len, one per batch: int8 calibration input."""
+    from pipeline.data import make_dataset
+
+    ds = make_dataset(processed / "train.tfrecord", seq_len, 1, training=True, bucketing=False, seed=seed)
+    samples = [x for x, _ in ds.take(n)]
+
+    def generate():
+        for x in samples:
+            yield x
+
+    return generate
+
+
+def export_tflite(model, seq_len, mode, representative=None):
+    """TFLite bytes of `model` at batch 1 and a fixed seq_len. mode: float32 (no optimization),
+    dynamic_range (int8 weights), float16 (float16 weights), int8 (full integer: ranges from the
+    fake-quant ops of a QAT model where it has them, from calibration on `representative` elsewhere)."""
+    from pipeline.model import serving_function
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_function(model, seq_len)], model)
+    if mode != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode == "int8":
+        if representative is None:
+            raise ValueError("int8 export needs representative data")
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif mode not in ("float32", "dynamic_range"):
+        raise ValueError(f"unknown export mode {mode!r}")
+    return converter.convert()
+
+
+def tflite_weight_sparsity(content):
+    """Fraction of zeros (stored value == zero point) over the weight tensors (constant, 2-D or more,
+    >= 1024 values) of a .tflite model: the sparsity that actually ships."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content)
+    zeros = total = 0
+    for d in interpreter.get_tensor_details():
+        if len(d["shape"]) < 2 or int(np.prod(d["shape"])) < 1024:
+            continue
+        try:
+            value = interpreter.get_tensor(d["index"])
+        except ValueError:  # not a constant: activations have no data before invoke
+            continue
+        q = d["quantization_parameters"]
+        zero = q["zero_points"] if q["zero_points"].size else np.zeros(1, np.int64)
+        if zero.size > 1:  # per-channel: one zero point along the quantized dimension
+            shape = [1] * value.ndim
+            shape[q["quantized_dimension"]] = -1
+            zero = zero.reshape(shape)
+        zeros += int(np.sum(value == zero))
+        total += value.size
+    return zeros / total if total else 0.0
+
+
+def check_parity(keras_probs, tflite_probs, tolerance, path):
+    """Raise if the float32 export and the Keras model disagree on any prediction or any
+    probability differs by more than `tolerance`; return the largest difference."""
+    keras_probs, tflite_probs = np.asarray(keras_probs), np.asarray(tflite_probs)
+    if keras_probs.shape != tflite_probs.shape:
+        raise PipelineError(f"{path}: parity check failed, outputs of shape {tflite_probs.shape} "
+                            f"vs the Keras model's {keras_probs.shape}")
+    diff = float(np.max(np.abs(keras_probs - tflite_probs))) if keras_probs.size else 0.0
+    disagree = int(np.sum(keras_probs.argmax(1) != tflite_probs.argmax(1)))
+    if disagree or diff > tolerance:
+        raise PipelineError(f"{path}: parity check failed against the Keras model: {disagree} different "
+                            f"predictions, largest probability difference {diff:.2e} (allowed {tolerance:.0e})")
+    return diff
+
+
+# ---------------------------------------------------------------- stage
+
+
+def _state(cfg, model_dir):
+    """compress_state/ of this config and trained model, kept for a resume; otherwise made afresh
+    (and old variants removed, so no file from an older model or config survives)."""
+    import hashlib
+
+    import yaml
+
+    key = yaml.safe_dump({s: cfg.to_dict()[s] for s in ("data", "model", "train", "compress")}, sort_keys=True)
+    key += "model.keras sha256 " + hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest() + "\n"
+    state = model_dir / "compress_state"
+    if (state / "key.txt").is_file() and (state / "key.txt").read_text() == key:
+        print(f"resuming compression in {state}")
+        return state
+    shutil.rmtree(state, ignore_errors=True)
+    shutil.rmtree(model_dir / "tflite", ignore_errors=True)
+    (model_dir / "compression.json").unlink(missing_ok=True)
+    state.mkdir(parents=True)
+    files.write_text(state / "key.txt", key)
+    return state
+
+
+def _markdown_table(rows):
+    head = "| variant | accuracy | Δ acc (pt) | macro F1 | bytes | gzip bytes | sparsity |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {100 * r['accuracy_change']:+.2f} | "
+                     f"{r['macro_f1']:.4f} | {r['bytes']:,} | {r['gzip_bytes']:,} | {r['sparsity']:.3f} |")
+    return "\n".join(lines)
+
+
+def run_compress_stage(cfg, run):
+    """`python -m pipeline compress`: every variant in saved_models/<run>/tflite/, evaluated on dev,
+    summarized in compression.json; fails if float32.tflite does not match the Keras model."""
+    from pipeline.data import read_examples
+    from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
+    from pipeline.model import load_model
+    from pipeline.train import load_processed
+
+    model_dir = Path(cfg.paths.models) / run
+    if not (model_dir / "metrics.json").is_file():
+        raise PipelineError(f"{model_dir}: no trained model for run '{run}'; run `python -m pipeline train` first")
+    processed, stats, labels = load_processed(cfg, run)
+    seq_len, train_rows = int(stats["seq_len"]), int(stats["rows"]["train"])
+    state = _state(cfg, model_dir)
+    tflite_dir = model_dir / "tflite"
+    tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
+    tf.config.experimental.enable_op_determinism()
+    started = time.perf_counter()
+
+    texts, gold = read_examples(processed / "dev.jsonl", cfg.data)
+    y_true = [labels.index(g) for g in gold]
+    keras_probs = KerasPredictor(model_dir).predict_proba(texts)
+    reference = classification_metrics(y_true, keras_probs, labels)
+    model = load_model(model_dir / "model.keras")
+    data = _fine_tune_data(cfg, processed, seq_len, len(labels))
+    c = cfg.compress
+
+    def step(name, make):
+        """Run `make` unless a previous run finished this step; report its time."""
+        done = state / f"{name}.done"
+        if done.exists():
+            return
+        t0 = time.perf_counter()
+        tf.keras.utils.set_random_seed(cfg.train.seed)  # each step alone is reproducible after a resume
+        make()
+        files.write_text(done, f"{time.perf_counter() - t0:.1f}\n")
+        print(f"compress: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def write_variant(name, content):
+        files.write_bytes(tflite_dir / f"{name}.tflite", content)
+
+    representative = representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed)
+    step("float32", lambda: write_variant("float32", export_tflite(model, seq_len, "float32")))
+    step("dynamic_range", lambda: write_variant("dynamic_range", export_tflite(model, seq_len, "dynamic_range")))
+    step("float16", lambda: write_variant("float16", export_tflite(model, seq_len, "float16")))
+    step("int8", lambda: write_variant("int8", export_tflite(model, seq_len, "int8", representative)))
+
+    def make_pruned():
+        pruned = prune_model(model, cfg, data, _steps(cfg, train_rows, c.prune_epochs),
+                             Path(cfg.paths.runs) / run / "prune")
+        with files.atomic_path(state / "pruned.keras") as tmp:
+            pruned.save(tmp)
+        files.write_json(state / "pruned_sparsity.json", kernel_sparsity(pruned))
+
+    step("prune", make_pruned)
+    pruned = load_model(state / "pruned.keras")
+    step("pruned_int8", lambda: write_variant("pruned_int8", export_tflite(pruned, seq_len, "int8", representative)))
+    qat_steps = _steps(cfg, train_rows, c.qat_epochs)
+    step("qat_int8", lambda: write_variant(
+        "qat_int8", export_tflite(qat_model(model, cfg, data, qat_steps), seq_len, "int8", representative)))
+    step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
+        qat_model(pruned, cfg, data, qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
+
+    rows = []
+    for name in VARIANTS:
+        path = tflite_dir / f"{name}.tflite"
+
+        def evaluate(path=path, name=name):
+            probs = TFLitePredictor(path).predict_proba(texts)
+            if name == "float32":
+                diff = check_parity(keras_probs, probs, c.parity_tolerance, path)
+                print(f"compress: parity of float32.tflite with the Keras model: {len(texts)} of "
+                      f"{len(texts)} dev predictions agree, largest difference {diff:.1e}")
+            content = path.read_bytes()
+            metrics = classification_metrics(y_true, probs, labels)
+            files.write_json(state / f"{name}.eval.json", {
+                "variant": name, "path": str(path), "bytes": len(content),
+                "gzip_bytes": len(gzip.compress(content, compresslevel=9, mtime=0)),
+                "sparsity": tflite_weight_sparsity(content),
+                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                "accuracy_change": metrics["accuracy"] - reference["accuracy"], "dev": metrics})
+
+        step(f"{name}.eval", evaluate)
+        rows.append(json.loads((state / f"{name}.eval.json").read_text()))
+
+    summary = {
+        "run": run, "seq_len": seq_len, "dev_examples": len(texts),
+        "keras": {"path": str(model_dir / "model.keras"), "accuracy": reference["accuracy"],
+                  "macro_f1": reference["macro_f1"]},
+        "pruned_kernel_sparsity": json.loads((state / "pruned_sparsity.json").read_text()),
+        "variants": {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows},
+        "seconds": round(sum(float(p.read_text()) for p in state.glob("*.done")), 1),
+    }
+    table = _markdown_table(rows)
+    with tf.summary.create_file_writer(str(Path(cfg.paths.runs) / run / "compress")).as_default():
+        tf.summary.text("compression", table, step=0)
+    files.write_json(model_dir / "compression.json", summary)
+    print(f"Keras model: accuracy {reference['accuracy']:.4f}, macro F1 {reference['macro_f1']:.4f}\n{table}")
+    print(f"compressed {run} in {time.perf_counter() - started:.0f} s -> {tflite_dir}")
+    return summary

@@ -1,0 +1,208 @@
+"""Report stage: one comparison of every variant (quality from compression.json, cost from
+benchmark.json) as Markdown, HTML, PNG plots and TensorBoard summaries."""
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files
+from pipeline.errors import PipelineError
+
+MB = 1024 * 1024
+
+
+def _load(path, stage):
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: not found; run `python -m pipeline {stage}` first")
+    return json.loads(Path(path).read_text())
+
+
+def variant_rows(compression, benchmark):
+    """One dict per variant (Keras first) joining accuracy, size and measured cost."""
+    rows = []
+    keras = benchmark["variants"]["keras"]
+    rows.append({"variant": "keras", "accuracy": compression["keras"]["accuracy"],
+                 "macro_f1": compression["keras"]["macro_f1"], "bytes": keras["bytes"], "gzip_bytes": None,
+                 "sparsity": None, "p50_ms": keras["latency"]["threads_all"]["p50_ms"],
+                 "p99_ms": keras["latency"]["threads_all"]["p99_ms"], "p50_2t_ms": None,
+                 "peak_rss_kb": keras["peak_rss_kb"], "load_ms": keras["load_ms"],
+                 "throughput": keras["throughput_examples_per_s"], "energy": None})
+    for name, v in compression["variants"].items():
+        b = benchmark["variants"][name]
+        one, two = b["latency"]["threads_1"], b["latency"]["threads_2"]
+        energy = next((val for key, val in one.items() if key.endswith("_per_1000")), None)
+        rows.append({"variant": name, "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "bytes": v["bytes"],
+                     "gzip_bytes": v["gzip_bytes"], "sparsity": v["sparsity"], "p50_ms": one["p50_ms"],
+                     "p99_ms": one["p99_ms"], "p50_2t_ms": two["p50_ms"], "peak_rss_kb": b["peak_rss_kb"],
+                     "load_ms": b["load_ms"], "throughput": b["throughput_examples_per_s"], "energy": energy})
+    return rows
+
+
+def recommend_variant(rows, tolerance=0.01):
+    """The .tflite variant to ship: within `tolerance` of the best .tflite accuracy, the smallest gzip
+    size, then the lowest p50 latency."""
+    shipped = [r for r in rows if r["variant"] != "keras"]
+    best = max(r["accuracy"] for r in shipped)
+    ok = [r for r in shipped if r["accuracy"] >= best - tolerance]
+    return min(ok, key=lambda r: (r["gzip_bytes"], r["p50_ms"]))["variant"]
+
+
+def pareto_front(points):
+    """Indices of (cost, accuracy) points no other point beats on both (lower cost, higher accuracy)."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def plot_tradeoff(rows, key, xlabel, path):
+    """Accuracy against a cost, the Pareto front joined and marked."""
+    from matplotlib.figure import Figure
+
+    from pipeline.evaluate import _save_figure
+
+    rows = [r for r in rows if r.get(key) is not None]
+    points = [(r[key], 100 * r["accuracy"]) for r in rows]
+    front = sorted(pareto_front(points), key=lambda i: points[i][0])
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for i, (r, (x, y)) in enumerate(zip(rows, points)):
+        ax.scatter([x], [y], color="tab:red" if i in front else "tab:blue", zorder=3)
+        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", linestyle="--",
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("dev accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save_figure(fig, path)
+
+
+def plot_training_curves(history, path):
+    """Loss and accuracy per epoch, train and validation."""
+    from matplotlib.figure import Figure
+
+    from pipeline.evaluate import _save_figure
+
+    epochs = [int(r["epoch"]) + 1 for r in history]
+    fig = Figure(figsize=(9, 3.5))
+    for i, metric in enumerate(("loss", "accuracy")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [r.get(prefix + metric) for r in history]
+            if all(v is not None for v in values):
+                ax.plot(epochs, values, style, marker="o", label=(prefix or "train_") + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    return _save_figure(fig, path)
+
+
+def _fmt(value, spec, scale=1.0):
+    return "–" if value is None else format(value * scale, spec)
+
+
+def build_tables(rows, benchmark):
+    """(main table, op-placement table) as lists of rows of strings, header first."""
+    main = [["variant", "accuracy %", "macro F1", "size MB", "gzip MB", "sparsity", "p50 ms (1 thr)",
+             "p99 ms (1 thr)", "p50 ms (2 thr)", "examples/s", "peak RSS MB", "load ms", "energy"]]
+    for r in rows:
+        main.append([r["variant"], _fmt(r["accuracy"], ".2f", 100), _fmt(r["macro_f1"], ".4f"),
+                     _fmt(r["bytes"], ".2f", 1 / MB), _fmt(r["gzip_bytes"], ".3f", 1 / MB),
+                     _fmt(r["sparsity"], ".2f"), _fmt(r["p50_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"),
+                     _fmt(r["p50_2t_ms"], ".3f"), _fmt(r["throughput"], ",.0f"),
+                     _fmt(r["peak_rss_kb"], ".0f", 1 / 1024), _fmt(r["load_ms"], ".1f"), _fmt(r["energy"], ".3f")])
+    ops = [["variant", "XNNPACK partitions", "ops on builtin kernels (not delegated)"]]
+    for name, v in benchmark["variants"].items():
+        if "ops" in v:
+            fallback = ", ".join(f"{k}×{n}" for k, n in v["ops"]["builtin_fallback"].items())
+            ops.append([name, str(v["ops"]["xnnpack_partitions"]), fallback or "none"])
+    return main, ops
+
+
+def _markdown_table(table):
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)
+
+
+def _html_table(table):
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def run_report_stage(cfg, run):
+    """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
+    import tensorflow as tf
+
+    from pipeline.evaluate import plot_confusion_matrix
+
+    model_dir = Path(cfg.paths.models) / run
+    compression = _load(model_dir / "compression.json", "compress")
+    benchmark = _load(model_dir / "benchmark.json", "benchmark")
+    history = _load(model_dir / "history.json", "train")
+    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
+    rows = variant_rows(compression, benchmark)
+    best = recommend_variant(rows)
+    out = model_dir / "report"
+    images = {
+        "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (bytes, log)", out / "accuracy_vs_size.png"),
+        "accuracy_vs_latency": plot_tradeoff(rows, "p50_ms", "p50 latency at 1 thread (ms, log)",
+                                             out / "accuracy_vs_latency.png"),
+        "confusion_matrix": plot_confusion_matrix(compression["variants"][best]["dev"]["confusion_matrix"], labels,
+                                                  out / "confusion_matrix.png"),
+        "training_curves": plot_training_curves(history, out / "training_curves.png"),
+    }
+    main, ops = build_tables(rows, benchmark)
+    r, t = benchmark["ratios"], benchmark["training"]
+    facts = [
+        f"Recommended variant: **{best}** (smallest gzip size within 1 point of the best .tflite accuracy).",
+        f"int8 / float32 p50 latency at 1 thread: **{r['int8_over_float32_p50_1thread']:.2f}**; "
+        f"dynamic_range / float32: {r['dynamic_range_over_float32_p50_1thread']:.2f}; "
+        f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function.",
+        f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
+        f"batches {t['padded']['examples_per_s']:.0f} examples/s (epoch {t['padded']['epoch_seconds']:.0f} s), "
+        f"length bucketing {t['bucketed']['examples_per_s']:.0f} examples/s (epoch {t['bucketed']['epoch_seconds']:.0f} s): "
+        f"**{t['bucketing_speedup']:.2f}x** faster. Padded training reaches {t['padded_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"{100 * t['padded_fraction_of_peak']:.1f}% of this CPU's fp32 peak "
+        f"({benchmark['cpu']['flops'] / 1e9:.0f} GFLOP/s = {benchmark['cpu']['cores']} cores x "
+        f"{benchmark['cpu']['mhz']:.0f} MHz x {benchmark['cpu']['flop_per_cycle']} FLOP/cycle).",
+        f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
+        f"at seq_len {benchmark['seq_len']}.",
+        "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
+                                       for k in v["latency"].get("threads_1", {})) else
+                      "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",
+    ]
+    md = [f"# liteformer report: {run}", "", *[f"- {f}" for f in facts], "", "## Variants (dev set)", "",
+          _markdown_table(main), "", "## Where LiteRT runs each op", "",
+          "XNNPACK (LiteRT's default CPU delegate) takes whole subgraphs; every op it cannot run splits the graph "
+          "and runs on TFLite's builtin kernels instead.", "", _markdown_table(ops), ""]
+    md += [f"![{name}](report/{Path(p).name})" for name, p in images.items()]
+    files.write_text(model_dir / "report.md", "\n".join(md) + "\n")
+
+    body = "".join(f"<li>{html.escape(f).replace('**', '')}</li>" for f in facts)
+    imgs = "".join(f'<figure><img src="report/{Path(p).name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+                   for name, p in images.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>liteformer report: {html.escape(run)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"
+            f"<h1>liteformer report: {html.escape(run)}</h1><ul>{body}</ul><h2>Variants (dev set)</h2>"
+            f"{_html_table(main)}<h2>Where LiteRT runs each op</h2>{_html_table(ops)}{imgs}</body></html>\n")
+    files.write_text(model_dir / "report.html", page)
+
+    log_dir = Path(cfg.paths.runs) / run / "report"
+    for old in log_dir.glob("events.out.tfevents.*"):
+        old.unlink()
+    with tf.summary.create_file_writer(str(log_dir)).as_default():
+        tf.summary.text("report/variants", _markdown_table(main), step=0)
+        tf.summary.text("report/op_placement", _markdown_table(ops), step=0)
+        tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
+        for name, p in images.items():
+            tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
+    print(f"report {run}: recommended {best} -> {model_dir / 'report.md'}")
+    return {"recommended": best, "rows": rows}

@@ -1,0 +1,105 @@
+"""Benchmark on a tiny compressed run (well-formed JSON, positive numbers) and the report from a fixture."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.compress import VARIANTS
+
+
+@pytest.fixture(scope="module")
+def benchmark(compressed):
+    from pipeline.benchmark import run_benchmark_stage
+
+    cfg, model_dir, _ = compressed
+    result = run_benchmark_stage(cfg, "toy")
+    return model_dir, result
+
+
+def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
+    model_dir, result = benchmark
+    assert json.loads((model_dir / "benchmark.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["variants"]) == {"keras", *VARIANTS}
+    for name, v in result["variants"].items():
+        settings = ["threads_all"] if name == "keras" else ["threads_1", "threads_2"]
+        assert sorted(v["latency"]) == settings, name
+        for lat in v["latency"].values():
+            assert lat["runs"] >= 200
+            assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"], name
+            assert any(k.endswith("_per_1000") and x >= 0 for k, x in lat.items())
+        assert v["load_ms"] > 0 and v["throughput_examples_per_s"] > 0 and v["bytes"] > 0
+        assert v["peak_rss_kb"] >= v["rss_before_load_kb"] > 0
+    for name in VARIANTS:
+        ops = result["variants"][name]["ops"]
+        assert ops["xnnpack_partitions"] >= 1 and sum(ops["delegated"].values()) > 0
+    assert result["forward_flops_per_example"] > 0 and result["params"] > 0
+    training = result["training"]
+    for key in ("padded", "bucketed"):
+        assert training[key]["examples_per_s"] > 0 and training[key]["epoch_seconds"] > 0
+    assert 0 < training["padded_fraction_of_peak"] < 1
+    assert result["ratios"]["int8_over_float32_p50_1thread"] > 0
+
+
+def fixture_run(tmp_path):
+    """A model directory with the stage outputs the report reads, numbers made up but well-formed."""
+    d = tmp_path / "saved_models" / "fx"
+    d.mkdir(parents=True)
+    (d / "labels.txt").write_text("neg\npos\n")
+    names = ["float32", "int8", "pruned_qat_int8"]
+    accuracy = {"float32": 0.90, "int8": 0.895, "pruned_qat_int8": 0.85}
+    size = {"float32": 4_000_000, "int8": 1_000_000, "pruned_qat_int8": 1_000_000}
+    gz = {"float32": 3_700_000, "int8": 700_000, "pruned_qat_int8": 300_000}
+    p50 = {"float32": 0.40, "int8": 0.30, "pruned_qat_int8": 0.31}
+    compression = {"keras": {"accuracy": 0.90, "macro_f1": 0.9}, "variants": {
+        n: {"accuracy": accuracy[n], "macro_f1": accuracy[n], "bytes": size[n], "gzip_bytes": gz[n],
+            "sparsity": 0.8 if "pruned" in n else 0.0, "dev": {"confusion_matrix": [[40, 5], [5, 50]]}}
+        for n in names}}
+    lat = lambda p: {"p50_ms": p, "p90_ms": p * 1.1, "p99_ms": p * 1.5, "cpu_seconds_per_1000": p}  # noqa: E731
+    variants = {n: {"latency": {"threads_1": lat(p50[n]), "threads_2": lat(p50[n] * 0.8)}, "peak_rss_kb": 60000,
+                    "load_ms": 5.0, "throughput_examples_per_s": 2000.0, "bytes": size[n],
+                    "ops": {"xnnpack_partitions": 3, "delegated": {"FULLY_CONNECTED:int8": 4},
+                            "builtin_fallback": {"SOFTMAX:int8": 2}}} for n in names}
+    variants["keras"] = {"latency": {"threads_all": lat(4.0)}, "peak_rss_kb": 600000, "load_ms": 900.0,
+                         "throughput_examples_per_s": 500.0, "bytes": 5_000_000}
+    benchmark = {"params": 1000, "seq_len": 16, "forward_flops_per_example": 2e6,
+                 "cpu": {"flops": 1.6e11, "cores": 2, "mhz": 2500.0, "flop_per_cycle": 32},
+                 "variants": variants, "ratios": {"int8_over_float32_p50_1thread": 0.75,
+                                                  "dynamic_range_over_float32_p50_1thread": 1.0,
+                                                  "keras_over_float32_p50": 10.0},
+                 "training": {"stage_seconds": 100.0, "stage_examples_per_s": 1000.0,
+                              "padded": {"examples_per_s": 500.0, "epoch_seconds": 60.0},
+                              "bucketed": {"examples_per_s": 1500.0, "epoch_seconds": 20.0},
+                              "bucketing_speedup": 3.0, "padded_flops_per_s": 3e9, "padded_fraction_of_peak": 0.02}}
+    history = [{"epoch": 0, "loss": 0.6, "val_loss": 0.5, "accuracy": 0.7, "val_accuracy": 0.75},
+               {"epoch": 1, "loss": 0.4, "val_loss": 0.45, "accuracy": 0.8, "val_accuracy": 0.8}]
+    for name, obj in (("compression", compression), ("benchmark", benchmark), ("history", history)):
+        (d / f"{name}.json").write_text(json.dumps(obj))
+    return d
+
+
+def test_report_renders_from_fixture_files(tmp_path):
+    from conftest import tiny_overrides
+    from pipeline.config import load_config
+    from pipeline.report import run_report_stage
+
+    d = fixture_run(tmp_path)
+    result = run_report_stage(load_config(None, tiny_overrides(tmp_path)), "fx")
+    # int8 is within 1 point of the best accuracy and smaller than float32; pruned_qat_int8 is not
+    assert result["recommended"] == "int8"
+    md = (d / "report.md").read_text()
+    assert "| int8 | 89.50 |" in md and "| keras | 90.00 |" in md and "SOFTMAX:int8×2" in md
+    assert "3.00x" in md and "0.75" in md
+    html = (d / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<td>pruned_qat_int8</td>" in html
+    for name in ("accuracy_vs_size", "accuracy_vs_latency", "confusion_matrix", "training_curves"):
+        png = (d / "report" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and f"report/{name}.png" in md
+    assert list((tmp_path / "runs" / "fx" / "report").glob("events.out.tfevents.*"))
+
+
+def test_pareto_front():
+    from pipeline.report import pareto_front
+
+    points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (0.5, 70.0), (2.0, 85.0 - 1e-9)]
+    assert sorted(pareto_front(points)) == [0, 1, 3]
+    assert np.all(np.diff([points[i][0] for i in sorted(pareto_front(points))]) != 0)

@@ -1,0 +1,108 @@
+"""Compression stage on a tiny trained model: every variant, sparsity, QAT closeness, parity, resume."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def test_every_variant_exists_loads_and_predicts(compressed):
+    from pipeline.compress import VARIANTS
+    from pipeline.evaluate import load_predictor
+
+    _, model_dir, summary = compressed
+    texts = ["the movie was great", "the movie was awful"]
+    for name in VARIANTS:
+        predictor = load_predictor(model_dir / "tflite" / f"{name}.tflite")  # LiteRT
+        probs = predictor.predict_proba(texts)
+        assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=0.02), name
+        assert [predictor.labels[i] for i in probs.argmax(1)] == ["1", "0"], name
+        assert set(predictor.inputs) == {"input_word_ids", "input_mask", "input_type_ids"}
+        assert all(d["dtype"] == np.int32 for d in predictor.inputs.values())
+    assert list(summary["variants"]) == list(VARIANTS)
+
+
+def test_compression_json_lists_every_variant(compressed):
+    _, model_dir, summary = compressed
+    on_disk = json.loads((model_dir / "compression.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    keras_accuracy = on_disk["keras"]["accuracy"]
+    assert keras_accuracy > 0.9
+    for name, v in on_disk["variants"].items():
+        path = Path(v["path"])
+        assert path.is_file() and v["bytes"] == path.stat().st_size
+        assert 0 < v["gzip_bytes"] < v["bytes"]
+        assert v["accuracy_change"] == pytest.approx(v["accuracy"] - keras_accuracy)
+        assert 0.0 <= v["sparsity"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0
+        assert v["dev"]["n"] == 80
+    variants = on_disk["variants"]
+    assert variants["int8"]["bytes"] < variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert list((model_dir.parent.parent / "runs" / "toy" / "compress").glob("events.out.tfevents.*"))
+
+
+def test_pruning_reaches_target_sparsity_and_it_survives_quantization(compressed):
+    _, model_dir, summary = compressed
+    kernels = summary["pruned_kernel_sparsity"]
+    # embedding + 6 kernels of the one encoder block
+    assert "embedding/embeddings" in kernels and "encoder_0/ff1_kernel" in kernels and len(kernels) == 7
+    assert all(s == pytest.approx(0.75, abs=0.01) for s in kernels.values()), kernels
+    variants = summary["variants"]
+    for name in ("pruned_int8", "pruned_qat_int8"):
+        assert variants[name]["sparsity"] > 0.7, name  # zeros that ship in the .tflite weights
+    for name in ("float32", "int8", "qat_int8"):
+        assert variants[name]["sparsity"] < 0.1, name
+    assert variants["pruned_qat_int8"]["gzip_bytes"] < 0.9 * variants["qat_int8"]["gzip_bytes"]  # tiny: headers dominate
+    assert list((model_dir.parent.parent / "runs" / "toy" / "prune").rglob("events.out.tfevents.*"))
+
+
+def test_rerun_resumes_without_redoing_steps(compressed, capsys):
+    from pipeline.compress import run_compress_stage
+
+    cfg, model_dir, summary = compressed
+    before = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
+    (model_dir / "compress_state" / "qat_int8.eval.done").unlink()  # as if killed while evaluating it
+    again = run_compress_stage(cfg, "toy")
+    out = capsys.readouterr().out
+    assert "resuming" in out and "qat_int8.eval done" in out and "prune done" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()} == before
+    assert again["variants"] == json.loads(json.dumps(summary["variants"]))
+
+
+def test_qat_output_stays_close_to_float_and_keeps_zeros():
+    import tensorflow as tf
+
+    from pipeline.compress import export_tflite, tflite_weight_sparsity
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model, quantize_model
+
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0), 1000, 2, 16)
+    rng = np.random.default_rng(0)
+    weights = [np.where(rng.random(w.shape) < 0.8, 0.0, w).astype(w.dtype) if w.ndim == 2 else w
+               for w in model.get_weights()]
+    model.set_weights(weights)
+    ids = rng.integers(1, 1000, size=(8, 16)).astype(np.int32)
+    inputs = {"input_word_ids": ids, "input_mask": np.ones_like(ids), "input_type_ids": np.zeros_like(ids)}
+    qat = quantize_model(model, preserve_sparsity=True)
+    qat(inputs, training=True)  # one pass in training mode sets the activation ranges
+    assert np.max(np.abs(qat(inputs, training=False) - model(inputs, training=False))) < 0.05
+    content = export_tflite(qat, 16, "int8", lambda: ({k: v[i:i + 1] for k, v in inputs.items()} for i in range(8)))
+    assert tflite_weight_sparsity(content) > 0.75
+
+
+def test_parity_check_catches_a_different_model(compressed):
+    from pipeline.compress import check_parity
+    from pipeline.errors import PipelineError
+    from pipeline.evaluate import load_predictor
+
+    _, model_dir, _ = compressed
+    texts = ["the movie was great", "a dull plot", "it was very funny", "ugly and boring"]
+    keras = load_predictor(model_dir).predict_proba(texts)
+    assert check_parity(keras, load_predictor(model_dir / "tflite" / "float32.tflite").predict_proba(texts),
+                        1e-4, "float32.tflite") <= 1e-4
+    other = load_predictor(model_dir / "tflite" / "pruned_int8.tflite").predict_proba(texts)
+    with pytest.raises(PipelineError, match="parity check failed"):
+        check_parity(keras, other, 1e-4, "pruned_int8.tflite")
+    flipped = keras[:, ::-1]
+    with pytest.raises(PipelineError, match="4 different predictions"):
+        check_parity(keras, flipped, 1e-4, "x.tflite")
