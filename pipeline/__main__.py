@@ -47,6 +47,8 @@ def build_parser():
     p = sub.add_parser("predict", help="classify texts; one JSON line per text")
     p.add_argument("--model", required=True, help="trained model directory or .tflite file")
     p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument("--runtime", choices=("litert", "mediapipe"), default="litert",
+                   help="how to run a .tflite: LiteRT (default) or MediaPipe Tasks TextClassifier, as apps do")
     _common(p)
 
     for name, what in (("compress", "prune, quantize and export TFLite variants"),
@@ -81,7 +83,7 @@ def main(argv=None):
         elif args.stage == "predict":
             from pipeline.evaluate import run_predict
 
-            run_predict(cfg, args.model, args.texts)
+            run_predict(cfg, args.model, args.texts, args.runtime)
         elif args.stage == "compress":
             from pipeline.compress import run_compress_stage
 

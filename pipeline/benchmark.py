@@ -27,10 +27,11 @@ INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
 # ---------------------------------------------------------------- measurements inside a worker
 
 
-def _rss_kb():
-    """Current resident memory of this process in KiB (VmRSS)."""
+def _rss_kb(field="VmRSS"):
+    """Resident memory of this process in KiB: now (VmRSS) or its peak (VmHWM). Not getrusage's
+    ru_maxrss: Linux carries that over exec from the parent, the stage process with TensorFlow."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -100,7 +101,7 @@ def measure_tflite(path, examples):
                 call(example)
             result["throughput_examples_per_s"] = THROUGHPUT_BATCH / (time.perf_counter() - t0)
             result["throughput_note"] = f"{THROUGHPUT_BATCH} batch-1 invokes at {threads} threads"
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_kb"] = _rss_kb("VmHWM")
     return result
 
 
@@ -130,7 +131,7 @@ def measure_keras(model_dir, examples):
         times.append(time.perf_counter() - t0)
     result["throughput_examples_per_s"] = THROUGHPUT_BATCH / float(np.median(times))
     result["throughput_note"] = f"batch {THROUGHPUT_BATCH}, median of 30 calls"
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_kb"] = _rss_kb("VmHWM")
     return result
 
 

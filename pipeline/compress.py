@@ -1,5 +1,6 @@
-"""Compression stage: prune, quantize (QAT and post-training), export every variant to TFLite, and
-evaluate each `.tflite` with LiteRT through the same code as `pipeline evaluate`.
+"""Compression stage: prune, quantize (QAT and post-training), export every variant to TFLite with
+MediaPipe metadata, and evaluate each `.tflite` with LiteRT through the same code as `pipeline
+evaluate`, and with MediaPipe Tasks as apps run it.
 
     model.keras -+-> float32 / dynamic_range / float16 / int8 (post-training, TFLite converter)
                  +-> prune (PolynomialDecay to `sparsity`) -> pruned_int8 (post-training)
@@ -207,11 +208,14 @@ def _state(cfg, model_dir):
 
 
 def _markdown_table(rows):
-    head = "| variant | accuracy | Δ acc (pt) | macro F1 | bytes | gzip bytes | sparsity |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| variant | accuracy | Δ acc (pt) | macro F1 | bytes | gzip bytes | sparsity | "
+            "MediaPipe agreement | MediaPipe accuracy |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        mp = r["mediapipe"]
         lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {100 * r['accuracy_change']:+.2f} | "
-                     f"{r['macro_f1']:.4f} | {r['bytes']:,} | {r['gzip_bytes']:,} | {r['sparsity']:.3f} |")
+                     f"{r['macro_f1']:.4f} | {r['bytes']:,} | {r['gzip_bytes']:,} | {r['sparsity']:.3f} | "
+                     f"{100 * mp['agreement']:.2f}% | {mp['accuracy']:.4f} |")
     return "\n".join(lines)
 
 
@@ -220,6 +224,7 @@ def run_compress_stage(cfg, run):
     summarized in compression.json; fails if float32.tflite does not match the Keras model."""
     from pipeline.data import read_examples
     from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
+    from pipeline.metadata import MediaPipeClassifier
     from pipeline.model import load_model
     from pipeline.train import load_processed
 
@@ -254,6 +259,13 @@ def run_compress_stage(cfg, run):
         print(f"compress: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def write_variant(name, content):
+        """With MediaPipe text-classifier metadata (tokenizer, vocab.txt, labels.txt): a drop-in app model."""
+        from pipeline.metadata import add_metadata
+
+        description = (f"liteformer {name} Transformer text classifier for {run}; inputs of MediaPipe's BERT "
+                       f"classifier at seq_len {seq_len}; outputs probabilities of {', '.join(labels)}.")
+        content = add_metadata(content, model_dir / "vocab.txt", model_dir / "labels.txt",
+                               f"liteformer-{run}-{name}", description)
         files.write_bytes(tflite_dir / f"{name}.tflite", content)
 
     representative = representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed)
@@ -290,12 +302,18 @@ def run_compress_stage(cfg, run):
                       f"{len(texts)} dev predictions agree, largest difference {diff:.1e}")
             content = path.read_bytes()
             metrics = classification_metrics(y_true, probs, labels)
+            with MediaPipeClassifier(path) as classifier:  # as apps run it: MediaPipe's own tokenizer
+                mp_probs = classifier.predict_proba(texts)
+            mediapipe = {"agreement": float(np.mean(mp_probs.argmax(1) == probs.argmax(1))),
+                         "accuracy": classification_metrics(y_true, mp_probs, labels)["accuracy"],
+                         "max_probability_difference": float(np.max(np.abs(mp_probs - probs)))}
             files.write_json(state / f"{name}.eval.json", {
                 "variant": name, "path": str(path), "bytes": len(content),
                 "gzip_bytes": len(gzip.compress(content, compresslevel=9, mtime=0)),
                 "sparsity": tflite_weight_sparsity(content),
                 "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                "accuracy_change": metrics["accuracy"] - reference["accuracy"], "dev": metrics})
+                "accuracy_change": metrics["accuracy"] - reference["accuracy"], "mediapipe": mediapipe,
+                "dev": metrics})
 
         step(f"{name}.eval", evaluate)
         rows.append(json.loads((state / f"{name}.eval.json").read_text()))

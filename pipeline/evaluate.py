@@ -393,10 +393,19 @@ def run_evaluate(cfg, model_path, data_path, out_dir=None):
     return result
 
 
-def run_predict(cfg, model_path, texts):
-    """Classify texts; print one JSON line per text with its label and every label's probability."""
-    predictor = load_predictor(model_path)
-    probs = predictor.predict_proba(list(texts))
+def run_predict(cfg, model_path, texts, runtime="litert"):
+    """Classify texts; print one JSON line per text with its label and every label's probability.
+    runtime "mediapipe" runs a .tflite through MediaPipe Tasks' TextClassifier, as apps do."""
+    if runtime == "mediapipe":
+        from pipeline.metadata import MediaPipeClassifier
+
+        if Path(model_path).suffix != ".tflite":
+            raise PipelineError(f"{model_path}: --runtime mediapipe needs a .tflite file")
+        with MediaPipeClassifier(model_path) as predictor:
+            probs = predictor.predict_proba(list(texts))
+    else:
+        predictor = load_predictor(model_path)
+        probs = predictor.predict_proba(list(texts))
     results = []
     for text, p in zip(texts, probs):
         result = {"text": text, "label": predictor.labels[int(p.argmax())],

@@ -1,5 +1,6 @@
 """Report stage: one comparison of every variant (quality from compression.json, cost from
-benchmark.json) as Markdown, HTML, PNG plots and TensorBoard summaries."""
+benchmark.json) as Markdown, HTML, PNG plots and TensorBoard summaries; and the recommended variant
+as a mobile bundle with a model card."""
 import html
 import json
 from pathlib import Path
@@ -136,6 +137,68 @@ def _html_table(table):
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+MODEL_CARD = """# {name}
+
+Transformer text classifier trained by liteformer on `{run}`; variant **{variant}** (chosen by
+`make report`: the smallest gzip size within 1 point of the best .tflite accuracy).
+
+| | |
+|---|---|
+| inputs | `input_word_ids`, `input_mask`, `input_type_ids`: int32 [1, {seq_len}] (MediaPipe BERT classifier inputs; the tokenizer and `vocab.txt` are in the file's metadata) |
+| output | probabilities of {labels} |
+| dev accuracy | {accuracy:.2%} (LiteRT), {mp_accuracy:.2%} through MediaPipe Tasks ({agreement:.2%} of predictions agree) |
+| size | {bytes:,} bytes ({gzip:,} gzipped) |
+| latency | p50 {p50:.3f} ms, p99 {p99:.3f} ms at 1 thread on the benchmark machine (LiteRT, batch 1) |
+| peak memory | {rss:.0f} MB resident for a process that loads and runs it |
+
+Python (`pip install mediapipe`):
+
+```python
+from mediapipe.tasks import python as mp
+from mediapipe.tasks.python import text
+
+options = text.TextClassifierOptions(base_options=mp.BaseOptions(model_asset_path="model.tflite"))
+with text.TextClassifier.create_from_options(options) as classifier:
+    result = classifier.classify("a gripping, beautifully acted film")
+    top = result.classifications[0].categories[0]
+    print(top.category_name, top.score)
+```
+
+Kotlin (Android, `com.google.mediapipe:tasks-text`; model.tflite in `src/main/assets`):
+
+```kotlin
+val options = TextClassifier.TextClassifierOptions.builder()
+    .setBaseOptions(BaseOptions.builder().setModelAssetPath("model.tflite").build())
+    .build()
+val classifier = TextClassifier.createFromOptions(context, options)
+val result = classifier.classify("a gripping, beautifully acted film")
+val top = result.classificationResult().classifications()[0].categories()[0]
+Log.i("liteformer", "${{top.categoryName()}} ${{top.score()}}")
+classifier.close()
+```
+"""
+
+
+def write_mobile_bundle(model_dir, run, variant, compression, benchmark):
+    """saved_models/<run>/mobile/: the recommended .tflite as model.tflite, labels.txt, vocab.txt and
+    model_card.md, written whole or not at all."""
+    v, b = compression["variants"][variant], benchmark["variants"][variant]
+    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
+    card = MODEL_CARD.format(
+        name=f"liteformer-{run}-{variant}", run=run, variant=variant, seq_len=benchmark["seq_len"],
+        labels=", ".join(f"`{label}`" for label in labels), accuracy=v["accuracy"],
+        mp_accuracy=v["mediapipe"]["accuracy"], agreement=v["mediapipe"]["agreement"], bytes=v["bytes"],
+        gzip=v["gzip_bytes"], p50=b["latency"]["threads_1"]["p50_ms"], p99=b["latency"]["threads_1"]["p99_ms"],
+        rss=b["peak_rss_kb"] / 1024)
+    with files.atomic_path(model_dir / "mobile") as tmp:
+        tmp.mkdir()
+        (tmp / "model.tflite").write_bytes(Path(v["path"]).read_bytes())
+        for name in ("labels.txt", "vocab.txt"):
+            (tmp / name).write_bytes((model_dir / name).read_bytes())
+        (tmp / "model_card.md").write_text(card, encoding="utf-8")
+    return model_dir / "mobile"
+
+
 def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     import tensorflow as tf
@@ -204,5 +267,6 @@ def run_report_stage(cfg, run):
         tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
         for name, p in images.items():
             tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
-    print(f"report {run}: recommended {best} -> {model_dir / 'report.md'}")
+    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark)
+    print(f"report {run}: recommended {best} -> {model_dir / 'report.md'}, {mobile}/model.tflite")
     return {"recommended": best, "rows": rows}

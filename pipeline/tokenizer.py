@@ -1,8 +1,9 @@
 """BERT-style WordPiece tokenization shared by the data stage, training, evaluation and export.
 
-The settings mirror MediaPipe's BERT tokenizer: lowercase, strip accents, split on whitespace,
-punctuation and CJK characters, then greedy longest-match WordPiece with "##" suffixes; sequences
-are [CLS] tokens... [SEP], truncated, then padded with [PAD] (id 0).
+It cuts text exactly as MediaPipe Tasks' BERT tokenizer does, since apps classify with MediaPipe:
+lowercase ASCII letters only (no accent stripping, no Unicode normalization), split on ASCII
+whitespace, punctuation and CJK characters, then greedy longest-match WordPiece with "##" suffixes;
+sequences are [CLS] tokens... [SEP], truncated, then padded with [PAD] (id 0).
 """
 from pathlib import Path
 
@@ -20,8 +21,28 @@ PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 # 4-6), so the cut never changes the first seq_len tokens of ordinary input.
 CHARS_PER_TOKEN = 50
 
-# The one set of options used for learning the vocabulary and for tokenizing with it.
-_OPTIONS = dict(lowercase=True, strip_accents=True, split=True, split_on_cjk=True)
+# MediaPipe's word split (kDefaultDelimRe / kDefaultIncludeDelimRe in mediapipe/tasks/cc/text/
+# tokenizers/bert_tokenizer.h), run by the same RE2-based tf_text regex_split: RE2's \s is ASCII
+# whitespace only, and delimiters other than whitespace are kept as words.
+_KEEP_DELIMITERS = "|".join([
+    r"[!-/]", r"[:-@]", r"[\[-`]", r"[{-~]", r"[\p{P}]",  # ASCII symbols and Unicode punctuation
+    r"[\x{4E00}-\x{9FFF}]", r"[\x{3400}-\x{4DBF}]", r"[\x{20000}-\x{2A6DF}]", r"[\x{2A700}-\x{2B73F}]",
+    r"[\x{2B740}-\x{2B81F}]", r"[\x{2B820}-\x{2CEAF}]", r"[\x{F900}-\x{FAFF}]", r"[\x{2F800}-\x{2FA1F}]",
+])
+_DELIMITERS = r"\s+|" + _KEEP_DELIMITERS
+# keras_nlp gets words already split by split_words(): its own split and normalization (Unicode
+# case folding, accent stripping, control characters as spaces) are not what MediaPipe does.
+_OPTIONS = dict(lowercase=False, strip_accents=False, split=False)
+
+
+def split_words(texts):
+    """tf: string tensor [batch] -> RaggedTensor [batch, None] of words, as MediaPipe splits them.
+
+    tf.strings.lower without an encoding lowercases A-Z only, like MediaPipe's AsciiStrToLower.
+    """
+    import tensorflow_text as tf_text
+
+    return tf_text.regex_split(tf.strings.lower(texts), _DELIMITERS, _KEEP_DELIMITERS)
 
 
 def learn_vocabulary(texts, vocab_size) -> list[str]:
@@ -30,7 +51,7 @@ def learn_vocabulary(texts, vocab_size) -> list[str]:
 
     if vocab_size < len(RESERVED_TOKENS) + 1:
         raise PipelineError(f"data.vocab_size must be more than {len(RESERVED_TOKENS)}, got {vocab_size}")
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(1024)
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), tf.string)).batch(1024).map(split_words)
     return keras_nlp.tokenizers.compute_word_piece_vocabulary(
         ds, vocab_size, reserved_tokens=list(RESERVED_TOKENS), **_OPTIONS)
 
@@ -88,7 +109,7 @@ def wordpiece_ids(tokenizer, texts, max_chars):
     Texts are first cut to `max_chars` characters (see CHARS_PER_TOKEN).
     """
     texts = tf.strings.substr(texts, 0, max_chars, unit="UTF8_CHAR")
-    ids = tokenizer.tokenize(texts)
+    ids = tokenizer.tokenize(split_words(texts))
     if isinstance(ids, list):  # eager call: keras_nlp converts its ragged result to Python lists
         flat = np.array([i for row in ids for i in row], np.int32)
         ids = tf.RaggedTensor.from_row_lengths(flat, np.array([len(row) for row in ids], np.int64))

@@ -45,6 +45,8 @@ def fixture_run(tmp_path):
     d = tmp_path / "saved_models" / "fx"
     d.mkdir(parents=True)
     (d / "labels.txt").write_text("neg\npos\n")
+    (d / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ngood\n")
+    (d / "tflite").mkdir()
     names = ["float32", "int8", "pruned_qat_int8"]
     accuracy = {"float32": 0.90, "int8": 0.895, "pruned_qat_int8": 0.85}
     size = {"float32": 4_000_000, "int8": 1_000_000, "pruned_qat_int8": 1_000_000}
@@ -52,8 +54,12 @@ def fixture_run(tmp_path):
     p50 = {"float32": 0.40, "int8": 0.30, "pruned_qat_int8": 0.31}
     compression = {"keras": {"accuracy": 0.90, "macro_f1": 0.9}, "variants": {
         n: {"accuracy": accuracy[n], "macro_f1": accuracy[n], "bytes": size[n], "gzip_bytes": gz[n],
-            "sparsity": 0.8 if "pruned" in n else 0.0, "dev": {"confusion_matrix": [[40, 5], [5, 50]]}}
+            "sparsity": 0.8 if "pruned" in n else 0.0, "dev": {"confusion_matrix": [[40, 5], [5, 50]]},
+            "path": str(d / "tflite" / f"{n}.tflite"),
+            "mediapipe": {"agreement": 1.0, "accuracy": accuracy[n], "max_probability_difference": 0.0}}
         for n in names}}
+    for n in names:
+        (d / "tflite" / f"{n}.tflite").write_bytes(n.encode())
     lat = lambda p: {"p50_ms": p, "p90_ms": p * 1.1, "p99_ms": p * 1.5, "cpu_seconds_per_1000": p}  # noqa: E731
     variants = {n: {"latency": {"threads_1": lat(p50[n]), "threads_2": lat(p50[n] * 0.8)}, "peak_rss_kb": 60000,
                     "load_ms": 5.0, "throughput_examples_per_s": 2000.0, "bytes": size[n],
@@ -95,6 +101,11 @@ def test_report_renders_from_fixture_files(tmp_path):
         png = (d / "report" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and f"report/{name}.png" in md
     assert list((tmp_path / "runs" / "fx" / "report").glob("events.out.tfevents.*"))
+    mobile = d / "mobile"
+    assert (mobile / "model.tflite").read_bytes() == b"int8"  # the recommended file, copied
+    assert (mobile / "labels.txt").read_text() == "neg\npos\n" and (mobile / "vocab.txt").is_file()
+    card = (mobile / "model_card.md").read_text()
+    assert "89.50%" in card and "TextClassifier" in card and "createFromOptions" in card and "p50 0.300 ms" in card
 
 
 def test_pareto_front():

@@ -29,8 +29,8 @@ def tokens(vocab, ids):
 def test_vocabulary_starts_with_reserved_tokens(vocab):
     assert vocab[: len(T.RESERVED_TOKENS)] == T.RESERVED_TOKENS
     assert vocab[0] == "[PAD]"
-    assert {"hello", "world", "cafe", ",", "!"} <= set(vocab)
-    assert "café" not in vocab and "Hello" not in vocab  # learned from lowercased, accent-stripped text
+    assert {"hello", "world", "cafe", "café", ",", "!"} <= set(vocab)
+    assert "Hello" not in vocab  # A-Z lowercased; accents kept, as MediaPipe's BERT tokenizer does
 
 
 def test_encode_known_text(vocab, tok):
@@ -44,12 +44,14 @@ def test_encode_known_text(vocab, tok):
 
 
 def test_lowercase_accents_punctuation_and_cjk(vocab, tok):
-    ids = T.encode(tok, ["CAFÉ", "cafe", "café", "world!!", "你好"], 8)["input_word_ids"]
-    assert (ids[0] == ids[1]).all() and (ids[1] == ids[2]).all()
-    assert tokens(vocab, ids[1][:3]) == ["[CLS]", "cafe", "[SEP]"]
-    assert tokens(vocab, ids[3][:5]) == ["[CLS]", "world", "!", "!", "[SEP]"]
+    # Cut as MediaPipe's BERT tokenizer cuts (apps use it): A-Z lowercased, accents kept.
+    ids = T.encode(tok, ["CAFE", "cafe", "café", "CAFÉ", "world!!", "你好"], 8)["input_word_ids"]
+    assert (ids[0] == ids[1]).all() and tokens(vocab, ids[1][:3]) == ["[CLS]", "cafe", "[SEP]"]
+    assert tokens(vocab, ids[2][:3]) == ["[CLS]", "café", "[SEP]"]
+    assert tokens(vocab, ids[3][:3]) == ["[CLS]", "[UNK]", "[SEP]"]  # É is not lowercased
+    assert tokens(vocab, ids[4][:5]) == ["[CLS]", "world", "!", "!", "[SEP]"]
     # CJK characters are words of their own, not "##" continuations.
-    assert tokens(vocab, ids[4][:4]) == ["[CLS]", "你", "好", "[SEP]"]
+    assert tokens(vocab, ids[5][:4]) == ["[CLS]", "你", "好", "[SEP]"]
 
 
 def test_unknown_characters_become_unk(vocab, tok):
