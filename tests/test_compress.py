@@ -106,3 +106,19 @@ def test_parity_check_catches_a_different_model(compressed):
     flipped = keras[:, ::-1]
     with pytest.raises(PipelineError, match="4 different predictions"):
         check_parity(keras, flipped, 1e-4, "x.tflite")
+
+
+def test_mediapipe_runs_every_variant_like_litert(compressed, capsys):
+    from pipeline.evaluate import run_predict
+
+    cfg, model_dir, summary = compressed
+    for name, v in summary["variants"].items():
+        assert v["mediapipe"]["agreement"] == 1.0 and v["mediapipe"]["accuracy"] == v["accuracy"], name
+    path = model_dir / "tflite" / "int8.tflite"
+    texts = ["the movie was great", "a dull and boring plot"]
+    litert = run_predict(cfg, path, texts)
+    mediapipe = run_predict(cfg, path, texts, runtime="mediapipe")
+    assert [r["label"] for r in mediapipe] == [r["label"] for r in litert] == ["1", "0"]
+    for a, b in zip(litert, mediapipe):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-3)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
