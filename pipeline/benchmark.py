@@ -202,7 +202,7 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
 
     from pipeline.data import make_dataset
     from pipeline.model import build_model
-    from pipeline.train import load_processed
+    from pipeline.train import load_processed, make_optimizer
 
     processed, stats, labels = load_processed(cfg, run)
     seq_len, t = int(stats["seq_len"]), cfg.train
@@ -210,8 +210,7 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=bucketing, seed=t.seed).map(lambda x, y: (x, tf.one_hot(y, len(labels))))
     model = build_model(cfg.model, int(stats["vocab_size"]), len(labels), seq_len)
-    model.compile(optimizer=tf.keras.optimizers.AdamW(t.learning_rate, weight_decay=t.weight_decay),
-                  loss="categorical_crossentropy")
+    model.compile(optimizer=make_optimizer(t.learning_rate, t.weight_decay), loss="categorical_crossentropy")
     times = []
 
     class Timer(tf.keras.callbacks.Callback):

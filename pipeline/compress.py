@@ -49,12 +49,10 @@ def _steps(cfg, train_rows, epochs):
 
 def _compile(model, cfg, total_steps):
     """AdamW with a short warmup and linear decay to zero, as in training but at the fine-tuning rate."""
-    from pipeline.train import WarmupLinearDecay
+    from pipeline.train import WarmupLinearDecay, make_optimizer
 
     schedule = WarmupLinearDecay(cfg.compress.learning_rate, int(0.1 * total_steps), total_steps)
-    optimizer = tf.keras.optimizers.AdamW(schedule, weight_decay=cfg.train.weight_decay, jit_compile=False)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
-    model.compile(optimizer=optimizer, loss=tf.keras.losses.CategoricalCrossentropy(),
+    model.compile(optimizer=make_optimizer(schedule, cfg.train.weight_decay), loss=tf.keras.losses.CategoricalCrossentropy(),
                   metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 

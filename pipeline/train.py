@@ -96,6 +96,13 @@ class EpochTimer(tf.keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
+def make_optimizer(learning_rate, weight_decay):
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norms only hurts."""
+    optimizer = tf.keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, jit_compile=False)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
+    return optimizer
+
+
 def make_strategy(name):
     """TensorFlow's own distributed engine: one device, all local devices, or several workers."""
     if name == "mirrored":
@@ -181,11 +188,8 @@ def train_model(cfg, run):
     with make_strategy(t.strategy).scope():
         model = build_model(cfg.model, len(vocab), len(labels), seq_len)
         schedule = WarmupLinearDecay(t.learning_rate, int(t.warmup_fraction * total_steps), total_steps)
-        optimizer = tf.keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay, jit_compile=False)
-        # Decoupled weight decay regularizes matrices; decaying biases and norms only hurts.
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
         model.compile(
-            optimizer=optimizer,
+            optimizer=make_optimizer(schedule, t.weight_decay),
             loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
             metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
