@@ -1,5 +1,7 @@
-# liteformer: every target calls the CLI (`python -m pipeline <stage>`); stages are file targets,
-# so a finished stage is not redone and `make compress` after `make train` does not retrain.
+# liteformer: every target calls the CLI (`python -m pipeline <stage>`). Each stage decides itself whether
+# it is up to date: manifest.json in the run directory holds the config and input checksums it was made
+# from, so an unchanged stage is skipped, a changed config or data file reruns exactly the stages it
+# affects, and `make compress` after `make train` does not retrain.
 #   make train DATA=../shared/data/sst2            (DATA: a data directory; default: GLUE SST-2 download)
 #   make train SET="train.epochs=3 model.num_layers=1"
 export TF_USE_LEGACY_KERAS := 1
@@ -15,12 +17,6 @@ SET    ?=
 
 ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
-PROCESSED = data/processed/$(RUN)/stats.json
-MODEL     = saved_models/$(RUN)/metrics.json
-COMPRESSED = saved_models/$(RUN)/compression.json
-BENCHMARK = saved_models/$(RUN)/benchmark.json
-REPORT    = saved_models/$(RUN)/report.md
-DATA_FILES = $(if $(DATA),$(wildcard $(DATA)/train.* $(DATA)/dev.* $(DATA)/test.*),)
 
 .PHONY: venv data train evaluate compress benchmark report tensorboard test test-fast test-e2e clean
 
@@ -33,28 +29,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps tensorflow-model-optimization==0.8.1
 	touch $(STAMP)
 
-data: $(PROCESSED)
-$(PROCESSED): $(CONFIG) $(DATA_FILES) | $(STAMP)
+data: | $(STAMP)
 	$(PY) -m pipeline data $(DATA_ARG) --run $(RUN) $(ARGS)
 
-train: $(MODEL)
-$(MODEL): $(PROCESSED)
+train: data
 	$(PY) -m pipeline train --run $(RUN) $(ARGS)
 
-evaluate: $(MODEL)
+evaluate: train
 	$(PY) -m pipeline evaluate --model saved_models/$(RUN) --data data/processed/$(RUN)/dev.jsonl \
 		--out saved_models/$(RUN)/eval $(ARGS)
 
-compress: $(COMPRESSED)
-$(COMPRESSED): $(MODEL)
+compress: train
 	$(PY) -m pipeline compress --run $(RUN) $(ARGS)
 
-benchmark: $(BENCHMARK)
-$(BENCHMARK): $(COMPRESSED)
+benchmark: compress
 	$(PY) -m pipeline benchmark --run $(RUN) $(ARGS)
 
-report: $(REPORT)
-$(REPORT): $(BENCHMARK)
+report: benchmark
 	$(PY) -m pipeline report --run $(RUN) $(ARGS)
 
 tensorboard: | $(STAMP)

@@ -101,6 +101,19 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a full disk, a read-only directory: the file and the reason, nothing half-written
+        tf = sys.modules.get("tensorflow")
+        if isinstance(e, OSError):
+            problem = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+        elif tf is not None and isinstance(e, tf.errors.OpError):  # TensorFlow's file writers report these
+            problem = e.message.strip().splitlines()[0]
+        else:
+            raise
+        if args.debug:
+            raise
+        print(f"error: {problem}; nothing was replaced (free space or fix the permissions, then run again)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

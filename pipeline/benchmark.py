@@ -246,7 +246,7 @@ def run_benchmark_stage(cfg, run):
     write saved_models/<run>/benchmark.json."""
     import tempfile
 
-    from pipeline import files
+    from pipeline import files, manifest
     from pipeline.compress import VARIANTS
     from pipeline.data import read_examples
     from pipeline.errors import PipelineError
@@ -257,9 +257,17 @@ def run_benchmark_stage(cfg, run):
     compression = model_dir / "compression.json"
     if not compression.is_file():
         raise PipelineError(f"{model_dir}: no compression.json; run `python -m pipeline compress` first")
+    processed = Path(cfg.paths.data) / "processed" / run
+    key = {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},  # train: the training-speed runs
+           "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "metrics.json", "compression.json",
+                                                    *(f"tflite/{n}.tflite" for n in VARIANTS)], "model"),
+                      **manifest.inputs(processed, ("train.tfrecord", "dev.jsonl", "stats.json"), "processed")}}
+    if manifest.up_to_date(model_dir, "benchmark", key):
+        return json.loads((model_dir / "benchmark.json").read_text())
+    manifest.begin(model_dir, "benchmark")
     trained = json.loads((model_dir / "metrics.json").read_text())
     seq_len = int(json.loads((model_dir / "preprocess.json").read_text())["seq_len"])
-    texts, _ = read_examples(Path(cfg.paths.data) / "processed" / run / "dev.jsonl", cfg.data)
+    texts, _ = read_examples(processed / "dev.jsonl", cfg.data)
     inputs = encode(make_tokenizer(model_dir / "vocab.txt"), texts[:64], seq_len)
     started = time.perf_counter()
 
@@ -301,6 +309,7 @@ def run_benchmark_stage(cfg, run):
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
     files.write_json(model_dir / "benchmark.json", result)
+    manifest.record(model_dir, "benchmark", key, ["benchmark.json"])
     r = result["ratios"]
     print(f"benchmark {run}: int8/float32 p50 {r['int8_over_float32_p50_1thread']:.2f}, float32 "
           f"{r['keras_over_float32_p50']:.1f}x faster than Keras, bucketing {result['training']['bucketing_speedup']:.2f}x "

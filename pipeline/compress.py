@@ -23,7 +23,7 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline import files
+from pipeline import files, manifest
 from pipeline.errors import PipelineError
 
 VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
@@ -184,24 +184,29 @@ def check_parity(keras_probs, tflite_probs, tolerance, path):
 # ---------------------------------------------------------------- stage
 
 
-def _state(cfg, model_dir):
-    """compress_state/ of this config and trained model, kept for a resume; otherwise made afresh
-    (and old variants removed, so no file from an older model or config survives)."""
-    import hashlib
+def stage_key(cfg, model_dir, processed):
+    """What the variants depend on: the config, the trained model and the processed data (verified)."""
+    from pipeline.train import stage_key as train_key
 
-    import yaml
+    key = train_key(cfg, processed)
+    key["config"]["compress"] = cfg.to_dict()["compress"]
+    key["inputs"].update(manifest.inputs(model_dir, manifest.MODEL_FILES, "model"))
+    return key
 
-    key = yaml.safe_dump({s: cfg.to_dict()[s] for s in ("data", "model", "train", "compress")}, sort_keys=True)
-    key += "model.keras sha256 " + hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest() + "\n"
+
+def _state(key, model_dir):
+    """compress_state/ of this stage key, kept for a resume; otherwise made afresh (and old variants
+    removed, so no file from an older model or config survives)."""
+    key_text = json.dumps(key, sort_keys=True)
     state = model_dir / "compress_state"
-    if (state / "key.txt").is_file() and (state / "key.txt").read_text() == key:
+    if (state / "key.json").is_file() and (state / "key.json").read_text() == key_text:
         print(f"resuming compression in {state}")
         return state
     shutil.rmtree(state, ignore_errors=True)
     shutil.rmtree(model_dir / "tflite", ignore_errors=True)
     (model_dir / "compression.json").unlink(missing_ok=True)
     state.mkdir(parents=True)
-    files.write_text(state / "key.txt", key)
+    files.write_text(state / "key.json", key_text)
     return state
 
 
@@ -231,7 +236,11 @@ def run_compress_stage(cfg, run):
         raise PipelineError(f"{model_dir}: no trained model for run '{run}'; run `python -m pipeline train` first")
     processed, stats, labels = load_processed(cfg, run)
     seq_len, train_rows = int(stats["seq_len"]), int(stats["rows"]["train"])
-    state = _state(cfg, model_dir)
+    key = stage_key(cfg, model_dir, processed)
+    if manifest.up_to_date(model_dir, "compress", key):
+        return json.loads((model_dir / "compression.json").read_text())
+    manifest.begin(model_dir, "compress")
+    state = _state(key, model_dir)
     tflite_dir = model_dir / "tflite"
     tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     tf.config.experimental.enable_op_determinism()
@@ -242,8 +251,11 @@ def run_compress_stage(cfg, run):
     keras_probs = KerasPredictor(model_dir).predict_proba(texts)
     reference = classification_metrics(y_true, keras_probs, labels)
     model = load_model(model_dir / "model.keras")
-    data = _fine_tune_data(cfg, processed, seq_len, len(labels))
     c = cfg.compress
+
+    def data():
+        """A new dataset per step: its shuffle order then depends only on the seed, resumed or not."""
+        return _fine_tune_data(cfg, processed, seq_len, len(labels))
 
     def step(name, make):
         """Run `make` unless a previous run finished this step; report its time."""
@@ -273,7 +285,7 @@ def run_compress_stage(cfg, run):
     step("int8", lambda: write_variant("int8", export_tflite(model, seq_len, "int8", representative)))
 
     def make_pruned():
-        pruned = prune_model(model, cfg, data, _steps(cfg, train_rows, c.prune_epochs),
+        pruned = prune_model(model, cfg, data(), _steps(cfg, train_rows, c.prune_epochs),
                              Path(cfg.paths.runs) / run / "prune")
         with files.atomic_path(state / "pruned.keras") as tmp:
             pruned.save(tmp)
@@ -284,9 +296,9 @@ def run_compress_stage(cfg, run):
     step("pruned_int8", lambda: write_variant("pruned_int8", export_tflite(pruned, seq_len, "int8", representative)))
     qat_steps = _steps(cfg, train_rows, c.qat_epochs)
     step("qat_int8", lambda: write_variant(
-        "qat_int8", export_tflite(qat_model(model, cfg, data, qat_steps), seq_len, "int8", representative)))
+        "qat_int8", export_tflite(qat_model(model, cfg, data(), qat_steps), seq_len, "int8", representative)))
     step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
-        qat_model(pruned, cfg, data, qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
+        qat_model(pruned, cfg, data(), qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
 
     rows = []
     for name in VARIANTS:
@@ -328,6 +340,7 @@ def run_compress_stage(cfg, run):
     with tf.summary.create_file_writer(str(Path(cfg.paths.runs) / run / "compress")).as_default():
         tf.summary.text("compression", table, step=0)
     files.write_json(model_dir / "compression.json", summary)
+    manifest.record(model_dir, "compress", key, [f"tflite/{n}.tflite" for n in VARIANTS] + ["compression.json"])
     print(f"Keras model: accuracy {reference['accuracy']:.4f}, macro F1 {reference['macro_f1']:.4f}\n{table}")
     print(f"compressed {run} in {time.perf_counter() - started:.0f} s -> {tflite_dir}")
     return summary

@@ -5,6 +5,7 @@ data/processed/<run>/ with vocab.txt, labels.txt, {train,dev,test}.tfrecord, {de
 and stats.json; make_dataset() turns a .tfrecord into batches for Keras.
 """
 import collections
+import dataclasses
 import csv
 import hashlib
 import io
@@ -22,6 +23,7 @@ import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
+from pipeline import manifest
 from pipeline import tokenizer as tok
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json, write_text
@@ -300,7 +302,7 @@ def processed_dir(cfg, run) -> Path:
 def fetch(url, dest, sha256) -> Path:
     """Download `url` to `dest` (via a temp file, then rename) and verify its SHA-256; skip if present."""
     dest = Path(dest)
-    if dest.is_file() and _sha256(dest) == sha256:
+    if dest.is_file() and manifest.sha256(dest) == sha256:
         return dest
     print(f"downloading {url}", file=sys.stderr)
     with atomic_path(dest) as tmp:
@@ -317,14 +319,6 @@ def fetch(url, dest, sha256) -> Path:
             raise PipelineError(f"{url}: SHA-256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
                                 "the download is corrupt or the file changed")
     return dest
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safe_extract(zip_path, dest, keep=None) -> Path:
@@ -409,8 +403,12 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     else:
         src = Path(data_dir)
 
-    # 1. Read and validate everything before writing anything.
+    # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
+    out = processed_dir(cfg, run)
+    key = {"config": {"data": dataclasses.asdict(dc)}, "inputs": manifest.files_checksums(files.values())}
+    if manifest.up_to_date(out, "data", key):
+        return load_stats(out)
     parsed = {split: read_table(path, dc) for split, path in files.items()}
     train = parsed["train"]
     labels = sort_labels(train["labels"])
@@ -479,7 +477,6 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     }
 
     # 4. Write the run directory whole: it appears complete or not at all.
-    out = processed_dir(cfg, run)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         tok.save_vocabulary(vocab, tmp / "vocab.txt")
@@ -489,6 +486,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
             if s != "train":
                 _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
         write_json(tmp / "stats.json", stats)
+        manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
 
     _print_summary(out, stats, time.time() - t0)
     return stats
@@ -525,12 +523,13 @@ def count_records(path) -> int:
 
 
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, epoch: tf.Variable | None = None):
     """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]).
 
     training: shuffled each epoch, and batched by similar length (each batch padded to its longest
     member) when bucketing, else padded to seq_len. Eval: file order, padded to seq_len.
-    No batch is ever dropped.
+    No batch is ever dropped. With `epoch` (an int64 variable the trainer sets at the start of each
+    epoch), epoch e's order depends only on (seed, e), so a resumed run sees the same order.
     """
     path = Path(tfrecord_path)
     if not path.is_file():
@@ -550,7 +549,12 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
         return {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}, label
 
     ds = tf.data.TFRecordDataset(str(path))
-    if training:
+    if training and epoch is not None:
+        records = ds
+        # flat_map reads the variable when an epoch's iteration starts, after on_epoch_begin set it.
+        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(lambda _: records.shuffle(
+            SHUFFLE_BUFFER, seed=np.int64(seed or 0) * 100_003 + epoch.read_value(), reshuffle_each_iteration=False))
+    elif training:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if training and bucketing:
@@ -560,4 +564,12 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
             padded_shapes=([None], []), drop_remainder=False)
     else:
         ds = ds.padded_batch(batch_size, padded_shapes=([seq_len], []), drop_remainder=False)
-    return ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE)
+    if epoch is not None:
+        # Batches per epoch do not depend on the order (each length bucket yields ceil(n / batch_size)).
+        # Declaring the count lets Keras run exactly that many steps in every epoch; without it Keras
+        # probes the first epoch of each fit() for its end, which costs an extra optimizer iteration
+        # that a resumed run would spend at a different epoch.
+        batches = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -174,9 +174,12 @@ def _check_width(probs, labels, path):
 
 def load_predictor(path):
     """A predictor for a model directory or a .tflite file: .labels, .seq_len, .predict_proba(texts)."""
+    from pipeline import manifest
+
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: not found; {EXPECTED}")
+    manifest.verify_if_listed(path)  # refuse a truncated or altered artifact of a run
     if path.is_dir():
         return KerasPredictor(path)
     if path.suffix == ".keras":  # model.keras given directly: its directory holds the rest

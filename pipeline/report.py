@@ -205,13 +205,21 @@ def run_report_stage(cfg, run):
 
     from pipeline.evaluate import plot_confusion_matrix
 
+    from pipeline import manifest
+
     model_dir = Path(cfg.paths.models) / run
     compression = _load(model_dir / "compression.json", "compress")
     benchmark = _load(model_dir / "benchmark.json", "benchmark")
     history = _load(model_dir / "history.json", "train")
-    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
+    key = {"config": {}, "inputs": manifest.inputs(model_dir, [
+        "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
+        *(f"tflite/{n}.tflite" for n in compression["variants"])], "model")}
     rows = variant_rows(compression, benchmark)
     best = recommend_variant(rows)
+    if manifest.up_to_date(model_dir, "report", key):
+        return {"recommended": best, "rows": rows}
+    manifest.begin(model_dir, "report")
+    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
     out = model_dir / "report"
     images = {
         "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (bytes, log)", out / "accuracy_vs_size.png"),
@@ -268,5 +276,6 @@ def run_report_stage(cfg, run):
         for name, p in images.items():
             tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
     mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark)
+    manifest.record(model_dir, "report", key, ["report.md", "report.html", "report", "mobile"])
     print(f"report {run}: recommended {best} -> {model_dir / 'report.md'}, {mobile}/model.tflite")
     return {"recommended": best, "rows": rows}

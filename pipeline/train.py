@@ -10,9 +10,13 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files
+from pipeline import files, manifest
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
+
+PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
+ARTIFACTS = ("model.keras", "saved_model", "vocab.txt", "labels.txt", "preprocess.json", "config.yaml",
+             "history.json", "metrics.json")
 
 
 @tf.keras.utils.register_keras_serializable(package="liteformer")
@@ -85,6 +89,17 @@ class ResumableEarlyStopping(tf.keras.callbacks.EarlyStopping):
             self.best, self.best_epoch, self.wait = best, best_epoch, wait
 
 
+class SetEpoch(tf.keras.callbacks.Callback):
+    """Publish the epoch number to the input pipeline, whose shuffle order is seeded by it."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
 class EpochTimer(tf.keras.callbacks.Callback):
     """Adds `epoch_seconds` to the epoch logs, so the total training time survives a resume."""
 
@@ -123,21 +138,26 @@ def load_processed(cfg, run):
     return processed, json.loads(stats_path.read_text()), load_labels(processed)
 
 
-def prepare_train_state(cfg, state):
-    """Keep the state of an interrupted run of the same config (to resume it); otherwise start clean."""
-    import yaml
-
-    # Only what shapes training: a changed compress setting must not restart an interrupted training.
-    config_text = yaml.safe_dump({s: cfg.to_dict()[s] for s in ("data", "model", "train")}, sort_keys=True)
-    saved = state / "config.yaml"
-    resumable = (state / "backup").exists() and saved.exists() and saved.read_text() == config_text
+def prepare_train_state(key, state):
+    """Keep the state of an interrupted run with the same config and data (to resume it); otherwise
+    start clean. `key`: the stage's manifest key."""
+    key_text = json.dumps(key, sort_keys=True)
+    saved = state / "key.json"
+    resumable = (state / "backup").exists() and saved.exists() and saved.read_text() == key_text
     if not resumable:
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
-        files.write_text(saved, config_text)
+        files.write_text(saved, key_text)
     else:
         print(f"resuming the interrupted run in {state}")
     return state
+
+
+def stage_key(cfg, processed):
+    """What a trained model depends on: the config sections that shape training and the processed
+    data (each file verified against the data stage's manifest)."""
+    return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},
+            "inputs": manifest.inputs(processed, PROCESSED_INPUTS, "processed")}
 
 
 def _log_hparams(cfg, logdir):
@@ -148,12 +168,13 @@ def _log_hparams(cfg, logdir):
         hp.hparams(flat)
 
 
-def build_callbacks(cfg, state, logdir):
+def build_callbacks(cfg, state, logdir, epoch):
     """Order matters: the timer fills the logs first, and the epoch log is written before the backup,
     so a kill between the two only logs an epoch twice (read_epoch_log keeps the last)."""
     log = state / "epochs.csv"
     monitor = cfg.train.monitor
     return [
+        SetEpoch(epoch),
         EpochTimer(),
         tf.keras.callbacks.TerminateOnNaN(),
         ResumableModelCheckpoint(str(state / "best" / "weights"), log, monitor=monitor, save_best_only=True,
@@ -165,8 +186,9 @@ def build_callbacks(cfg, state, logdir):
     ]
 
 
-def train_model(cfg, run):
-    """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels)."""
+def train_model(cfg, run, key):
+    """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels).
+    key: the stage's manifest key, which an interrupted run must share to be resumed."""
     from pipeline.data import make_dataset
     from pipeline.model import build_model
     from pipeline.tokenizer import load_vocabulary
@@ -177,16 +199,22 @@ def train_model(cfg, run):
     t = cfg.train
     tf.keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
+    tf.keras.backend.experimental.enable_tf_random_generator()  # dropout from tf.random.Generator states
     tf.keras.mixed_precision.set_global_policy(t.mixed_precision)
 
     one_hot = lambda x, y: (x, tf.one_hot(y, len(labels)))  # noqa: E731  (label smoothing needs one-hot)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
-                            bucketing=t.bucketing, seed=t.seed).map(one_hot)
+                            bucketing=t.bucketing, seed=t.seed, epoch=epoch).map(one_hot)
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False).map(one_hot)
-    total_steps = math.ceil(stats["rows"]["train"] / t.batch_size) * t.epochs
+    total_steps = int(train_ds.cardinality()) * t.epochs
 
     with make_strategy(t.strategy).scope():
         model = build_model(cfg.model, len(vocab), len(labels), seq_len)
+        # Keras keeps dropout's generator states out of checkpoints on purpose; listing them on the
+        # model puts them into BackupAndRestore's, so a resumed run continues the same random stream.
+        model.dropout_generators = [layer._random_generator._generator for layer in model.submodules
+                                    if isinstance(layer, tf.keras.layers.Dropout)]
         schedule = WarmupLinearDecay(t.learning_rate, int(t.warmup_fraction * total_steps), total_steps)
         model.compile(
             optimizer=make_optimizer(schedule, t.weight_decay),
@@ -194,10 +222,10 @@ def train_model(cfg, run):
             metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
 
-    state = prepare_train_state(cfg, Path(cfg.paths.models) / run / "train_state")
+    state = prepare_train_state(key, Path(cfg.paths.models) / run / "train_state")
     logdir = Path(cfg.paths.runs) / run / "train"
     _log_hparams(cfg, logdir)
-    model.fit(train_ds, validation_data=dev_ds, epochs=t.epochs, callbacks=build_callbacks(cfg, state, logdir),
+    model.fit(train_ds, validation_data=dev_ds, epochs=t.epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
               verbose=1 if sys.stdout.isatty() else 2)
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
@@ -212,9 +240,13 @@ def run_train_stage(cfg, run):
     from pipeline.data import read_examples
     from pipeline.evaluate import classification_metrics, load_predictor
 
-    model, rows, stats, labels = train_model(cfg, run)
-    processed = Path(cfg.paths.data) / "processed" / run
+    processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
+    key = stage_key(cfg, processed)
+    if manifest.up_to_date(model_dir, "train", key):
+        return json.loads((model_dir / "metrics.json").read_text())
+    manifest.begin(model_dir, "train")
+    model, rows, stats, labels = train_model(cfg, run, key)
 
     # Keras format and SavedModel; each lands at its final path only when complete.
     with files.atomic_path(model_dir / "model.keras") as tmp:
@@ -243,7 +275,8 @@ def run_train_stage(cfg, run):
         "params": int(model.count_params()),
         "seq_len": int(stats["seq_len"]),
     }
-    files.write_json(model_dir / "metrics.json", metrics)  # last: it is the Makefile's target for this stage
+    files.write_json(model_dir / "metrics.json", metrics)
+    manifest.record(model_dir, "train", key, ARTIFACTS)
     shutil.rmtree(model_dir / "train_state" / "backup", ignore_errors=True)
     print(f"trained {run}: dev accuracy {dev['accuracy']:.4f}, macro F1 {dev['macro_f1']:.4f}, "
           f"{len(rows)} epochs (best {best + 1}) in {seconds:.0f} s -> {model_dir}")

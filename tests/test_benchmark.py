@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline import manifest
 from pipeline.compress import VARIANTS
 
 
@@ -80,6 +81,10 @@ def fixture_run(tmp_path):
                {"epoch": 1, "loss": 0.4, "val_loss": 0.45, "accuracy": 0.8, "val_accuracy": 0.8}]
     for name, obj in (("compression", compression), ("benchmark", benchmark), ("history", history)):
         (d / f"{name}.json").write_text(json.dumps(obj))
+    unkeyed = {"config": {}, "inputs": {}}
+    manifest.record(d, "train", unkeyed, ["labels.txt", "vocab.txt", "history.json"])
+    manifest.record(d, "compress", unkeyed, [f"tflite/{n}.tflite" for n in names] + ["compression.json"])
+    manifest.record(d, "benchmark", unkeyed, ["benchmark.json"])
     return d
 
 

@@ -181,7 +181,7 @@ def test_run_data_stage_writes_everything(tmp_path, capsys):
     out = tmp_path / "out" / "processed" / "myrun"
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "vocab.txt", "labels.txt", "train.tfrecord", "dev.tfrecord", "test.tfrecord",
-        "dev.jsonl", "test.jsonl", "stats.json"])
+        "dev.jsonl", "test.jsonl", "stats.json", "manifest.json"])
     assert json.loads((out / "stats.json").read_text()) == stats
     assert D.load_labels(out) == ["neg", "pos"]
     vocab = (out / "vocab.txt").read_text().split("\n")[:-1]
@@ -293,6 +293,26 @@ def test_make_dataset_bucketed_training(tmp_path):
     again = D.make_dataset(path, seq_len, 8, training=True, seed=3)
     assert first(ds) != first(ds)  # reshuffled every epoch
     assert first(D.make_dataset(path, seq_len, 8, training=True, seed=3)) == first(again)  # seeded
+
+
+def test_epoch_seeded_order_is_the_same_after_a_restart(tmp_path):
+    """A resumed training run starts at epoch k: its order must be epoch k's, not epoch 0's."""
+    path = tmp_path / "t.tfrecord"
+    write_records(path, list(range(3, 60)))
+    order = lambda d: [f["input_word_ids"].numpy()[:, 1].tolist() for f, _ in d]  # noqa: E731
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = D.make_dataset(path, 32, 8, training=True, seed=3, epoch=epoch)
+    orders = []
+    for e in range(3):
+        epoch.assign(e)
+        orders.append(order(ds))
+    assert orders[0] != orders[1] != orders[2]
+    epoch.assign(1)
+    assert order(ds) == orders[1]
+    fresh = tf.Variable(2, dtype=tf.int64)  # a new process that resumes at epoch 2
+    assert order(D.make_dataset(path, 32, 8, training=True, seed=3, epoch=fresh)) == orders[2]
+    other = tf.Variable(2, dtype=tf.int64)
+    assert order(D.make_dataset(path, 32, 8, training=True, seed=4, epoch=other)) != orders[2]
 
 
 def test_make_dataset_fixed_padding_and_eval_order(tmp_path):

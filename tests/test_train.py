@@ -89,7 +89,8 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
     data.mkdir()
     make_toy_split(data / "train.tsv", 6000, 0)  # enough steps per epoch to be killed inside one
     make_toy_split(data / "dev.tsv", 200, 1)
-    overrides = sets(tiny_overrides(tmp_path, "train.epochs=4", "train.batch_size=8", "train.patience=10"))
+    overrides = sets(tiny_overrides(tmp_path, "train.epochs=4", "train.batch_size=8", "train.patience=10",
+                                    "model.dropout=0.1"))
     assert cli("data", "--data", str(data), "--run", "big", *overrides).returncode == 0
 
     state = tmp_path / "saved_models" / "big" / "train_state"
@@ -114,7 +115,19 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
     assert f"Epoch {done_before + 1}/4" in again.stdout and "Epoch 1/4" not in again.stdout
     history = json.loads((tmp_path / "saved_models" / "big" / "history.json").read_text())
     assert [int(r["epoch"]) for r in history] == [0, 1, 2, 3]
-    assert json.loads((tmp_path / "saved_models" / "big" / "metrics.json").read_text())["dev"]["accuracy"] > 0.9
+    metrics = json.loads((tmp_path / "saved_models" / "big" / "metrics.json").read_text())
+    assert metrics["dev"]["accuracy"] > 0.9
+
+    # The same as an uninterrupted run: same shuffle order and dropout stream after the restart.
+    clean = tmp_path / "clean"
+    overrides = sets(tiny_overrides(clean, "train.epochs=4", "train.batch_size=8", "train.patience=10",
+                                    "model.dropout=0.1"))
+    assert cli("data", "--data", str(data), "--run", "big", *overrides).returncode == 0
+    assert cli("train", "--run", "big", *overrides, timeout=400).returncode == 0
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    assert untimed(json.loads((clean / "saved_models" / "big" / "history.json").read_text())) == untimed(history)
+    expected = json.loads((clean / "saved_models" / "big" / "metrics.json").read_text())
+    assert expected["dev"] == metrics["dev"] and expected["best_epoch"] == metrics["best_epoch"]
 
 
 @pytest.mark.e2e
