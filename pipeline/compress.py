@@ -278,6 +278,7 @@ def run_compress_stage(cfg, run):
                                f"liteformer-{run}-{name}", description)
         files.write_bytes(tflite_dir / f"{name}.tflite", content)
 
+    tf.keras.utils.set_random_seed(cfg.train.seed)  # the calibration sample, whatever ran before in this process
     representative = representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed)
     step("float32", lambda: write_variant("float32", export_tflite(model, seq_len, "float32")))
     step("dynamic_range", lambda: write_variant("dynamic_range", export_tflite(model, seq_len, "dynamic_range")))

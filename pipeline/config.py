@@ -33,6 +33,7 @@ class ModelConfig:
     num_heads: int = 4
     ff_dim: int = 256
     dropout: float = 0.2
+    token_dropout: float = 0.0  # fraction of word embeddings zeroed in training (word dropout)
     position: str = "sinusoidal"  # or "learned"
     pooling: str = "mean"  # masked mean over tokens, or "cls"
 

@@ -98,9 +98,10 @@ def add_metadata(model_content: bytes, vocab_path, labels_path, name: str, descr
     out.seek(0, io.SEEK_END)
     # Mode "a" on bytes that are not a zip appends a new archive whose offsets count from the start
     # of the whole file, the layout MediaPipe's zip reader expects. ZIP_STORED: files are read in place.
+    # A fixed timestamp: the same model and files give the same bytes (a resumed run is reproducible).
     with zipfile.ZipFile(out, "a", zipfile.ZIP_STORED) as z:
-        z.writestr(VOCAB_FILE, Path(vocab_path).read_bytes())
-        z.writestr(LABELS_FILE, Path(labels_path).read_bytes())
+        for name, path in ((VOCAB_FILE, vocab_path), (LABELS_FILE, labels_path)):
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), Path(path).read_bytes())
     return out.getvalue()
 
 

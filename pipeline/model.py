@@ -159,10 +159,12 @@ class TokenAndPositionEmbedding(_Layer):
     """ids [B, T] -> embeddings * sqrt(d_model) + position encoding [B, T, d_model], then dropout.
 
     position: "sinusoidal" (fixed table, not a weight) or "learned" (a [max_len, d_model] weight).
-    T must be <= max_len.
+    token_dropout: in training, the fraction of whole word embeddings zeroed (word dropout), so the
+    classifier cannot lean on any single word. T must be <= max_len.
     """
 
-    def __init__(self, vocab_size, d_model, max_len, position="sinusoidal", dropout=0.0, **kwargs):
+    def __init__(self, vocab_size, d_model, max_len, position="sinusoidal", dropout=0.0, token_dropout=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         if position not in ("sinusoidal", "learned"):
             raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
@@ -171,7 +173,9 @@ class TokenAndPositionEmbedding(_Layer):
         self.max_len = int(max_len)
         self.position = position
         self.dropout = float(dropout)
+        self.token_dropout = float(token_dropout)
         self._dropout = tf.keras.layers.Dropout(self.dropout)
+        self._token_dropout = tf.keras.layers.Dropout(self.token_dropout, noise_shape=(None, None, 1))
         self._table = sinusoidal_encoding(self.max_len, self.d_model) if position == "sinusoidal" else None
 
     def build(self, input_shape):
@@ -193,6 +197,7 @@ class TokenAndPositionEmbedding(_Layer):
     def call(self, inputs, training=None):
         ids = tf.cast(inputs, tf.int32)
         x = tf.gather(self._weight("embeddings"), ids) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
+        x = self._token_dropout(x, training=training)
         length = tf.shape(ids)[1]
         if self.position == "learned":
             pos = self.position_embeddings[:length]
@@ -206,7 +211,8 @@ class TokenAndPositionEmbedding(_Layer):
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "d_model": self.d_model,
-                "max_len": self.max_len, "position": self.position, "dropout": self.dropout}
+                "max_len": self.max_len, "position": self.position, "dropout": self.dropout,
+                "token_dropout": self.token_dropout}
 
 
 @_register
@@ -425,7 +431,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
     ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
     mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
     x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
-                                  dropout=cfg.dropout, name="embedding")(ids)
+                                  dropout=cfg.dropout, token_dropout=cfg.token_dropout, name="embedding")(ids)
     for i in range(cfg.num_layers):
         x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout,
                          activation="gelu", name=f"encoder_{i}")([x, mask])

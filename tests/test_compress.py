@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import manifest
+
 
 def test_every_variant_exists_loads_and_predicts(compressed):
     from pipeline.compress import VARIANTS
@@ -60,7 +62,12 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
 
     cfg, model_dir, summary = compressed
     before = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
-    (model_dir / "compress_state" / "qat_int8.eval.done").unlink()  # as if killed while evaluating it
+    assert run_compress_stage(cfg, "toy")["variants"] == json.loads(json.dumps(summary["variants"]))
+    assert "compress: up to date" in capsys.readouterr().out  # finished and unchanged: nothing redone
+
+    # As if killed while evaluating qat_int8: the stage is not listed as finished, that step not done.
+    manifest.begin(model_dir, "compress")
+    (model_dir / "compress_state" / "qat_int8.eval.done").unlink()
     again = run_compress_stage(cfg, "toy")
     out = capsys.readouterr().out
     assert "resuming" in out and "qat_int8.eval done" in out and "prune done" not in out
