@@ -259,13 +259,17 @@ def run_benchmark_stage(cfg, run):
         raise PipelineError(f"{model_dir}: no compression.json; run `python -m pipeline compress` first")
     processed = Path(cfg.paths.data) / "processed" / run
     key = {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},  # train: the training-speed runs
-           "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "metrics.json", "compression.json",
+           "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "history.json", "compression.json",
                                                     *(f"tflite/{n}.tflite" for n in VARIANTS)], "model"),
                       **manifest.inputs(processed, ("train.tfrecord", "dev.jsonl", "stats.json"), "processed")}}
     if manifest.up_to_date(model_dir, "benchmark", key):
         return json.loads((model_dir / "benchmark.json").read_text())
     manifest.begin(model_dir, "benchmark")
-    trained = json.loads((model_dir / "metrics.json").read_text())
+    # Training time from the training stage's epoch log (metrics.json holds results only, so it is
+    # identical between two runs of the same config).
+    history = json.loads((model_dir / "history.json").read_text())
+    train_seconds = max(sum(r.get("epoch_seconds", 0.0) for r in history), 1e-9)
+    train_rows = json.loads((processed / "stats.json").read_text())["rows"]["train"]
     seq_len = int(json.loads((model_dir / "preprocess.json").read_text())["seq_len"])
     texts, _ = read_examples(processed / "dev.jsonl", cfg.data)
     inputs = encode(make_tokenizer(model_dir / "vocab.txt"), texts[:64], seq_len)
@@ -295,7 +299,7 @@ def run_benchmark_stage(cfg, run):
     padded, bucketed = training_speed(cfg, run, bucketing=False), training_speed(cfg, run, bucketing=True)
     train_flops = 3 * flops * padded["examples_per_s"]  # backward ~ 2x forward
     result["training"] = {
-        "stage_seconds": trained.get("train_seconds"), "stage_examples_per_s": trained.get("train_examples_per_second"),
+        "stage_seconds": round(train_seconds, 1), "stage_examples_per_s": round(train_rows * len(history) / train_seconds, 1),
         "padded": padded, "bucketed": bucketed, "bucketing_speedup": padded["epoch_seconds"] / bucketed["epoch_seconds"],
         "padded_flops_per_s": train_flops, "padded_fraction_of_peak": train_flops / peak["flops"],
         "flops_note": "3 x forward FLOPs at seq_len per example (backward ~ 2x forward), padded batches",

@@ -270,8 +270,6 @@ def run_train_stage(cfg, run):
         "dev": dev,
         "epochs": len(rows),
         "best_epoch": best + 1,
-        "train_seconds": round(seconds, 1),
-        "train_examples_per_second": round(stats["rows"]["train"] * len(rows) / max(seconds, 1e-9), 1),
         "params": int(model.count_params()),
         "seq_len": int(stats["seq_len"]),
     }
