@@ -56,8 +56,8 @@ def verify(run_dir, name) -> str:
     path = run_dir / name
     entry = load(run_dir)["artifacts"].get(name)
     if entry is None:
-        raise PipelineError(f"{path}: not listed in {run_dir / NAME}, so no finished stage made it; "
-                            f"run the stage that writes it again")
+        raise PipelineError(f"{path}: not listed in {run_dir / NAME}, so no finished stage wrote it; run the "
+                            f"stage that makes it (`make data`, `make train` or `make compress`) again")
     fix = f"delete it and run `{COMMANDS.get(entry['stage'], entry['stage'])}` again"
     if not path.exists():
         raise PipelineError(f"{path}: missing (the {entry['stage']} stage wrote it); {fix}")
@@ -92,7 +92,7 @@ def inputs(run_dir, names, label) -> dict:
 
 
 def files_checksums(paths) -> dict:
-    """{path: sha256} of input files that no stage made (the user's data)."""
+    """{file name: sha256} of input files that no stage made (the user's data)."""
     return {Path(p).name: sha256(p) for p in paths}
 
 

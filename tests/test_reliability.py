@@ -277,3 +277,23 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
         resumed = (copy / "saved_models" / "toy" / "tflite" / f"{name}.tflite").read_bytes()
         assert resumed == (model_dir / "tflite" / f"{name}.tflite").read_bytes(), name
     assert manifest.load(copy / "saved_models" / "toy")["stages"]["compress"]
+
+
+def test_a_model_file_cannot_run_code(tmp_path, capsys):
+    """A .keras file whose Lambda layer would write a file when called: loading refuses it (safe mode)."""
+    import tensorflow as tf
+
+    marker = tmp_path / "pwned"
+    inputs = tf.keras.Input(shape=(4,))
+    touch = eval(f'lambda x: x + len(open({str(marker)!r}, "w").name) * 0')  # the path inside the code
+    outputs = tf.keras.layers.Lambda(touch)(inputs)
+    model_dir = tmp_path / "evil"
+    model_dir.mkdir()
+    tf.keras.Model(inputs, outputs).save(model_dir / "model.keras")
+    marker.unlink()  # saving traced the lambda once
+    (model_dir / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ngood\n")
+    (model_dir / "labels.txt").write_text("0\n1\n")
+    (model_dir / "preprocess.json").write_text('{"seq_len": 8}')
+    code, _, err = run_cli(capsys, "predict", "--model", str(model_dir), "good")
+    assert_one_line_error(code, err, "model.keras: cannot load the model", "Lambda")
+    assert not marker.exists()
