@@ -111,11 +111,11 @@ def _parse_delimited(name, text, data_cfg, suffix, require_labels):
     if header:
         text_col = next((c for c in text_names if c in first), None)
         if text_col is None:
-            raise PipelineError(f"{name}:{head_line}: missing text column '{data_cfg.text_column}' "
-                                f"(or 'text'); columns: {', '.join(first)}")
+            raise PipelineError(f"{name}:{head_line}: missing text column {_either(data_cfg.text_column, 'text')}; "
+                                f"columns: {', '.join(first)}")
         label_col = next((c for c in label_names if c in first), None)
         if label_col is None and require_labels:
-            raise PipelineError(f"{name}:{head_line}: missing label column '{data_cfg.label_column}' (or 'label'); "
+            raise PipelineError(f"{name}:{head_line}: missing label column {_either(data_cfg.label_column, 'label')}; "
                                 f"columns: {', '.join(first)}")
         text_i, n_fields = first.index(text_col), len(first)
         label_i = first.index(label_col) if label_col else None
@@ -161,7 +161,7 @@ def _parse_jsonl(name, text, data_cfg, require_labels):
             raise PipelineError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
         key = data_cfg.text_column if data_cfg.text_column in obj else "text"
         if key not in obj:
-            raise PipelineError(f"{name}:{line}: missing text field '{data_cfg.text_column}' (or 'text')")
+            raise PipelineError(f"{name}:{line}: missing text field {_either(data_cfg.text_column, 'text')}")
         if not isinstance(obj[key], str):
             raise PipelineError(f"{name}:{line}: text must be a string, got {type(obj[key]).__name__}")
         text_cols.add(key)
@@ -177,11 +177,16 @@ def _parse_jsonl(name, text, data_cfg, require_labels):
             labels.append(_check_label(name, line, str(value)))
             label_cols.add(label_key)
         elif require_labels or labels:
-            raise PipelineError(f"{name}:{line}: missing label field '{data_cfg.label_column}' (or 'label')")
+            raise PipelineError(f"{name}:{line}: missing label field {_either(data_cfg.label_column, 'label')}")
     if labels and len(labels) != len(texts):  # labels start only after some unlabelled lines
         raise PipelineError(f"{name}:{lines[0]}: missing label field '{data_cfg.label_column}'")
     return dict(texts=texts, labels=labels if labels else None, lines=lines,
                 text_column="/".join(sorted(text_cols)), label_column="/".join(sorted(label_cols)) or None)
+
+
+def _either(column, fallback):
+    """'column' (or 'fallback'), naming the fallback only when it differs."""
+    return f"'{column}'" + (f" (or '{fallback}')" if column != fallback else "")
 
 
 def _check_text(name, line, value):
