@@ -30,14 +30,18 @@ def make_toy_split(path, n, seed):
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.fixture
-def toy_data(tmp_path):
-    """A data directory with train.tsv (400 rows) and dev.tsv (80 rows)."""
-    d = tmp_path / "toy"
+def make_toy_dir(parent):
+    """parent/toy: a data directory with train.tsv (400 rows) and dev.tsv (80 rows)."""
+    d = parent / "toy"
     d.mkdir()
     make_toy_split(d / "train.tsv", 400, 0)
     make_toy_split(d / "dev.tsv", 80, 1)
     return d
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    return make_toy_dir(tmp_path)
 
 
 def tiny_overrides(root, *extra):
@@ -60,10 +64,7 @@ def compressed(tmp_path_factory):
     from pipeline.train import run_train_stage
 
     root = tmp_path_factory.mktemp("compress")
-    data = root / "toy"
-    data.mkdir()
-    make_toy_split(data / "train.tsv", 400, 0)
-    make_toy_split(data / "dev.tsv", 80, 1)
+    data = make_toy_dir(root)
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     cfg = load_config(params, tiny_overrides(root, "train.epochs=6", *COMPRESS))
     run_data_stage(cfg, str(data), "toy")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import COMPRESS, make_toy_split, tiny_overrides
+from conftest import COMPRESS, make_toy_dir, make_toy_split, tiny_overrides
 
 from pipeline import manifest
 from pipeline.__main__ import main
@@ -132,10 +132,7 @@ def test_model_path_that_is_not_a_model(tmp_path, capsys, make, needles):
 def trained(tmp_path_factory):
     """data and train on the toy task through the CLI, in this process."""
     root = tmp_path_factory.mktemp("trained")
-    data = root / "toy"
-    data.mkdir()
-    make_toy_split(data / "train.tsv", 400, 0)
-    make_toy_split(data / "dev.tsv", 80, 1)
+    data = make_toy_dir(root)
     overrides = sets(tiny_overrides(root))
     assert main(["data", "--data", str(data), "--run", "toy", *overrides]) == 0
     assert main(["train", "--run", "toy", *overrides]) == 0
