@@ -245,31 +245,35 @@ def test_disk_full_keeps_the_previous_artifacts(trained, tmp_path):
 
 @pytest.mark.e2e
 def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, tmp_path):
+    """With the last fine-tuning step (prune-preserving QAT) and the evaluations left to do, the stage is
+    killed 3 s into its resumed run (while it loads, or inside the step), and a second run finishes it:
+    every file equals the uninterrupted run's, byte for byte."""
     cfg, model_dir, _ = compressed
     root = model_dir.parents[1]
     copy = tmp_path / "copy"
     shutil.copytree(root / "data", copy / "data")
     shutil.copytree(model_dir, copy / "saved_models" / "toy",
-                    ignore=shutil.ignore_patterns("tflite", "compress_state", "compression.json", "benchmark.json",
-                                                  "report*", "mobile"))
+                    ignore=shutil.ignore_patterns("compression.json", "benchmark.json", "report*", "mobile",
+                                                  "pruned_qat_int8.*", "*.eval.*"))
+    manifest.begin(copy / "saved_models" / "toy", "compress")  # what a killed run leaves listed
     overrides = sets(tiny_overrides(copy, "train.epochs=6", *COMPRESS))
     state = copy / "saved_models" / "toy" / "compress_state"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (state / "int8.done").exists():
-        time.sleep(0.1)
-    time.sleep(2.0)  # inside the pruning step
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the step starts right after the stage says it resumes
+        if "resuming compression" in line:
+            break
+    time.sleep(3.0)
     assert proc.poll() is None, "compress finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (copy / "saved_models" / "toy" / "compression.json").exists()
-    assert not (state / "prune.done").exists()
+    assert not (state / "pruned_qat_int8.done").exists()
 
     again = subprocess.run([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming compression" in again.stdout and "compress: float32 done" not in again.stdout
+    assert "pruned_qat_int8 done" in again.stdout and "compress: qat_int8 done" not in again.stdout
     for name in ("float32", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8"):
         resumed = (copy / "saved_models" / "toy" / "tflite" / f"{name}.tflite").read_bytes()
         assert resumed == (model_dir / "tflite" / f"{name}.tflite").read_bytes(), name
