@@ -248,7 +248,7 @@ def run_benchmark_stage(cfg, run):
 
     from pipeline import files, manifest
     from pipeline.compress import VARIANTS
-    from pipeline.data import read_examples
+    from pipeline.data import load_stats, read_examples
     from pipeline.errors import PipelineError
     from pipeline.model import load_model
     from pipeline.tokenizer import encode, make_tokenizer
@@ -269,7 +269,7 @@ def run_benchmark_stage(cfg, run):
     # identical between two runs of the same config).
     history = json.loads((model_dir / "history.json").read_text())
     train_seconds = max(sum(r.get("epoch_seconds", 0.0) for r in history), 1e-9)
-    train_rows = json.loads((processed / "stats.json").read_text())["rows"]["train"]
+    train_rows = load_stats(processed)["rows"]["train"]
     seq_len = int(json.loads((model_dir / "preprocess.json").read_text())["seq_len"])
     texts, _ = read_examples(processed / "dev.jsonl", cfg.data)
     inputs = encode(make_tokenizer(model_dir / "vocab.txt"), texts[:64], seq_len)

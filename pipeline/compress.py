@@ -194,22 +194,6 @@ def stage_key(cfg, model_dir, processed):
     return key
 
 
-def _state(key, model_dir):
-    """compress_state/ of this stage key, kept for a resume; otherwise made afresh (and old variants
-    removed, so no file from an older model or config survives)."""
-    key_text = json.dumps(key, sort_keys=True)
-    state = model_dir / "compress_state"
-    if (state / "key.json").is_file() and (state / "key.json").read_text() == key_text:
-        print(f"resuming compression in {state}")
-        return state
-    shutil.rmtree(state, ignore_errors=True)
-    shutil.rmtree(model_dir / "tflite", ignore_errors=True)
-    (model_dir / "compression.json").unlink(missing_ok=True)
-    state.mkdir(parents=True)
-    files.write_text(state / "key.json", key_text)
-    return state
-
-
 def _markdown_table(rows):
     head = ("| variant | accuracy | Δ acc (pt) | macro F1 | bytes | gzip bytes | sparsity | "
             "MediaPipe agreement | MediaPipe accuracy |")
@@ -240,7 +224,12 @@ def run_compress_stage(cfg, run):
     if manifest.up_to_date(model_dir, "compress", key):
         return json.loads((model_dir / "compression.json").read_text())
     manifest.begin(model_dir, "compress")
-    state = _state(key, model_dir)
+    state = model_dir / "compress_state"
+    if manifest.work_dir(state, key):
+        print(f"resuming compression in {state}")
+    else:  # no variant from an older model or config survives
+        shutil.rmtree(model_dir / "tflite", ignore_errors=True)
+        (model_dir / "compression.json").unlink(missing_ok=True)
     tflite_dir = model_dir / "tflite"
     tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     tf.config.experimental.enable_op_determinism()

@@ -8,6 +8,7 @@ file that no longer matches its checksum (truncated, altered, or left over from 
 """
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from pipeline import files
@@ -50,11 +51,11 @@ def load(run_dir) -> dict:
     return m
 
 
-def verify(run_dir, name) -> str:
-    """Check artifact `name` of `run_dir` against the manifest; return its SHA-256."""
+def verify(run_dir, name, m=None) -> str:
+    """Check artifact `name` of `run_dir` against the manifest (`m`, read here if not given); return its SHA-256."""
     run_dir = Path(run_dir)
     path = run_dir / name
-    entry = load(run_dir)["artifacts"].get(name)
+    entry = (m or load(run_dir))["artifacts"].get(name)
     if entry is None:
         raise PipelineError(f"{path}: not listed in {run_dir / NAME}, so no finished stage wrote it; run the "
                             f"stage that makes it (`make data`, `make train` or `make compress`) again")
@@ -88,7 +89,8 @@ def verify_if_listed(path):
 
 def inputs(run_dir, names, label) -> dict:
     """{"label/name": sha256} of artifacts of `run_dir`, each verified against its manifest."""
-    return {f"{label}/{n}": verify(run_dir, n) for n in names}
+    m = load(run_dir)
+    return {f"{label}/{n}": verify(run_dir, n, m) for n in names}
 
 
 def files_checksums(paths) -> dict:
@@ -121,8 +123,9 @@ def up_to_date(run_dir, stage, key) -> bool:
     if missing:
         print(f"{stage}: {', '.join(missing)} deleted; running it again")
         return False
+    m = load(run_dir)
     for name in record["artifacts"]:
-        verify(run_dir, name)
+        verify(run_dir, name, m)
     print(f"{stage}: up to date ({Path(run_dir) / NAME}); delete an output to redo it")
     return True
 
@@ -148,3 +151,16 @@ def record(run_dir, stage, key, artifacts):
         m["artifacts"][name] = {"sha256": sha256(path), "bytes": _size(path), "stage": stage}
     m["stages"][stage] = {**key, "artifacts": list(artifacts)}
     _write(run_dir, m)
+
+
+def work_dir(state, key, resumable=lambda d: True) -> bool:
+    """A stage's working directory `state`, kept for a resume when an interrupted run of the same stage
+    key left it (and `resumable(state)`); otherwise emptied and stamped with `key`. True when kept."""
+    key_text = json.dumps(key, sort_keys=True)
+    stamp = Path(state) / "key.json"
+    if stamp.is_file() and stamp.read_text() == key_text and resumable(Path(state)):
+        return True
+    shutil.rmtree(state, ignore_errors=True)
+    Path(state).mkdir(parents=True)
+    files.write_text(stamp, key_text)
+    return False

@@ -138,21 +138,6 @@ def load_processed(cfg, run):
     return processed, json.loads(stats_path.read_text()), load_labels(processed)
 
 
-def prepare_train_state(key, state):
-    """Keep the state of an interrupted run with the same config and data (to resume it); otherwise
-    start clean. `key`: the stage's manifest key."""
-    key_text = json.dumps(key, sort_keys=True)
-    saved = state / "key.json"
-    resumable = (state / "backup").exists() and saved.exists() and saved.read_text() == key_text
-    if not resumable:
-        shutil.rmtree(state, ignore_errors=True)
-        state.mkdir(parents=True)
-        files.write_text(saved, key_text)
-    else:
-        print(f"resuming the interrupted run in {state}")
-    return state
-
-
 def stage_key(cfg, processed):
     """What a trained model depends on: the config sections that shape training and the processed
     data (each file verified against the data stage's manifest)."""
@@ -222,7 +207,9 @@ def train_model(cfg, run, key):
             metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
 
-    state = prepare_train_state(key, Path(cfg.paths.models) / run / "train_state")
+    state = Path(cfg.paths.models) / run / "train_state"
+    if manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()):
+        print(f"resuming the interrupted run in {state}")
     logdir = Path(cfg.paths.runs) / run / "train"
     _log_hparams(cfg, logdir)
     model.fit(train_ds, validation_data=dev_ds, epochs=t.epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
