@@ -1,9 +1,11 @@
 """Benchmark stage: latency, throughput, load time, peak memory, size and an energy proxy of the Keras
 model and of every .tflite variant, each measured in a fresh process; plus FLOPs, training throughput
-with and without length bucketing, and LiteRT's per-op placement of every variant.
+with and without length bucketing, LiteRT's per-op placement of every variant, and how much faster int8
+can be than float32 on this CPU for the model's dense layers alone.
 
-Workers run as `python -m pipeline.benchmark tflite|keras PATH INPUTS.npz` and print one JSON line. A
-.tflite worker imports only numpy and ai_edge_litert, so its peak memory is that of an app's runtime.
+Workers run as `python -m pipeline.benchmark tflite|keras PATH INPUTS.npz` or `... pair A.tflite
+B.tflite` and print one JSON line. A .tflite worker imports only numpy and ai_edge_litert, so its peak
+memory is that of an app's runtime.
 """
 import gzip
 import json
@@ -67,30 +69,36 @@ def _time_calls(call, inputs):
     return {**_percentiles(times), f"{unit}_per_1000": (energy1 - energy0) * 1000.0 / RUNS}
 
 
-def measure_tflite(path, examples):
-    """Latency at 1 and 2 threads (LiteRT CompiledModel, as the official benchmark tool runs it),
-    throughput over THROUGHPUT_BATCH examples, load time and peak memory of this process."""
+def _compiled(path, threads):
+    """(run, input buffers, input names) of a .tflite file's first signature as a LiteRT CompiledModel on
+    the CPU, as the official benchmark tool runs it."""
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
     from ai_edge_litert.options import CpuOptions, Options
 
+    options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
+    model = CompiledModel.from_file(str(path), options=options)
+    signature = list(model.get_signature_list())[0]
+    index = model.get_signature_index(signature)
+    in_buffers, out_buffers = model.create_input_buffers(index), model.create_output_buffers(index)
+    details = model.get_input_tensor_details(signature)
+    return lambda: model.run_by_index(index, in_buffers, out_buffers), in_buffers, details
+
+
+def measure_tflite(path, examples):
+    """Latency at 1 and 2 threads, throughput over THROUGHPUT_BATCH examples, load time and peak memory
+    of this process."""
     result = {"rss_before_load_kb": _rss_kb(), "latency": {}}
     for threads in THREADS:
-        options = Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
         t0 = time.perf_counter()
-        model = CompiledModel.from_file(str(path), options=options)
-        signature = list(model.get_signature_list())[0]
-        index = model.get_signature_index(signature)
-        in_buffers = model.create_input_buffers(index)
-        out_buffers = model.create_output_buffers(index)
+        run, in_buffers, details = _compiled(path, threads)
         load_ms = (time.perf_counter() - t0) * 1000.0
-        names = list(model.get_input_tensor_details(signature))
-        order = [next(k for k in INPUT_NAMES if k in name) for name in names]
+        order = [next(k for k in INPUT_NAMES if k in name) for name in details]
 
         def call(example):
             for buffer, key in zip(in_buffers, order):
                 buffer.write(example[key])
-            model.run_by_index(index, in_buffers, out_buffers)
+            run()
 
         result["latency"][f"threads_{threads}"] = _time_calls(call, examples)
         if threads == THREADS[0]:
@@ -103,6 +111,25 @@ def measure_tflite(path, examples):
             result["throughput_note"] = f"{THROUGHPUT_BATCH} batch-1 invokes at {threads} threads"
     result["peak_rss_kb"] = _rss_kb("VmHWM")
     return result
+
+
+def measure_pair(*paths):
+    """Latency at 1 thread of .tflite files with one float input each, timed interleaved so that load
+    from other processes hits them alike."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for path in paths:
+        run, in_buffers, details = _compiled(path, 1)
+        (shape,) = [d["shape"] for d in details.values()]
+        in_buffers[0].write(rng.normal(size=shape).astype(np.float32))
+        runs.append(run)
+    times = [[] for _ in runs]
+    for i in range(WARMUP + RUNS):
+        for run, t in zip(runs, times):
+            t0 = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - t0)
+    return [_percentiles(t[WARMUP:]) for t in times]
 
 
 def measure_keras(model_dir, examples):
@@ -170,6 +197,34 @@ def op_placement(path):
             "builtin_fallback": dict(sorted(fallback.items()))}
 
 
+def dense_only_files(model_cfg, seq_len, directory):
+    """float32 and int8 .tflite files of the model's dense layers alone: the same shapes (four attention
+    projections and the feed-forward pair per block) and residual adds, but no attention scores, norms,
+    softmax or GELU. Their int8/float32 latency is the most int8 can gain for this model on this CPU."""
+    import tensorflow as tf
+
+    from pipeline.compress import configure_converter
+
+    d = model_cfg.d_model
+    x = inputs = tf.keras.Input(shape=(seq_len, d), batch_size=1)
+    for _ in range(model_cfg.num_layers):
+        h = x
+        for _ in range(4):
+            h = tf.keras.layers.Dense(d)(h)
+        x = tf.keras.layers.Add()([x, h])
+        h = tf.keras.layers.Dense(model_cfg.ff_dim, activation="relu")(x)
+        x = tf.keras.layers.Add()([x, tf.keras.layers.Dense(d)(h)])
+    model = tf.keras.Model(inputs, x)
+    rng = np.random.default_rng(0)
+    representative = lambda: ([rng.normal(size=(1, seq_len, d)).astype(np.float32)] for _ in range(20))  # noqa: E731
+    paths = []
+    for mode in ("float32", "int8"):
+        converter = configure_converter(tf.lite.TFLiteConverter.from_keras_model(model), mode, representative)
+        paths.append(Path(directory) / f"dense_only_{mode}.tflite")
+        paths[-1].write_bytes(converter.convert())
+    return paths
+
+
 def forward_flops(model, seq_len):
     """Floating-point operations of one example at seq_len, counted by TensorFlow's profiler on the
     serving graph (matmuls, elementwise ops; as TF registers them)."""
@@ -228,9 +283,9 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
             "note": f"epoch time = mean of {steps} timed steps x {batches} batches per epoch"}
 
 
-def _fresh_process(kind, path, inputs):
+def _fresh_process(kind, path, *args):
     """Run one worker in a new Python process; its JSON result."""
-    cmd = [sys.executable, "-m", "pipeline.benchmark", kind, str(path), str(inputs)]
+    cmd = [sys.executable, "-m", "pipeline.benchmark", kind, str(path), *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
@@ -295,6 +350,10 @@ def run_benchmark_stage(cfg, run):
                             ops=op_placement(path))
             result["variants"][name] = measured
             print(f"benchmark: {name}: p50 {measured['latency']['threads_1']['p50_ms']:.3f} ms at 1 thread")
+        dense_f32, dense_i8 = _fresh_process("pair", *dense_only_files(cfg.model, seq_len, tmp))
+        result["dense_only"] = {"float32": dense_f32, "int8": dense_i8,
+                                "note": "the model's dense layers alone (same shapes, residual adds; no attention "
+                                        "scores, norms, softmax or GELU), float32 vs full int8, 1 thread, interleaved"}
 
     padded, bucketed = training_speed(cfg, run, bucketing=False), training_speed(cfg, run, bucketing=True)
     train_flops = 3 * flops * padded["examples_per_s"]  # backward ~ 2x forward
@@ -310,6 +369,7 @@ def run_benchmark_stage(cfg, run):
         "dynamic_range_over_float32_p50_1thread":
             result["variants"]["dynamic_range"]["latency"]["threads_1"]["p50_ms"] / f32,
         "keras_over_float32_p50": keras["latency"]["threads_all"]["p50_ms"] / f32,
+        "dense_only_int8_over_float32_p50_1thread": dense_i8["p50_ms"] / dense_f32["p50_ms"],
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
     files.write_json(model_dir / "benchmark.json", result)
@@ -322,7 +382,11 @@ def run_benchmark_stage(cfg, run):
 
 
 def _worker(argv):
-    kind, path, inputs = argv
+    kind, *args = argv
+    if kind == "pair":
+        print(json.dumps(measure_pair(*args)))
+        return
+    path, inputs = args
     data = np.load(inputs)
     examples = [{k: data[k][i:i + 1] for k in INPUT_NAMES} for i in range(len(data["input_word_ids"]))]
     result = measure_tflite(path, examples) if kind == "tflite" else measure_keras(path, examples)

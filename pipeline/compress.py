@@ -121,12 +121,17 @@ def representative_data(processed, seq_len, n, seed):
 
 
 def export_tflite(model, seq_len, mode, representative=None):
-    """TFLite bytes of `model` at batch 1 and a fixed seq_len. mode: float32 (no optimization),
-    dynamic_range (int8 weights), float16 (float16 weights), int8 (full integer: ranges from the
-    fake-quant ops of a QAT model where it has them, from calibration on `representative` elsewhere)."""
+    """TFLite bytes of `model` at batch 1 and a fixed seq_len, in one of the modes of configure_converter."""
     from pipeline.model import serving_function
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_function(model, seq_len)], model)
+    return configure_converter(converter, mode, representative).convert()
+
+
+def configure_converter(converter, mode, representative=None):
+    """Set a TFLite converter up for mode: float32 (no optimization), dynamic_range (int8 weights),
+    float16 (float16 weights), int8 (full integer: ranges from the fake-quant ops of a QAT model where
+    it has them, from calibration on `representative` elsewhere)."""
     if mode != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
@@ -138,7 +143,7 @@ def export_tflite(model, seq_len, mode, representative=None):
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     elif mode not in ("float32", "dynamic_range"):
         raise ValueError(f"unknown export mode {mode!r}")
-    return converter.convert()
+    return converter
 
 
 def tflite_weight_sparsity(content):

@@ -39,6 +39,9 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
         assert training[key]["examples_per_s"] > 0 and training[key]["epoch_seconds"] > 0
     assert 0 < training["padded_fraction_of_peak"] < 1
     assert result["ratios"]["int8_over_float32_p50_1thread"] > 0
+    dense = result["dense_only"]
+    assert all(dense[m]["runs"] >= 200 and dense[m]["p50_ms"] > 0 for m in ("float32", "int8"))
+    assert result["ratios"]["dense_only_int8_over_float32_p50_1thread"] == dense["int8"]["p50_ms"] / dense["float32"]["p50_ms"]
 
 
 def fixture_run(tmp_path):
@@ -72,7 +75,9 @@ def fixture_run(tmp_path):
                  "cpu": {"flops": 1.6e11, "cores": 2, "mhz": 2500.0, "flop_per_cycle": 32},
                  "variants": variants, "ratios": {"int8_over_float32_p50_1thread": 0.75,
                                                   "dynamic_range_over_float32_p50_1thread": 1.0,
-                                                  "keras_over_float32_p50": 10.0},
+                                                  "keras_over_float32_p50": 10.0,
+                                                  "dense_only_int8_over_float32_p50_1thread": 0.62},
+                 "dense_only": {"float32": lat(0.25), "int8": lat(0.155)},
                  "training": {"stage_seconds": 100.0, "stage_examples_per_s": 1000.0,
                               "padded": {"examples_per_s": 500.0, "epoch_seconds": 60.0},
                               "bucketed": {"examples_per_s": 1500.0, "epoch_seconds": 20.0},
@@ -100,6 +105,7 @@ def test_report_renders_from_fixture_files(tmp_path):
     md = (d / "report.md").read_text()
     assert "| int8 | 89.50 |" in md and "| keras | 90.00 |" in md and "SOFTMAX:int8×2" in md
     assert "3.00x" in md and "0.75" in md
+    assert "0.250 ms in float32 and 0.155 ms in int8 at 1 thread: int8 / float32 = **0.62**" in md
     html = (d / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<td>pruned_qat_int8</td>" in html
     for name in ("accuracy_vs_size", "accuracy_vs_latency", "confusion_matrix", "training_curves"):
