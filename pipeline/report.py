@@ -235,7 +235,8 @@ def run_report_stage(cfg, run):
         f"Recommended variant: **{best}** (smallest gzip size within 1 point of the best .tflite accuracy).",
         f"int8 / float32 p50 latency at 1 thread: **{r['int8_over_float32_p50_1thread']:.2f}**; "
         f"dynamic_range / float32: {r['dynamic_range_over_float32_p50_1thread']:.2f}; "
-        f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function.",
+        f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
+        f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",
         f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
         f"batches {t['padded']['examples_per_s']:.0f} examples/s (epoch {t['padded']['epoch_seconds']:.0f} s), "
         f"length bucketing {t['bucketed']['examples_per_s']:.0f} examples/s (epoch {t['bucketed']['epoch_seconds']:.0f} s): "

@@ -76,6 +76,7 @@ def fixture_run(tmp_path):
                  "variants": variants, "ratios": {"int8_over_float32_p50_1thread": 0.75,
                                                   "dynamic_range_over_float32_p50_1thread": 1.0,
                                                   "keras_over_float32_p50": 10.0,
+                                                  "keras_over_float32_p50_2threads": 8.0,
                                                   "dense_only_int8_over_float32_p50_1thread": 0.62},
                  "dense_only": {"float32": lat(0.25), "int8": lat(0.155)},
                  "training": {"stage_seconds": 100.0, "stage_examples_per_s": 1000.0,
@@ -104,7 +105,7 @@ def test_report_renders_from_fixture_files(tmp_path):
     assert result["recommended"] == "int8"
     md = (d / "report.md").read_text()
     assert "| int8 | 89.50 |" in md and "| keras | 90.00 |" in md and "SOFTMAX:int8×2" in md
-    assert "3.00x" in md and "0.75" in md
+    assert "3.00x" in md and "0.75" in md and "10.0x faster than Keras through tf.function at 1 thread, 8.0x at 2" in md
     assert "0.250 ms in float32 and 0.155 ms in int8 at 1 thread: int8 / float32 = **0.62**" in md
     html = (d / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<td>pruned_qat_int8</td>" in html
