@@ -29,7 +29,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     d_model: int = 128
-    num_layers: int = 2
+    num_layers: int = 1
     num_heads: int = 4
     ff_dim: int = 256
     dropout: float = 0.2
@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 3
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
