@@ -70,7 +70,7 @@ def _time_calls(call, inputs):
 
 
 def _compiled(path, threads):
-    """(run, input buffers, input names) of a .tflite file's first signature as a LiteRT CompiledModel on
+    """(run, input buffers, input details by name) of a .tflite file's first signature as a LiteRT CompiledModel on
     the CPU, as the official benchmark tool runs it."""
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
