@@ -25,6 +25,7 @@ import tensorflow_model_optimization as tfmot
 
 from pipeline import files, manifest
 from pipeline.errors import PipelineError
+from pipeline.report import markdown_table
 
 VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
@@ -36,10 +37,9 @@ PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruni
 def _fine_tune_data(cfg, processed, seq_len, num_classes):
     from pipeline.data import make_dataset
 
-    one_hot = lambda x, y: (x, tf.one_hot(y, num_classes))  # noqa: E731
     t = cfg.train
     return make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
-                        bucketing=t.bucketing, seed=t.seed).map(one_hot)
+                        bucketing=t.bucketing, seed=t.seed, num_classes=num_classes)
 
 
 def _steps(cfg, train_rows, epochs):
@@ -199,16 +199,16 @@ def stage_key(cfg, model_dir, processed):
     return key
 
 
-def _markdown_table(rows):
-    head = ("| variant | accuracy | Δ acc (pt) | macro F1 | bytes | gzip bytes | sparsity | "
-            "MediaPipe agreement | MediaPipe accuracy |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _table(rows):
+    """The compression table as rows of strings, header first."""
+    table = [["variant", "accuracy", "Δ acc (pt)", "macro F1", "bytes", "gzip bytes", "sparsity",
+              "MediaPipe agreement", "MediaPipe accuracy"]]
     for r in rows:
         mp = r["mediapipe"]
-        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {100 * r['accuracy_change']:+.2f} | "
-                     f"{r['macro_f1']:.4f} | {r['bytes']:,} | {r['gzip_bytes']:,} | {r['sparsity']:.3f} | "
-                     f"{100 * mp['agreement']:.2f}% | {mp['accuracy']:.4f} |")
-    return "\n".join(lines)
+        table.append([r["variant"], f"{r['accuracy']:.4f}", f"{100 * r['accuracy_change']:+.2f}",
+                      f"{r['macro_f1']:.4f}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}", f"{r['sparsity']:.3f}",
+                      f"{100 * mp['agreement']:.2f}%", f"{mp['accuracy']:.4f}"])
+    return table
 
 
 def run_compress_stage(cfg, run):
@@ -331,7 +331,7 @@ def run_compress_stage(cfg, run):
         "variants": {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows},
         "seconds": round(sum(float(p.read_text()) for p in state.glob("*.done")), 1),
     }
-    table = _markdown_table(rows)
+    table = markdown_table(_table(rows))
     with tf.summary.create_file_writer(str(Path(cfg.paths.runs) / run / "compress")).as_default():
         tf.summary.text("compression", table, step=0)
     files.write_json(model_dir / "compression.json", summary)

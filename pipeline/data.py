@@ -528,8 +528,9 @@ def count_records(path) -> int:
 
 
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,
-                 seed: int | None = None, epoch: tf.Variable | None = None):
-    """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]).
+                 seed: int | None = None, epoch: tf.Variable | None = None, num_classes: int | None = None):
+    """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]),
+    or labels one-hot float32 [b, num_classes] when num_classes is given (label smoothing needs them).
 
     training: shuffled each epoch, and batched by similar length (each batch padded to its longest
     member) when bucketing, else padded to seq_len. Eval: file order, padded to seq_len.
@@ -551,6 +552,8 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
 
     def to_inputs(ids, label):
         mask = tf.cast(tf.not_equal(ids, 0), tf.int32)  # [PAD] (id 0) is never a real token
+        if num_classes:
+            label = tf.one_hot(label, num_classes)
         return {"input_word_ids": ids, "input_mask": mask, "input_type_ids": tf.zeros_like(ids)}, label
 
     ds = tf.data.TFRecordDataset(str(path))

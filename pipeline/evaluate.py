@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from pipeline import INPUT_NAMES  # the package root also sets TF_USE_LEGACY_KERAS before TensorFlow
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.tokenizer import encode, load_vocabulary, make_tokenizer
 
-INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
 BATCH_SIZE = 256
 ECE_BINS = 15
 EXPECTED = "expected a trained model directory (with model.keras) or a .tflite file"

@@ -42,11 +42,11 @@ import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
     prune_preserve_quantize_registry)
 
+from pipeline import INPUT_NAMES
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 
 PACKAGE = "liteformer"
-INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
 _SCORE_LIMIT = 8.0  # attention scores are clipped to [-8, 8] ...
 _PAD_LOGIT = -24.0  # ... and padded keys get -24 (see "Masking" above)
 

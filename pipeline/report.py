@@ -125,7 +125,8 @@ def build_tables(rows, benchmark):
     return main, ops
 
 
-def _markdown_table(table):
+def markdown_table(table):
+    """Rows of strings, header first, as a Markdown table."""
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     return "\n".join(lines)
@@ -260,7 +261,7 @@ def run_report_stage(cfg, run):
                       f"**{r['dense_only_int8_over_float32_p50_1thread']:.2f}**, the lowest ratio int8 can reach for "
                       f"this model on this CPU.")
     md = [f"# liteformer report: {run}", "", *[f"- {f}" for f in facts], "", "## Variants (dev set)", "",
-          _markdown_table(main), "", "## Where LiteRT runs each op", "", placement, "", _markdown_table(ops), ""]
+          markdown_table(main), "", "## Where LiteRT runs each op", "", placement, "", markdown_table(ops), ""]
     md += [f"![{name}](report/{Path(p).name})" for name, p in images.items()]
     files.write_text(model_dir / "report.md", "\n".join(md) + "\n")
 
@@ -279,8 +280,8 @@ def run_report_stage(cfg, run):
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
     with tf.summary.create_file_writer(str(log_dir)).as_default():
-        tf.summary.text("report/variants", _markdown_table(main), step=0)
-        tf.summary.text("report/op_placement", placement + "\n\n" + _markdown_table(ops), step=0)
+        tf.summary.text("report/variants", markdown_table(main), step=0)
+        tf.summary.text("report/op_placement", placement + "\n\n" + markdown_table(ops), step=0)
         tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
         for name, p in images.items():
             tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)

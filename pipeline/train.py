@@ -187,11 +187,10 @@ def train_model(cfg, run, key):
     tf.keras.backend.experimental.enable_tf_random_generator()  # dropout from tf.random.Generator states
     tf.keras.mixed_precision.set_global_policy(t.mixed_precision)
 
-    one_hot = lambda x, y: (x, tf.one_hot(y, len(labels)))  # noqa: E731  (label smoothing needs one-hot)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
-                            bucketing=t.bucketing, seed=t.seed, epoch=epoch).map(one_hot)
-    dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False).map(one_hot)
+                            bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
+    dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
     total_steps = int(train_ds.cardinality()) * t.epochs
 
     with make_strategy(t.strategy).scope():
