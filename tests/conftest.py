@@ -1,5 +1,7 @@
 """Shared test setup: import the package first so tf.keras resolves to tf-keras; tiny data and config."""
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,10 @@ def compressed(tmp_path_factory):
     run_train_stage(cfg, "toy")
     summary = run_compress_stage(cfg, "toy")
     return cfg, root / "saved_models" / "toy", summary
+
+
+def sigkill(proc, too_late):
+    """SIGKILL the still-running subprocess `proc` and reap it; fail with `too_late` if it already ended."""
+    assert proc.poll() is None, too_late
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

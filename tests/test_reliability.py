@@ -4,14 +4,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import COMPRESS, make_toy_dir, make_toy_split, tiny_overrides
+from conftest import COMPRESS, make_toy_dir, make_toy_split, sigkill, tiny_overrides
 
 from pipeline import manifest
 from pipeline.__main__ import main
@@ -264,9 +263,7 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
         if "resuming compression" in line:
             break
     time.sleep(3.0)
-    assert proc.poll() is None, "compress finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill(proc, "compress finished before it could be killed")
     assert not (copy / "saved_models" / "toy" / "compression.json").exists()
     assert not (state / "pruned_qat_int8.done").exists()
 

@@ -1,8 +1,6 @@
 """Training stage: files written, learning, resume after SIGKILL, mirrored strategy, LR schedule."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_toy_split, tiny_overrides
+from conftest import make_toy_split, sigkill, tiny_overrides
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +102,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
             time.sleep(0.5)  # now inside the second epoch
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be killed; make the epoch longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill(proc, "training finished before it could be killed; make the epoch longer")
     assert not (tmp_path / "saved_models" / "big" / "metrics.json").exists()
     done_before = len((state / "epochs.csv").read_text().strip().splitlines()) - 1
 
