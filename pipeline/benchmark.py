@@ -199,9 +199,10 @@ def op_placement(path):
 
 
 def dense_only_files(model_cfg, seq_len, directory):
-    """float32 and int8 .tflite files of the model's dense layers alone: the same shapes (four attention
-    projections and the feed-forward pair per block) and residual adds, but no attention scores, norms,
-    softmax or GELU. Their int8/float32 latency is the most int8 can gain for this model on this CPU."""
+    """float32 and int8 .tflite files of the model's dense layers alone: the same shapes (the convolution's
+    matmul, four attention projections and the feed-forward pair per block) and residual adds, but no
+    attention scores, norms, softmax or GELU. Their int8/float32 latency is the most int8 can gain for
+    this model on this CPU."""
     import tensorflow as tf
 
     from pipeline.compress import configure_converter
@@ -209,6 +210,9 @@ def dense_only_files(model_cfg, seq_len, directory):
     d = model_cfg.d_model
     x = inputs = tf.keras.Input(shape=(seq_len, d), batch_size=1)
     for _ in range(model_cfg.num_layers):
+        if model_cfg.conv_width:  # [T, w*d] @ [w*d, d], as the block computes it
+            window = tf.keras.layers.Concatenate()([x] * model_cfg.conv_width)
+            x = tf.keras.layers.Add()([x, tf.keras.layers.Dense(d, activation="relu")(window)])
         h = x
         for _ in range(4):
             h = tf.keras.layers.Dense(d)(h)

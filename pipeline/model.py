@@ -14,6 +14,10 @@ Design notes
   path is an identity, so gradients reach every layer unscaled; Pre-LN trains stably at 1e-3 with a
   short (or no) warmup, where Post-LN is sensitive to the learning rate and warmup length.
 * GELU in the FFN (TFLite has a builtin GELU op, int8 included); "relu" is accepted by EncoderBlock.
+* A convolution over each token's neighbours ahead of attention (model.conv_width, default 3): a
+  from-scratch Transformer on SST-2 sized data has no notion of locality, and phrases ("not good")
+  are local. It is one matmul over concatenated shifted copies, so TFLite runs it as FULLY_CONNECTED
+  and TFMOT prunes and quantizes it like the other kernels.
 * Masking: input_mask (1 = token, 0 = [PAD]) becomes a float mask once (PaddingMask). Attention
   scores are clipped to [-8, 8] and padded keys get the logit -24: their softmax weight is at most
   e^-16 of the largest real one (< 1e-6 in all), so real positions do not depend on how much padding
@@ -217,24 +221,33 @@ class TokenAndPositionEmbedding(_Layer):
 
 @_register
 class EncoderBlock(_Layer):
-    """Pre-LN Transformer encoder block: x + MHA(LN(x)), then x + FFN(LN(x)).
+    """Pre-LN Transformer encoder block: x + Conv(LN(x)) when conv_width > 0, then x + MHA(LN(x)),
+    then x + FFN(LN(x)).
 
     inputs: [x [B, T, d_model], mask [B, T] (1 = token, 0 = padding)] -> [B, T, d_model].
+    conv_width: tokens seen by a convolution (d_model -> d_model, then the activation) centred on
+    each token, ahead of attention; 0 for the plain block of "Attention Is All You Need".
     """
 
-    def __init__(self, d_model, num_heads, ff_dim, dropout=0.0, activation="gelu", epsilon=1e-6, **kwargs):
+    def __init__(self, d_model, num_heads, ff_dim, dropout=0.0, activation="gelu", epsilon=1e-6, conv_width=0,
+                 **kwargs):
         super().__init__(**kwargs)
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if activation not in ("gelu", "relu"):
             raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+        if conv_width < 0 or conv_width % 2 == 0 and conv_width:
+            raise ValueError(f"conv_width must be 0 or odd (a window centred on each token), got {conv_width}")
         self.d_model = int(d_model)
         self.num_heads = int(num_heads)
         self.ff_dim = int(ff_dim)
         self.dropout = float(dropout)
         self.activation = activation
         self.epsilon = float(epsilon)
+        self.conv_width = int(conv_width)
         self._head_dim = self.d_model // self.num_heads
+        if self.conv_width:  # a Dropout never called has no random generator for train's checkpoints
+            self._conv_dropout = tf.keras.layers.Dropout(self.dropout)
         self._attn_dropout = tf.keras.layers.Dropout(self.dropout)
         self._out_dropout = tf.keras.layers.Dropout(self.dropout)
         self._ffn_dropout = tf.keras.layers.Dropout(self.dropout)
@@ -242,6 +255,11 @@ class EncoderBlock(_Layer):
     def build(self, input_shape):
         d, f = self.d_model, self.ff_dim
         glorot, zeros, ones = "glorot_uniform", "zeros", "ones"
+        if self.conv_width:
+            self.ln0_gamma = self.add_weight("ln0_gamma", shape=(d,), initializer=ones)
+            self.ln0_beta = self.add_weight("ln0_beta", shape=(d,), initializer=zeros)
+            self.conv_kernel = self.add_weight("conv_kernel", shape=(self.conv_width * d, d), initializer=glorot)
+            self.conv_bias = self.add_weight("conv_bias", shape=(d,), initializer=zeros)
         self.ln1_gamma = self.add_weight("ln1_gamma", shape=(d,), initializer=ones)
         self.ln1_beta = self.add_weight("ln1_beta", shape=(d,), initializer=zeros)
         self.q_kernel = self.add_weight("q_kernel", shape=(d, d), initializer=glorot)
@@ -260,19 +278,22 @@ class EncoderBlock(_Layer):
         self.ff2_bias = self.add_weight("ff2_bias", shape=(d,), initializer=zeros)
         super().build(input_shape)
 
-    _KERNELS = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel")
+    def _kernels(self):
+        names = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel")
+        return ("conv_kernel",) + names if self.conv_width else names
 
     def get_prunable_weights(self):
-        return [getattr(self, name) for name in self._KERNELS]
+        return [getattr(self, name) for name in self._kernels()]
 
     def _quantizable_weights(self):
-        return list(self._KERNELS)
+        return list(self._kernels())
 
     def _quant_points(self):
         # Inputs of every matmul are quantization points (int8 FULLY_CONNECTED / BATCH_MATMUL need
         # input ranges). "scores" is the masked softmax input, in [-24, 8].
         act = tf.keras.activations.get(self.activation)
-        return {"attn_input": _linear, "query": _linear, "key": _linear, "value": _linear,
+        conv = {"conv_input": _linear, "conv_hidden": act} if self.conv_width else {}
+        return {**conv, "attn_input": _linear, "query": _linear, "key": _linear, "value": _linear,
                 "scores": _linear, "probs": _linear, "context": _linear,
                 "ffn_input": _linear, "ffn_hidden": act}
 
@@ -286,6 +307,19 @@ class EncoderBlock(_Layer):
         shape = tf.shape(x)
         batch, length = shape[0], shape[1]
         h, d = self.num_heads, self._head_dim
+
+        if self.conv_width:
+            # Convolution on LN(x) as one matmul: each token's window of conv_width neighbours is
+            # concatenated ([B*T, w*d] @ [w*d, d], FULLY_CONNECTED in TFLite). Padded positions are
+            # zeroed first, so a token next to padding sees what it sees at the end of any sequence.
+            keep = tf.reshape(tf.cast(mask, self.compute_dtype), [batch, length, 1])
+            y = _layer_norm(x, self._weight("ln0_gamma"), self._weight("ln0_beta"), self.epsilon) * keep
+            r = self.conv_width // 2
+            y = tf.pad(y, [[0, 0], [r, r], [0, 0]])
+            window = tf.concat([y[:, i:i + length] for i in range(self.conv_width)], axis=-1)
+            window = self._point("conv_input", tf.reshape(window, [-1, self.conv_width * self.d_model]))
+            y = self._point("conv_hidden", self._dense(window, "conv"))
+            x = x + self._conv_dropout(tf.reshape(y, shape), training=training)
 
         # Self-attention on LN(x).
         y = _layer_norm(x, self._weight("ln1_gamma"), self._weight("ln1_beta"), self.epsilon)
@@ -322,7 +356,7 @@ class EncoderBlock(_Layer):
     def get_config(self):
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads,
                 "ff_dim": self.ff_dim, "dropout": self.dropout, "activation": self.activation,
-                "epsilon": self.epsilon}
+                "epsilon": self.epsilon, "conv_width": self.conv_width}
 
 
 @_register
@@ -422,6 +456,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
         raise PipelineError(f"model.position must be sinusoidal or learned, got {cfg.position!r}")
     if cfg.pooling not in ("mean", "cls"):
         raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
+    if cfg.conv_width < 0 or cfg.conv_width % 2 == 0 and cfg.conv_width:
+        raise PipelineError(f"model.conv_width must be 0 or odd, got {cfg.conv_width}")
     if num_classes < 2:
         raise PipelineError(f"need at least 2 classes, got {num_classes}")
     if vocab_size < 1 or max_len < 1:
@@ -433,8 +469,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
     x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
                                   dropout=cfg.dropout, token_dropout=cfg.token_dropout, name="embedding")(ids)
     for i in range(cfg.num_layers):
-        x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout,
-                         activation="gelu", name=f"encoder_{i}")([x, mask])
+        x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout, activation="gelu",
+                         conv_width=cfg.conv_width, name=f"encoder_{i}")([x, mask])
     x = LayerNorm(name="final_norm")(x)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
     probs = ClassifierHead(num_classes, name="probabilities")(x)

@@ -98,12 +98,16 @@ def test_layer_and_model_shapes():
 
     with pytest.raises(PipelineError):
         M.build_model(tiny_cfg(num_heads=3), VOCAB, 3, SEQ)
+    with pytest.raises(PipelineError, match="conv_width"):  # a window must be centred on its token
+        M.build_model(tiny_cfg(conv_width=2), VOCAB, 3, SEQ)
 
 
-@pytest.mark.parametrize("pooling,position", [("mean", "sinusoidal"), ("cls", "learned")])
-def test_padding_does_not_change_outputs(pooling, position):
+@pytest.mark.parametrize("pooling,position,conv_width", [("mean", "sinusoidal", 3), ("cls", "learned", 0),
+                                                        ("mean", "learned", 5)])
+def test_padding_does_not_change_outputs(pooling, position, conv_width):
     tf.keras.utils.set_random_seed(0)
-    model = M.build_model(tiny_cfg(num_layers=2, pooling=pooling, position=position), VOCAB, CLASSES, SEQ)
+    cfg = tiny_cfg(num_layers=2, pooling=pooling, position=position, conv_width=conv_width)
+    model = M.build_model(cfg, VOCAB, CLASSES, SEQ)
     short = random_batch(n=4, length=7, real=7)
     long = random_batch(n=4, length=SEQ, real=7)
     long["input_word_ids"][:, :7] = short["input_word_ids"]
@@ -150,7 +154,11 @@ def _prunable_kernels(model):
 def test_prunable_weights_are_kernels_only():
     model = M.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
     names = sorted(name.split("/")[-1].split(":")[0] for name in _prunable_kernels(model))
-    assert names == sorted(["embeddings", "q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel"])
+    blocks = ["q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel"]
+    assert names == sorted(["embeddings", "conv_kernel", *blocks])
+    plain = M.build_model(tiny_cfg(conv_width=0), VOCAB, CLASSES, SEQ)  # no convolution: no conv weights
+    assert sorted(name.split("/")[-1].split(":")[0] for name in _prunable_kernels(plain)) == sorted(["embeddings", *blocks])
+    assert not any("conv" in w.name or "ln0" in w.name for w in plain.weights)
 
 
 def test_prune_whole_model_reaches_target_sparsity():
@@ -168,7 +176,7 @@ def test_prune_whole_model_reaches_target_sparsity():
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     assert [type(l) for l in stripped.layers] == [type(l) for l in model.layers]
     kernels = _prunable_kernels(stripped)
-    assert len(kernels) == 1 + 6
+    assert len(kernels) == 1 + 7  # the embedding; conv, q, k, v, o, ff1, ff2
     for name, w in kernels.items():
         assert abs(np.mean(w == 0) - 0.8) < 0.02, (name, np.mean(w == 0))
     for layer in stripped.layers:  # biases and LayerNorm parameters are not pruned
