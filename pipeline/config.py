@@ -32,7 +32,7 @@ class ModelConfig:
     num_layers: int = 1
     num_heads: int = 4
     ff_dim: int = 256
-    conv_width: int = 3  # tokens in each block's convolution ahead of attention (odd); 0: none
+    conv_width: int = 5  # tokens in each block's convolution ahead of attention (odd); 0: none
     dropout: float = 0.2
     token_dropout: float = 0.0  # fraction of word embeddings zeroed in training (word dropout)
     position: str = "sinusoidal"  # or "learned"

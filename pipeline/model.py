@@ -14,7 +14,7 @@ Design notes
   path is an identity, so gradients reach every layer unscaled; Pre-LN trains stably at 1e-3 with a
   short (or no) warmup, where Post-LN is sensitive to the learning rate and warmup length.
 * GELU in the FFN (TFLite has a builtin GELU op, int8 included); "relu" is accepted by EncoderBlock.
-* A convolution over each token's neighbours ahead of attention (model.conv_width, default 3): a
+* A convolution over each token's neighbours ahead of attention (model.conv_width, default 5): a
   from-scratch Transformer on SST-2 sized data has no notion of locality, and phrases ("not good")
   are local. It is one matmul over concatenated shifted copies, so TFLite runs it as FULLY_CONNECTED
   and TFMOT prunes and quantizes it like the other kernels.
