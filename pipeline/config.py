@@ -46,7 +46,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
     weight_decay: float = 0.05
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     patience: int = 2  # early stopping, in epochs without improvement of `monitor`
     monitor: str = "val_loss"  # or "val_accuracy"
     seed: int = 42
