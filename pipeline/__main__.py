@@ -46,7 +46,9 @@ def build_parser():
 
     p = sub.add_parser("predict", help="classify texts; one JSON line per text")
     p.add_argument("--model", required=True, help="trained model directory or .tflite file")
-    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", metavar="F", help="also classify the texts of F: one per line for a .txt file or - "
+                   "(stdin), else the text column of a .tsv, .csv or .jsonl")
     p.add_argument("--runtime", choices=("litert", "mediapipe"), default="litert",
                    help="how to run a .tflite: LiteRT (default) or MediaPipe Tasks TextClassifier, as apps do")
     _common(p)
@@ -61,7 +63,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage == "predict" and not args.texts and args.file is None:
+        parser.error("predict: give texts to classify, or --file F")
     try:
         from pipeline.config import load_config
 
@@ -81,9 +86,11 @@ def main(argv=None):
 
             run_evaluate(cfg, args.model, args.data, args.out)
         elif args.stage == "predict":
+            from pipeline.data import read_texts
             from pipeline.evaluate import run_predict
 
-            run_predict(cfg, args.model, args.texts, args.runtime)
+            texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
+            run_predict(cfg, args.model, texts, args.runtime)
         elif args.stage == "compress":
             from pipeline.compress import run_compress_stage
 

@@ -20,8 +20,8 @@ class DataConfig:
     text_column: str = "sentence"  # "text" is accepted when this column is absent
     label_column: str = "label"
     vocab_size: int = 8000
-    max_seq_len: int = 128  # cap on the sequence length, [CLS] and [SEP] included
-    length_percentile: float = 99.0  # sequence length = this percentile of train token lengths
+    max_seq_len: int = 512  # cap on the sequence length, [CLS] and [SEP] included
+    length_percentile: float = 100.0  # sequence length = this percentile of train token lengths (100: longest)
     dev_fraction: float = 0.1  # held out of train (stratified) when the data has no dev split
     seed: int = 1234
 
@@ -37,11 +37,14 @@ class ModelConfig:
     token_dropout: float = 0.0  # fraction of word embeddings zeroed in training (word dropout)
     position: str = "sinusoidal"  # or "learned"
     pooling: str = "mean"  # masked mean over tokens, or "cls"
+    ngram_order: int = 3  # bag-of-n-grams logits added to the Transformer's (1-3); 0: none
+    ngram_buckets: int = 131072  # hash buckets for each of bigrams and trigrams
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 3  # at least; more when that is fewer than min_steps optimizer steps
+    min_steps: int = 1500  # small data sets train for more epochs (early stopping still ends them)
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
@@ -53,6 +56,8 @@ class TrainConfig:
     mixed_precision: str = "float32"  # "mixed_float16" or "mixed_bfloat16"
     strategy: str = "default"  # "mirrored" or "multi_worker"
     bucketing: bool = True  # batch by similar length; False pads every batch to the max length
+    class_weight: str = "balanced"  # loss weight n / (classes * count) per class; "none": every row 1
+    ngram_c: float = 4.0  # inverse L2 strength of the n-gram logistic regression (model.ngram_order)
 
 
 @dataclass
@@ -84,6 +89,7 @@ CHOICES = {
     "train.monitor": ("val_loss", "val_accuracy"),
     "train.mixed_precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
+    "train.class_weight": ("balanced", "none"),
 }
 
 

@@ -1,8 +1,10 @@
 """Data stage: read and validate labelled text, split, tokenize, write TFRecords; and the input pipeline.
 
-A data directory holds train.{tsv,csv,jsonl} and optionally dev.* and test.*. The stage writes
-data/processed/<run>/ with vocab.txt, labels.txt, {train,dev,test}.tfrecord, {dev,test}.jsonl
-and stats.json; make_dataset() turns a .tfrecord into batches for Keras.
+A data directory holds train.{tsv,csv,jsonl} and optionally dev.* and test.*, with or without a
+header row; columns not named as configured are chosen by content. The stage writes
+data/processed/<run>/ with vocab.txt, labels.txt, {train,dev,test}.tfrecord, {train,dev,test}.jsonl
+(the texts and labels of each split as used) and stats.json; make_dataset() turns a .tfrecord into
+batches for Keras.
 """
 import collections
 import dataclasses
@@ -31,6 +33,8 @@ from pipeline.files import atomic_path, write_json, write_text
 FORMATS = (".tsv", ".csv", ".jsonl")
 SPLITS = ("train", "dev", "test")
 IMBALANCE_RATIO = 3.0  # warn when the largest class is this many times the smallest
+# Bump when the data stage's outputs or the way it reads files change, so older runs are rebuilt.
+STAGE_VERSION = 2  # 2: train.jsonl; header rows and columns recognised by content
 
 # GLUE SST-2. Checksum and size from tensorflow/datasets, tensorflow_datasets/url_checksums/glue.txt
 # (SST-2.zip, 7439277 bytes); the same values are listed for this address in the Hugging Face
@@ -51,19 +55,46 @@ def warn(msg):
 # Reading and validation
 
 def read_table(path, data_cfg, require_labels=True) -> dict:
-    """Parse and validate one file: dict(texts, labels, lines, text_column, label_column).
+    """Parse and validate one file: dict(texts, labels, lines, text_column, label_column, header).
 
     labels is None for an unlabelled file (allowed only with require_labels=False); lines holds each
-    example's line number for messages. Raises PipelineError naming file:line.
+    example's line number for messages; header is True when the first row named the columns.
+    Columns not named as configured are chosen by content (see _choose_columns). Raises PipelineError
+    naming file:line.
     """
     path = Path(path)
-    name = path.name
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise PipelineError(f"{path}: unsupported format '{path.suffix}' (use .tsv, .csv or .jsonl)")
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
-    raw = path.read_bytes()
+    text = _decode(path.name, path.read_bytes())
+    if suffix == ".jsonl":
+        out = _parse_jsonl(path.name, text, data_cfg, require_labels)
+    else:
+        out = _parse_delimited(path.name, text, data_cfg, suffix, require_labels)
+    _warn_quality(path.name, out)
+    return out
+
+
+def read_texts(source, data_cfg) -> list[str]:
+    """Texts to classify: one per line (blank lines skipped) from a .txt file or '-' (stdin), else the
+    text column of a .tsv/.csv/.jsonl as read_table finds it."""
+    if source != "-" and Path(source).suffix.lower() != ".txt":
+        return read_table(source, data_cfg, require_labels=False)["texts"]
+    if source == "-":
+        stdin = getattr(sys.stdin, "buffer", None)  # bytes, so bad UTF-8 gets our message, not a traceback
+        name, raw = "stdin", stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PipelineError(f"{path}: file not found")
+        name, raw = path.name, path.read_bytes()
+    return [s.strip() for s in _decode(name, raw).split("\n") if s.strip()]
+
+
+def _decode(name, raw):
+    """UTF-8 text of a data file, without a BOM; PipelineError for an empty, UTF-16 or non-UTF-8 file."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     if not raw.strip():
@@ -74,16 +105,91 @@ def read_table(path, data_cfg, require_labels=True) -> dict:
         hint = " (a UTF-16 file? save it as UTF-8)" if nul < 4 else ""
         raise PipelineError(f"{name}:{line}: NUL byte in the data{hint}")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise PipelineError(f"{name}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
-    if suffix == ".jsonl":
-        out = _parse_jsonl(name, text, data_cfg, require_labels)
-    else:
-        out = _parse_delimited(name, text, data_cfg, suffix, require_labels)
-    _warn_quality(name, out)
-    return out
+
+
+# A column name: starts with a letter or "_", then at most 40 word characters, spaces, dots or dashes,
+# in at most four words. Prose and numbers ("1", "0.5") are not names.
+NAME_RE = re.compile(r"[A-Za-z_][\w .-]{0,40}")
+
+
+def _is_name(field):
+    return bool(NAME_RE.fullmatch(field)) and len(field.split()) <= 4
+
+
+def _label_like(values):
+    """Few distinct values, some repeated: what a label column holds (ids and texts are all different)."""
+    distinct = len(set(values))
+    return distinct < len(values) and distinct <= max(20, len(values) // 20)
+
+
+def _distinct_chars(values):
+    """Characters in a column's distinct values: most for the text column. Mean length alone can
+    pick a label column ("positive" is longer than "awful"); labels repeat, texts mostly do not."""
+    return sum(map(len, set(values)))
+
+
+def _looks_like_header(first, rest):
+    """Whether a first row that names no configured column is a header anyway, judged by content."""
+    # Rule: every field of the row looks like a column name (_is_name, all different), and the rows
+    # below contradict its being an example:
+    #  - where some column is label-like (_label_like below the first row), the first row's value
+    #    occurs in none of them: a real example's label recurs among the other examples, a column
+    #    name does not ("sentiment" never appears among pos/neg);
+    #  - where no column is label-like (e.g. one text column), its value in the text column (the most
+    #    distinct characters) is under a quarter of that column's median length, with 5+ rows below.
+    # Anything less certain, and files of under 3 rows, read as data: GLUE's headerless text<TAB>label
+    # and label-first World<TAB>news text keep their first example ("World" recurs; "1" is no name).
+    rest = [[f.strip() for f in fields] for _, fields in rest if len(fields) == len(first)]
+    if len(rest) < 2 or len(set(first)) < len(first) or not all(map(_is_name, first)):
+        return False
+    columns = list(zip(*rest))
+    labels = [j for j, col in enumerate(columns) if _label_like(col)]
+    if labels:
+        return all(first[j] not in columns[j] for j in labels)
+    text_j = max(range(len(columns)), key=lambda j: _distinct_chars(columns[j]))
+    median = sorted(map(len, columns[text_j]))[len(rest) // 2]
+    return len(rest) >= 5 and 4 * len(first[text_j]) <= median
+
+
+def _choose_columns(name, line, names, columns, data_cfg, require_labels, header):
+    """(text index, label index or None): the configured names (or "text"/"label") when the header has
+    them, else by content; prints to stderr what it chose by content among 2+ columns."""
+    text_names, label_names = (data_cfg.text_column, "text"), (data_cfg.label_column, "label")
+    named = lambda wanted: next((names.index(c) for c in wanted if header and c in names), None)  # noqa: E731
+    text_i, label_i = named(text_names), named(label_names)
+    guessed = text_i is None
+    if text_i is None:
+        others = [j for j in range(len(names)) if j != label_i]
+        if not others:
+            raise PipelineError(f"{name}:{line}: missing text column {_either(data_cfg.text_column, 'text')}; "
+                                f"columns: {', '.join(names)}")
+        text_i = max(others, key=lambda j: (_distinct_chars(columns[j]), -j))  # ties: the leftmost
+    if label_i is None:  # fewest distinct values among label-like columns
+        others = [j for j in range(len(names)) if j != text_i]
+        candidates = [j for j in others if _label_like(columns[j])]
+        if not header and len(others) == 1:
+            candidates = others  # headerless text,label (or label,text): the other column, as GLUE writes it
+        label_i = min(candidates, key=lambda j: (len(set(columns[j])), j)) if candidates else None
+        guessed = guessed or label_i is not None
+    if label_i is None and require_labels:
+        if not header and len(names) == 1:
+            raise PipelineError(f"{name}:{line}: one column and no header, so no labels; expected "
+                                f"text{'<TAB>' if name.lower().endswith('.tsv') else ','}label")
+        raise PipelineError(f"{name}:{line}: missing label column {_either(data_cfg.label_column, 'label')}, and no "
+                            f"other column has few, repeated values as labels do; columns: {', '.join(names)}")
+    if guessed and len(names) > 1:
+        label = f"label column '{names[label_i]}'" if label_i is not None else "no label column"
+        if header:
+            how = "set data.text_column/data.label_column to override"
+        else:
+            how = (f"no header; add one naming the '{data_cfg.text_column}' and '{data_cfg.label_column}' "
+                   "columns to override")
+        print(f"reading {name}: text column '{names[text_i]}', {label} (chosen by content; {how})", file=sys.stderr)
+    return text_i, label_i
 
 
 def _parse_delimited(name, text, data_cfg, suffix, require_labels):
@@ -105,51 +211,36 @@ def _parse_delimited(name, text, data_cfg, suffix, require_labels):
     if not rows:
         raise PipelineError(f"{name}:1: empty file")
 
-    text_names, label_names = (data_cfg.text_column, "text"), (data_cfg.label_column, "label")
+    configured = {data_cfg.text_column, "text", data_cfg.label_column, "label"}
     head_line, first = rows[0][0], [f.strip() for f in rows[0][1]]
-    header = any(f in text_names or f in label_names for f in first)
+    header = any(f in configured for f in first) or _looks_like_header(first, rows[1:])
     if header:
-        text_col = next((c for c in text_names if c in first), None)
-        if text_col is None:
-            raise PipelineError(f"{name}:{head_line}: missing text column {_either(data_cfg.text_column, 'text')}; "
-                                f"columns: {', '.join(first)}")
-        label_col = next((c for c in label_names if c in first), None)
-        if label_col is None and require_labels:
-            raise PipelineError(f"{name}:{head_line}: missing label column {_either(data_cfg.label_column, 'label')}; "
-                                f"columns: {', '.join(first)}")
-        text_i, n_fields = first.index(text_col), len(first)
-        label_i = first.index(label_col) if label_col else None
-        rows = rows[1:]
+        names, rows = first, rows[1:]
         if not rows:
             raise PipelineError(f"{name}:{head_line}: header only, no data rows")
     else:
-        # No header: text, label (two columns) or text only (one column).
-        n_fields = len(rows[0][1])
-        if n_fields > 2:
-            raise PipelineError(f"{name}:{head_line}: {n_fields} columns and no header; add a header "
-                                f"naming the '{data_cfg.text_column}' and '{data_cfg.label_column}' columns")
-        if n_fields == 1 and require_labels:
-            raise PipelineError(f"{name}:{head_line}: one column and no header, so no labels; expected "
-                                f"text{'<TAB>' if suffix == '.tsv' else ','}label")
-        text_i, label_i = 0, (1 if n_fields == 2 else None)
-        text_col, label_col = "column 1", ("column 2" if label_i is not None else None)
+        names = [f"column {i + 1}" for i in range(len(first))]
 
+    n_fields = len(names)
     sep_hint = " (a tab inside the text?)" if suffix == ".tsv" else " (an unquoted comma, or a quote never closed?)"
-    texts, labels, lines = [], [], []
     for line, fields in rows:
         if len(fields) != n_fields:
             raise PipelineError(f"{name}:{line}: expected {n_fields} fields, found {len(fields)}{sep_hint}")
+    columns = [[fields[j].strip() for _, fields in rows] for j in range(n_fields)]
+    text_i, label_i = _choose_columns(name, head_line, names, columns, data_cfg, require_labels, header)
+
+    texts, labels, lines = [], [], []
+    for line, fields in rows:
         texts.append(_check_text(name, line, fields[text_i]))
         if label_i is not None:
             labels.append(_check_label(name, line, fields[label_i]))
         lines.append(line)
-    return dict(texts=texts, labels=labels if label_i is not None else None, lines=lines,
-                text_column=text_col, label_column=label_col)
+    return dict(texts=texts, labels=labels if label_i is not None else None, lines=lines, header=header,
+                text_column=names[text_i], label_column=names[label_i] if label_i is not None else None)
 
 
 def _parse_jsonl(name, text, data_cfg, require_labels):
-    texts, labels, lines = [], [], []
-    text_cols, label_cols = set(), set()
+    objs = []  # (line, object)
     for line, s in enumerate(text.split("\n"), 1):  # split("\n"): JSON strings may hold U+2028
         if not s.strip():
             continue
@@ -159,16 +250,34 @@ def _parse_jsonl(name, text, data_cfg, require_labels):
             raise PipelineError(f"{name}:{line}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise PipelineError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
-        key = data_cfg.text_column if data_cfg.text_column in obj else "text"
-        if key not in obj:
+        objs.append((line, obj))
+
+    # Keys: the configured ones (or "text"/"label") on each line; when the first object has neither,
+    # the key chosen by content among the first object's string and integer fields.
+    text_keys, label_keys = [data_cfg.text_column, "text"], [data_cfg.label_column, "label"]
+    first = objs[0][1]
+    if not any(k in first for k in text_keys) or not any(k in first for k in label_keys):
+        keys = [k for k, v in first.items() if isinstance(v, (str, int)) and not isinstance(v, bool)]
+        if any(k not in text_keys + label_keys for k in keys):  # else the per-line "missing field" errors say it
+            columns = [[str(o[k]) for _, o in objs if isinstance(o.get(k), (str, int))] for k in keys]
+            text_i, label_i = _choose_columns(name, objs[0][0], keys, columns, data_cfg, False, True)
+            text_keys.append(keys[text_i])
+            if label_i is not None:
+                label_keys.append(keys[label_i])
+
+    texts, labels, lines = [], [], []
+    text_cols, label_cols = set(), set()
+    for line, obj in objs:
+        key = next((k for k in text_keys if k in obj), None)
+        if key is None:
             raise PipelineError(f"{name}:{line}: missing text field {_either(data_cfg.text_column, 'text')}")
         if not isinstance(obj[key], str):
             raise PipelineError(f"{name}:{line}: text must be a string, got {type(obj[key]).__name__}")
         text_cols.add(key)
         texts.append(_check_text(name, line, obj[key]))
         lines.append(line)
-        label_key = data_cfg.label_column if data_cfg.label_column in obj else "label"
-        if label_key in obj:
+        label_key = next((k for k in label_keys if k in obj and k != key), None)
+        if label_key is not None:
             value = obj[label_key]
             if value is None:
                 raise PipelineError(f"{name}:{line}: empty label")
@@ -180,7 +289,7 @@ def _parse_jsonl(name, text, data_cfg, require_labels):
             raise PipelineError(f"{name}:{line}: missing label field {_either(data_cfg.label_column, 'label')}")
     if labels and len(labels) != len(texts):  # labels start only after some unlabelled lines
         raise PipelineError(f"{name}:{lines[0]}: missing label field '{data_cfg.label_column}'")
-    return dict(texts=texts, labels=labels if labels else None, lines=lines,
+    return dict(texts=texts, labels=labels if labels else None, lines=lines, header=False,
                 text_column="/".join(sorted(text_cols)), label_column="/".join(sorted(label_cols)) or None)
 
 
@@ -411,7 +520,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
     out = processed_dir(cfg, run)
-    key = {"config": {"data": dataclasses.asdict(dc)}, "inputs": manifest.files_checksums(files.values())}
+    key = {"config": {"data": dataclasses.asdict(dc), "data_stage": {"version": STAGE_VERSION}},
+           "inputs": manifest.files_checksums(files.values())}
     if manifest.up_to_date(out, "data", key):
         return load_stats(out)
     parsed = {split: read_table(path, dc) for split, path in files.items()}
@@ -420,6 +530,13 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     if len(labels) < 2:
         raise PipelineError(f"{files['train'].name}:{train['lines'][0]}: only one class ('{labels[0]}') "
                             "in the whole file; a classifier needs at least two")
+    counts = collections.Counter(train["labels"])
+    for l, line in zip(train["labels"], train["lines"]):
+        if counts[l] < 2:  # cannot be both learned and held out; often a header read as an example
+            hint = ""
+            if line == train["lines"][0] and not train["header"] and files["train"].suffix.lower() != ".jsonl":
+                hint = f"; is line {line} a header? name the columns with data.text_column/data.label_column"
+            raise PipelineError(f"{files['train'].name}:{line}: class '{l}' has 1 example (needs at least 2){hint}")
     label_id = {l: i for i, l in enumerate(labels)}
     for split in ("dev", "test"):
         if split in parsed:
@@ -488,8 +605,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         write_text(tmp / "labels.txt", "".join(f"{l}\n" for l in labels))
         for s, (texts, labs) in splits.items():
             _write_tfrecord(tmp / f"{s}.tfrecord", ids[s], [label_id[l] for l in labs], seq_len, cls_id, sep_id)
-            if s != "train":
-                _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
+            _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
 

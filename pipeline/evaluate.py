@@ -19,7 +19,7 @@ EXPECTED = "expected a trained model directory (with model.keras) or a .tflite f
 # ---------------------------------------------------------------- predictors
 
 
-def _read_labels(path):
+def read_labels(path):
     labels = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not labels:
         raise PipelineError(f"{path}: no labels (expected one label per line)")
@@ -35,7 +35,7 @@ class KerasPredictor:
             if not (model_dir / name).is_file():
                 raise PipelineError(f"{model_dir}: no {name}; {EXPECTED}")
         self.path = model_dir
-        self.labels = _read_labels(model_dir / "labels.txt")
+        self.labels = read_labels(model_dir / "labels.txt")
         self.tokenizer = make_tokenizer(model_dir / "vocab.txt")  # built once, not per encode() call
         try:
             self.seq_len = int(json.loads((model_dir / "preprocess.json").read_text(encoding="utf-8"))["seq_len"])
@@ -172,13 +172,21 @@ def _check_width(probs, labels, path):
 
 
 def load_predictor(path):
-    """A predictor for a model directory or a .tflite file: .labels, .seq_len, .predict_proba(texts)."""
+    """A predictor for a model directory, a baseline directory (model.joblib) or a .tflite file:
+    .labels, .seq_len, .predict_proba(texts)."""
     from pipeline import manifest
 
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: not found; {EXPECTED}")
     manifest.verify_if_listed(path)  # refuse a truncated or altered artifact of a run
+    if path.is_dir() and (path / "model.joblib").is_file():  # saved_models/<run>/baseline
+        from pipeline.baseline import BaselinePredictor
+
+        run_dir = path.resolve().parent  # saved_models/<run>: verify the directory when its manifest lists it
+        if (run_dir / manifest.NAME).is_file() and path.name in manifest.load(run_dir)["artifacts"]:
+            manifest.verify(run_dir, path.name)
+        return BaselinePredictor(path)
     if path.is_dir():
         return KerasPredictor(path)
     if path.suffix == ".keras":  # model.keras given directly: its directory holds the rest

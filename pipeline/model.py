@@ -46,7 +46,7 @@ import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
     prune_preserve_quantize_registry)
 
-from pipeline import INPUT_NAMES
+from pipeline import INPUT_NAMES, ngram
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 
@@ -414,9 +414,78 @@ class SequencePooling(_Layer):
 
 
 @_register
+class NgramLogits(_Layer):
+    """[ids [B, T] int32, mask [B, T]] -> logits [B, num_classes] of a logistic regression on the TF-IDF
+    features of the text's hashed wordpiece n-grams (pipeline/ngram.py has the arithmetic and the fit).
+
+    Builtin TFLite ops only (MUL/FLOOR_MOD on int32, EQUAL, GATHER, LOG, SQRT). The weights are fitted in
+    closed form after the Transformer is trained, so they are not trainable; zeros (the initial value)
+    make the term a no-op.
+    """
+
+    def __init__(self, vocab_size, num_classes, order=3, buckets=131072, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        ngram.check_sizes(vocab_size, order, buckets)
+        self.vocab_size = int(vocab_size)
+        self.num_classes = int(num_classes)
+        self.order = int(order)
+        self.buckets = int(buckets)
+
+    def build(self, input_shape):
+        rows = ngram.num_rows(self.vocab_size, self.order, self.buckets)
+        self.table = self.add_weight("table", shape=(rows, self.num_classes), initializer="zeros", trainable=False)
+        self.idf = self.add_weight("idf", shape=(rows,), initializer="zeros", trainable=False)
+        self.bias = self.add_weight("bias", shape=(self.num_classes,), initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        ids, mask = inputs
+        ids = tf.cast(ids, tf.int32)
+        real = tf.cast(tf.not_equal(mask, 0), tf.float32)
+        rows, valid, h = ids, real, ids
+        per_order = []  # (rows, share, sublinear tf) of each order's positions
+        for n in range(1, self.order + 1):
+            if n > 1:
+                h = tf.math.floormod(h[:, :-1] * ngram.PRIME + ids[:, n - 1:], self.buckets)
+                rows = h + (self.vocab_size + (n - 2) * self.buckets)
+                valid = valid[:, :-1] * real[:, n - 1:]
+            # count of each position's n-gram in its text: [B, L, L] equalities, valid ones only
+            same = tf.cast(tf.equal(tf.expand_dims(rows, 2), tf.expand_dims(rows, 1)), tf.float32)
+            count = tf.maximum(tf.reduce_sum(same * tf.expand_dims(valid, 1), axis=-1), 1.0)
+            sublinear = 1.0 + tf.math.log(count)
+            # each of a feature's `count` positions carries 1/count of its sublinear tf, 1 + ln(count)
+            per_order.append((rows, valid * sublinear / count, sublinear))
+        # One GATHER per table for all orders: the int8 converter gives every GATHER its own quantized
+        # copy of the table it reads.
+        all_rows = tf.concat([r for r, _, _ in per_order], axis=1)
+        weights, idf = tf.gather(self.table, all_rows), tf.gather(self.idf, all_rows)
+        logits, start = self.bias, 0
+        for rows, share, sublinear in per_order:
+            end = start + tf.shape(rows)[1]
+            total = tf.reduce_sum(tf.expand_dims(share, -1) * weights[:, start:end], axis=1)
+            norm2 = tf.reduce_sum(share * sublinear * tf.square(idf[:, start:end]), axis=1)
+            # Each order's features are L2-normalised on their own (pipeline/ngram.py, tfidf). A text with
+            # any seen n-gram has norm2 >= 1 (idf >= 1, 1 + ln count >= 1), one with none has total 0, so
+            # the floor of 1 changes nothing. A product with RSQRT, not a DIV by SQRT: in int8, a small
+            # norm2 rounds to zero and DIV refuses a zero divisor, while RSQRT saturates at its range's top.
+            logits = logits + total * tf.expand_dims(tf.math.rsqrt(tf.maximum(norm2, 1.0)), -1)
+            start = end
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([tf.TensorShape(input_shape[0])[0], self.num_classes])
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "num_classes": self.num_classes,
+                "order": self.order, "buckets": self.buckets}
+
+
+@_register
 class ClassifierHead(_Layer):
-    """[B, d] -> class probabilities [B, num_classes]: dense then softmax, both in float32 whatever the
-    mixed-precision policy. Not pruned (a few hundred weights that every prediction goes through)."""
+    """[B, d], or [[B, d], extra logits [B, num_classes]] -> class probabilities [B, num_classes]: dense,
+    plus the extra logits (the n-gram term), then softmax, in float32 whatever the mixed-precision policy.
+    Not pruned (a few hundred weights that every prediction goes through)."""
 
     def __init__(self, num_classes, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -424,6 +493,8 @@ class ClassifierHead(_Layer):
         self.num_classes = int(num_classes)
 
     def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and not isinstance(input_shape[0], (int, type(None))):
+            input_shape = input_shape[0]
         dim = tf.TensorShape(input_shape)[-1]
         self.kernel = self.add_weight("kernel", shape=(dim, self.num_classes), initializer="glorot_uniform")
         self.bias = self.add_weight("bias", shape=(self.num_classes,), initializer="zeros")
@@ -436,11 +507,15 @@ class ClassifierHead(_Layer):
         return {"logits": _linear}
 
     def call(self, inputs):
-        x = tf.cast(inputs, tf.float32)
-        logits = self._point("logits", tf.matmul(x, self._weight("kernel")) + self._weight("bias"))
-        return tf.nn.softmax(logits, axis=-1)
+        x, extra = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
+        logits = tf.matmul(tf.cast(x, tf.float32), self._weight("kernel")) + self._weight("bias")
+        if extra is not None:
+            logits += tf.cast(extra, tf.float32)
+        return tf.nn.softmax(self._point("logits", logits), axis=-1)
 
     def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and not isinstance(input_shape[0], (int, type(None))):
+            input_shape = input_shape[0]
         return tf.TensorShape(input_shape)[:-1].concatenate([self.num_classes])
 
     def get_config(self):
@@ -473,6 +548,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
                          conv_width=cfg.conv_width, name=f"encoder_{i}")([x, mask])
     x = LayerNorm(name="final_norm")(x)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
+    if cfg.ngram_order:
+        x = [x, NgramLogits(vocab_size, num_classes, cfg.ngram_order, cfg.ngram_buckets, name="ngrams")([ids, mask])]
     probs = ClassifierHead(num_classes, name="probabilities")(x)
     return tf.keras.Model(inputs=inputs, outputs=probs, name="liteformer")
 
@@ -550,13 +627,13 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
 
 _QAT_LAYERS = (TokenAndPositionEmbedding, EncoderBlock, LayerNorm, SequencePooling, ClassifierHead)
-_NO_QAT_LAYERS = (ClipTokenIds, PaddingMask)  # int32 consumers: must stay unannotated
+_NO_QAT_LAYERS = (ClipTokenIds, PaddingMask, NgramLogits)  # int32 consumers: must stay unannotated
 
 
 def custom_objects():
     """Every class this module registers, by plain and registered name."""
     classes = (ClipTokenIds, PaddingMask, TokenAndPositionEmbedding, EncoderBlock, LayerNorm,
-               SequencePooling, ClassifierHead, PointQuantizer, LiteformerQuantizeConfig)
+               SequencePooling, NgramLogits, ClassifierHead, PointQuantizer, LiteformerQuantizeConfig)
     objects = {cls.__name__: cls for cls in classes}
     objects[_PrunePreserveQuantizer.__name__] = _PrunePreserveQuantizer
     objects.update({f"{PACKAGE}>{cls.__name__}": cls for cls in classes})

@@ -1,6 +1,6 @@
 """Report stage: one comparison of every variant (quality from compression.json, cost from
-benchmark.json) as Markdown, HTML, PNG plots and TensorBoard summaries; and the recommended variant
-as a mobile bundle with a model card."""
+benchmark.json, the bag-of-words baseline from metrics.json) as Markdown, HTML, PNG plots and
+TensorBoard summaries; and the recommended variant as a mobile bundle with a model card."""
 import html
 import json
 from pathlib import Path
@@ -19,8 +19,9 @@ def _load(path, stage):
     return json.loads(Path(path).read_text())
 
 
-def variant_rows(compression, benchmark):
-    """One dict per variant (Keras first) joining accuracy, size and measured cost."""
+def variant_rows(compression, benchmark, baseline=None):
+    """One dict per variant (Keras first) joining accuracy, size and measured cost; then the
+    bag-of-words baseline (metrics.json["baseline"], when the train stage fitted one)."""
     rows = []
     keras = benchmark["variants"]["keras"]
     rows.append({"variant": "keras", "accuracy": compression["keras"]["accuracy"],
@@ -37,13 +38,18 @@ def variant_rows(compression, benchmark):
                      "gzip_bytes": v["gzip_bytes"], "sparsity": v["sparsity"], "p50_ms": one["p50_ms"],
                      "p99_ms": one["p99_ms"], "p50_2t_ms": two["p50_ms"], "peak_rss_kb": b["peak_rss_kb"],
                      "load_ms": b["load_ms"], "throughput": b["throughput_examples_per_s"], "energy": energy})
+    if baseline:  # quality and size only: the benchmark stage does not time it
+        rows.append({"variant": "baseline", "accuracy": baseline["dev"]["accuracy"],
+                     "macro_f1": baseline["dev"]["macro_f1"], "bytes": baseline["bytes"],
+                     "gzip_bytes": baseline.get("gzip_bytes"), "sparsity": None, "p50_ms": None, "p99_ms": None,
+                     "p50_2t_ms": None, "peak_rss_kb": None, "load_ms": None, "throughput": None, "energy": None})
     return rows
 
 
 def recommend_variant(rows, tolerance=0.01):
     """The .tflite variant to ship: within `tolerance` of the best .tflite accuracy, the smallest gzip
     size, then the lowest p50 latency."""
-    shipped = [r for r in rows if r["variant"] != "keras"]
+    shipped = [r for r in rows if r["variant"] not in ("keras", "baseline")]
     best = max(r["accuracy"] for r in shipped)
     ok = [r for r in shipped if r["accuracy"] >= best - tolerance]
     return min(ok, key=lambda r: (r["gzip_bytes"], r["p50_ms"]))["variant"]
@@ -212,10 +218,14 @@ def run_report_stage(cfg, run):
     compression = _load(model_dir / "compression.json", "compress")
     benchmark = _load(model_dir / "benchmark.json", "benchmark")
     history = _load(model_dir / "history.json", "train")
+    # metrics.json holds the baseline's scores; runs trained before it existed have neither
+    has_metrics = (model_dir / "metrics.json").is_file()
+    baseline = _load(model_dir / "metrics.json", "train").get("baseline") if has_metrics else None
     key = {"config": {}, "inputs": manifest.inputs(model_dir, [
         "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
+        *(["metrics.json"] if has_metrics else []),
         *(f"tflite/{n}.tflite" for n in compression["variants"])], "model")}
-    rows = variant_rows(compression, benchmark)
+    rows = variant_rows(compression, benchmark, baseline)
     best = recommend_variant(rows)
     if manifest.up_to_date(model_dir, "report", key):
         return {"recommended": best, "rows": rows}
@@ -231,6 +241,13 @@ def run_report_stage(cfg, run):
         "training_curves": plot_training_curves(history, out / "training_curves.png"),
     }
     main, ops = build_tables(rows, benchmark)
+    versus = ""  # one sentence above the table: is the Transformer worth it over the baseline?
+    if baseline:
+        from pipeline.baseline import verdict
+
+        sentence = verdict(compression["keras"], baseline["dev"])  # the keras row against the baseline row
+        versus = (sentence[0].upper() + sentence[1:] + ". The baseline row is TF-IDF word and character "
+                  "n-grams with a logistic regression, fitted on the same train split.")
     r, t = benchmark["ratios"], benchmark["training"]
     facts = [
         f"Recommended variant: **{best}** (smallest gzip size within 1 point of the best .tflite accuracy).",
@@ -261,7 +278,8 @@ def run_report_stage(cfg, run):
                       f"**{r['dense_only_int8_over_float32_p50_1thread']:.2f}**, the lowest ratio int8 can reach for "
                       f"this model on this CPU.")
     md = [f"# liteformer report: {run}", "", *[f"- {f}" for f in facts], "", "## Variants (dev set)", "",
-          markdown_table(main), "", "## Where LiteRT runs each op", "", placement, "", markdown_table(ops), ""]
+          *([versus, ""] if versus else []), markdown_table(main), "", "## Where LiteRT runs each op", "",
+          placement, "", markdown_table(ops), ""]
     md += [f"![{name}](report/{Path(p).name})" for name, p in images.items()]
     files.write_text(model_dir / "report.md", "\n".join(md) + "\n")
 
@@ -272,7 +290,8 @@ def run_report_stage(cfg, run):
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"
             f"<h1>liteformer report: {html.escape(run)}</h1><ul>{body}</ul><h2>Variants (dev set)</h2>"
-            f"{_html_table(main)}<h2>Where LiteRT runs each op</h2><p>{html.escape(placement).replace('**', '')}</p>"
+            f"{f'<p>{html.escape(versus)}</p>' if versus else ''}{_html_table(main)}"
+            f"<h2>Where LiteRT runs each op</h2><p>{html.escape(placement).replace('**', '')}</p>"
             f"{_html_table(ops)}{imgs}</body></html>\n")
     files.write_text(model_dir / "report.html", page)
 
@@ -280,7 +299,7 @@ def run_report_stage(cfg, run):
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
     with tf.summary.create_file_writer(str(log_dir)).as_default():
-        tf.summary.text("report/variants", markdown_table(main), step=0)
+        tf.summary.text("report/variants", (versus + "\n\n" if versus else "") + markdown_table(main), step=0)
         tf.summary.text("report/op_placement", placement + "\n\n" + markdown_table(ops), step=0)
         tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
         for name, p in images.items():

@@ -14,9 +14,9 @@ from pipeline import files, manifest
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 
-PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
+PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "train.jsonl", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
 ARTIFACTS = ("model.keras", "saved_model", "vocab.txt", "labels.txt", "preprocess.json", "config.yaml",
-             "history.json", "metrics.json")
+             "history.json", "metrics.json", "baseline")
 
 
 @tf.keras.utils.register_keras_serializable(package="liteformer")
@@ -171,6 +171,18 @@ def build_callbacks(cfg, state, logdir, epoch):
     ]
 
 
+def epochs_for(t, steps_per_epoch):
+    """train.epochs, or more when that is fewer than train.min_steps optimizer steps: 3 epochs of a few
+    thousand rows are ~100 steps, far from converged."""
+    return max(t.epochs, math.ceil(t.min_steps / max(1, steps_per_epoch)))
+
+
+def class_weights(counts, labels):
+    """{class index: n / (classes * count)}: every class weighs as much in the loss as a balanced set's."""
+    n = sum(counts.values())
+    return {i: n / (len(labels) * counts[label]) for i, label in enumerate(labels)}
+
+
 def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels).
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
@@ -191,7 +203,12 @@ def train_model(cfg, run, key):
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                             bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
-    total_steps = int(train_ds.cardinality()) * t.epochs
+    epochs = epochs_for(t, int(train_ds.cardinality()))
+    total_steps = int(train_ds.cardinality()) * epochs
+    weights = class_weights(stats["class_counts"]["train"], labels) if t.class_weight == "balanced" else None
+    print(f"training {epochs} epochs at most ({total_steps:,} steps; train.epochs {t.epochs}, train.min_steps "
+          f"{t.min_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
+          + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
     with make_strategy(t.strategy).scope():
         model = build_model(cfg.model, len(vocab), len(labels), seq_len)
@@ -211,8 +228,8 @@ def train_model(cfg, run, key):
         print(f"resuming the interrupted run in {state}")
     logdir = Path(cfg.paths.runs) / run / "train"
     _log_hparams(cfg, logdir)
-    model.fit(train_ds, validation_data=dev_ds, epochs=t.epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
-              verbose=1 if sys.stdout.isatty() else 2)
+    model.fit(train_ds, validation_data=dev_ds, epochs=epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
+              class_weight=weights, verbose=1 if sys.stdout.isatty() else 2)
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
@@ -221,8 +238,62 @@ def train_model(cfg, run, key):
     return model, rows, stats, labels
 
 
+def _split_arrays(path, seq_len):
+    """(input dict of int32 [n, seq_len] arrays, labels [n]) of a processed split, in file order."""
+    import numpy as np
+
+    from pipeline.data import make_dataset
+
+    batches = list(make_dataset(path, seq_len, 1024, training=False).as_numpy_iterator())
+    inputs = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+    return inputs, np.concatenate([b[1] for b in batches])
+
+
+def fit_ngram_term(cfg, model, processed, seq_len, labels):
+    """Fit the model's n-gram logistic regression on train (closed form), then the weights of the two
+    logit terms on dev; fold them into the model. Returns dev accuracy and macro-F1 of each part."""
+    import numpy as np
+
+    from pipeline import ngram
+    from pipeline.evaluate import classification_metrics
+
+    t0 = time.time()
+    m = cfg.model
+    sizes = dict(vocab_size=model.get_layer("ngrams").vocab_size, order=m.ngram_order, buckets=m.ngram_buckets)
+    train_x, train_y = _split_arrays(processed / "train.tfrecord", seq_len)
+    table, idf, nbias = ngram.fit_ngram_logits(
+        train_x["input_word_ids"], train_x["input_mask"], train_y, len(labels), c=cfg.train.ngram_c,
+        class_weight="balanced" if cfg.train.class_weight == "balanced" else None, seed=cfg.train.seed, **sizes)
+
+    dev_x, dev_y = _split_arrays(processed / "dev.tfrecord", seq_len)
+    head = model.get_layer("probabilities")
+    pooled = tf.keras.Model(model.inputs, model.get_layer("pooling").output).predict(dev_x, batch_size=256, verbose=0)
+    kernel, hbias = head.kernel.numpy(), head.bias.numpy()
+    zt = pooled.astype(np.float64) @ kernel + hbias
+    zn = ngram.ngram_logits(dev_x["input_word_ids"], dev_x["input_mask"], table, idf, nbias, **sizes)
+    beta, alpha = ngram.fit_mix(zt, zn, dev_y)
+
+    layer = model.get_layer("ngrams")
+    layer.table.assign(table * alpha)
+    layer.idf.assign(idf)
+    layer.bias.assign(nbias * alpha)
+    head.kernel.assign(kernel * beta)
+    head.bias.assign(hbias * beta)
+
+    def scores(z):
+        r = classification_metrics(dev_y, ngram.softmax(z), labels)
+        return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
+
+    parts = {"transformer": scores(zt), "ngrams": scores(zn), "combined": scores(beta * zt + alpha * zn)}
+    print("n-gram term: dev accuracy / macro F1 — " + ", ".join(
+        f"{k} {v['accuracy']:.4f} / {v['macro_f1']:.4f}" for k, v in parts.items())
+        + f" (weights: Transformer {beta:.2f}, n-grams {alpha:.2f}; fitted in {time.time() - t0:.0f} s)")
+    return {"transformer_weight": beta, "ngram_weight": alpha, "dev": parts}
+
+
 def run_train_stage(cfg, run):
     """`python -m pipeline train`: train, evaluate on dev, and write saved_models/<run>/."""
+    from pipeline.baseline import comparison_table, run_baseline
     from pipeline.data import read_examples
     from pipeline.evaluate import classification_metrics, load_predictor
 
@@ -233,6 +304,7 @@ def run_train_stage(cfg, run):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
     model, rows, stats, labels = train_model(cfg, run, key)
+    mix = fit_ngram_term(cfg, model, processed, int(stats["seq_len"]), labels) if cfg.model.ngram_order else None
 
     # Keras format and SavedModel; each lands at its final path only when complete.
     with files.atomic_path(model_dir / "model.keras") as tmp:
@@ -245,23 +317,35 @@ def run_train_stage(cfg, run):
     save_config(cfg, model_dir / "config.yaml")
     files.write_json(model_dir / "history.json", rows)
 
-    # Dev metrics through the same code as `pipeline evaluate`, from the raw dev texts.
-    texts, gold = read_examples(processed / "dev.jsonl", cfg.data)
-    probs = load_predictor(model_dir).predict_proba(texts)
-    dev = classification_metrics([labels.index(g) for g in gold], probs, labels)
+    # Dev (and test) metrics through the same code as `pipeline evaluate`, from the raw texts; the
+    # bag-of-words baseline fitted on the same train rows, scored by the same code, beside them.
+    predictor = load_predictor(model_dir)
+    scores = {}
+    for split in ("dev", "test"):
+        if (processed / f"{split}.jsonl").is_file():
+            texts, gold = read_examples(processed / f"{split}.jsonl", cfg.data)
+            scores[split] = classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts),
+                                                   labels)
+    dev = scores["dev"]
+    baseline = run_baseline(processed, model_dir / "baseline", labels)
+    print(f"bag-of-words baseline (TF-IDF + logistic regression) fitted in {baseline.pop('fit_seconds'):.0f} s "
+          f"-> {baseline.pop('path')}")  # out of metrics.json, which a rerun reproduces byte for byte
     seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)
     best = int(best_in_log(rows, cfg.train.monitor, (lambda a, b: a < b) if cfg.train.monitor == "val_loss"
                            else (lambda a, b: a > b))[1])
     metrics = {
-        "dev": dev,
+        **scores,
+        "baseline": baseline,
         "epochs": len(rows),
         "best_epoch": best + 1,
         "params": int(model.count_params()),
         "seq_len": int(stats["seq_len"]),
+        **({"ngrams": mix} if mix else {}),
     }
     files.write_json(model_dir / "metrics.json", metrics)
     manifest.record(model_dir, "train", key, ARTIFACTS)
     shutil.rmtree(model_dir / "train_state" / "backup", ignore_errors=True)
     print(f"trained {run}: dev accuracy {dev['accuracy']:.4f}, macro F1 {dev['macro_f1']:.4f}, "
           f"{len(rows)} epochs (best {best + 1}) in {seconds:.0f} s -> {model_dir}")
+    print(comparison_table(scores, baseline))
     return metrics

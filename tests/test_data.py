@@ -94,11 +94,78 @@ def test_long_line_is_read(tmp_path):
     assert len(texts[0]) == len(big.strip())
 
 
+# Files as users write them: other column names, no header, labels first, extra columns.
+REVIEWS = [("I loved this movie, it was great fun", "pos"), ("Terrible acting and a dull plot", "neg"),
+           ("A moving story, well told", "pos"), ("Boring from start to end", "neg"),
+           ("Clever, warm and funny", "pos"), ("Two hours I will never get back", "neg")]
+NEWS = [("World", "Leaders meet in Geneva to talk about trade"), ("Sports", "Home side wins the cup after extra time"),
+        ("Business", "Oil prices rise for a third day"), ("World", "Floods hit the coast, thousands leave"),
+        ("Sports", "Star striker signs for a record fee"), ("Business", "Shares fall as rates go up")]
+
+
+def test_csv_header_with_other_column_names_is_a_header(tmp_path, capsys):
+    path = write(tmp_path / "review.csv", "review,sentiment\n" + "".join(f'"{t}",{l}\n' for t, l in REVIEWS))
+    out = D.read_table(path, DataConfig())
+    assert out["texts"] == [t for t, _ in REVIEWS] and out["labels"] == [l for _, l in REVIEWS]
+    assert out["lines"][0] == 2 and (out["text_column"], out["label_column"]) == ("review", "sentiment")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("reading review.csv: text column 'review', label column 'sentiment' (chosen by "
+                                     "content; set data.text_column/data.label_column to override)") in err
+
+
+def test_label_first_headerless_tsv_with_string_labels(tmp_path, capsys):
+    path = write(tmp_path / "news.tsv", tsv(NEWS, header=None))
+    assert D.read_examples(path, DataConfig()) == ([t for _, t in NEWS], [l for l, _ in NEWS])
+    assert "text column 'column 2', label column 'column 1'" in capsys.readouterr().err
+
+
+def test_headerless_text_label_tsv_keeps_its_first_row(tmp_path):
+    # A short first text and a word label look like names, but "pos" recurs below: an example.
+    rows = [("great fun", "pos"), ("a dull and slow plot", "neg"), ("wonderful acting", "pos"), ("boring", "neg")]
+    path = write(tmp_path / "t.tsv", tsv(rows, header=None))
+    assert D.read_examples(path, DataConfig()) == ([t for t, _ in rows], [l for _, l in rows])
+
+
+def test_header_with_configured_names(tmp_path, capsys):
+    cfg = DataConfig(text_column="review", label_column="sentiment")
+    path = write(tmp_path / "t.csv", "sentiment,id,review\npos,1,great fun\nneg,2,dull\n")  # too short to judge
+    assert D.read_examples(path, cfg) == (["great fun", "dull"], ["pos", "neg"])
+    assert "chosen by content" not in capsys.readouterr().err  # nothing was guessed
+
+
+def test_csv_with_four_columns_picks_text_and_label_by_content(tmp_path, capsys):
+    rows = [(i, f"Title {i}", t, 1 + i % 3) for i, (t, _) in enumerate(REVIEWS)]
+    body = "".join(f'{i},{title},"{t}",{r}\n' for i, title, t, r in rows)
+    expected = ([t for _, _, t, _ in rows], [str(r) for *_, r in rows])
+    path = write(tmp_path / "h.csv", "id,title,review,rating\n" + body)
+    assert D.read_examples(path, DataConfig()) == expected
+    assert "text column 'review', label column 'rating'" in capsys.readouterr().err
+    path = write(tmp_path / "n.csv", body)  # the same without a header: chosen by content all the same
+    assert D.read_examples(path, DataConfig()) == expected
+    assert "text column 'column 3', label column 'column 4'" in capsys.readouterr().err
+
+
+def test_one_column_header_is_found_by_text_length(tmp_path):
+    texts = [t for t, _ in REVIEWS]
+    path = write(tmp_path / "t.csv", "review\n" + "".join(f'"{t}"\n' for t in texts))
+    assert D.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
+    path = write(tmp_path / "u.csv", "".join(f'"{t}"\n' for t in texts))
+    assert D.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
+
+
+def test_jsonl_with_other_keys(tmp_path, capsys):
+    path = write(tmp_path / "t.jsonl", "".join(json.dumps({"id": i, "review": t, "sentiment": l}) + "\n"
+                                               for i, (t, l) in enumerate(REVIEWS)))
+    out = D.read_table(path, DataConfig())
+    assert out["texts"] == [t for t, _ in REVIEWS] and out["labels"] == [l for _, l in REVIEWS]
+    assert "text column 'review', label column 'sentiment'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, content, where, problem", [
     ("train.tsv", b"", 1, "empty file"),
     ("train.tsv", b"\n\n", 1, "empty file"),
     ("train.tsv", b"sentence\tlabel\n", 1, "header only"),
-    ("train.tsv", b"review\tlabel\nfine\t1\n", 1, "missing text column 'sentence'"),
+    ("train.tsv", b"label\n1\n", 1, "missing text column 'sentence'"),
     ("train.csv", b"sentence,score\nfine,1\n", 1, "missing label column 'label'"),
     ("dev.tsv", b"sentence\tlabel\ngood\t1\n  \t0\n", 3, "empty text"),
     ("dev.tsv", b"sentence\tlabel\ngood\t1\nbad\t \n", 3, "empty label"),
@@ -181,7 +248,7 @@ def test_run_data_stage_writes_everything(tmp_path, capsys):
     out = tmp_path / "out" / "processed" / "myrun"
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "vocab.txt", "labels.txt", "train.tfrecord", "dev.tfrecord", "test.tfrecord",
-        "dev.jsonl", "test.jsonl", "stats.json", "manifest.json"])
+        "train.jsonl", "dev.jsonl", "test.jsonl", "stats.json", "manifest.json"])
     assert json.loads((out / "stats.json").read_text()) == stats
     assert D.load_labels(out) == ["neg", "pos"]
     vocab = (out / "vocab.txt").read_text().split("\n")[:-1]
@@ -199,6 +266,7 @@ def test_run_data_stage_writes_everything(tmp_path, capsys):
     assert stats["oov_rate"]["dev"] == 0.2 and stats["oov_rate"]["train"] == 0.0
     # dev.jsonl carries the raw text for text-level runtimes, and read_examples reads it back.
     assert D.read_examples(out / "dev.jsonl", cfg.data) == (["wonderful story", "dull, slow"], ["pos", "neg"])
+    assert D.read_examples(out / "train.jsonl", cfg.data) == D.read_examples(src / "train.tsv", cfg.data)
     printed = capsys.readouterr().out
     assert "train 60, dev 2, test 1" in printed and f"seq_len: {stats['seq_len']}" in printed
 
@@ -215,6 +283,8 @@ def test_hold_out_dev_when_missing_and_seq_len_cap(tmp_path):
     assert "hold-out" in stats["files"]["dev"]
     dev_texts, _ = D.read_examples(out / "dev.jsonl", cfg.data)
     assert len(set(dev_texts)) == 10 and set(dev_texts) <= {t.strip() for t, _ in rows}
+    train_texts, _ = D.read_examples(out / "train.jsonl", cfg.data)  # what was trained on: the rest
+    assert len(train_texts) == 31 and sorted(train_texts + dev_texts) == sorted(t.strip() for t, _ in rows)
     assert stats["seq_len"] == 8 and stats["train_token_lengths"]["max"] > 8
     assert stats["truncated_fraction"]["train"] > 0
     assert all(len(ids) <= 8 and ids[-1] == 3 for ids, _ in read_tfrecord(out / "train.tfrecord"))
@@ -245,6 +315,23 @@ def test_single_class_is_an_error(tmp_path):
     write(tmp_path / "d" / "train.tsv", tsv([("a", "x"), ("b", "x")]))
     with pytest.raises(PipelineError, match=r"train\.tsv:2: only one class \('x'\)"):
         D.run_data_stage(make_cfg(tmp_path), str(tmp_path / "d"), "r")
+
+
+def test_header_read_as_data_is_a_singleton_class_with_a_hint(tmp_path):
+    # "(en)" is no column name, so the first row is taken as an example of class 'sentiment'.
+    write(tmp_path / "d" / "train.csv", "review text (en),sentiment\n" + "".join(f'"{t}",{l}\n' for t, l in REVIEWS))
+    with pytest.raises(PipelineError) as e:
+        D.run_data_stage(make_cfg(tmp_path), str(tmp_path / "d"), "r")
+    assert str(e.value) == ("train.csv:1: class 'sentiment' has 1 example (needs at least 2); is line 1 a header? "
+                            "name the columns with data.text_column/data.label_column")
+    assert not (tmp_path / "out" / "processed" / "r").exists()
+
+
+def test_singleton_class_elsewhere_names_its_line_without_the_hint(tmp_path):
+    write(tmp_path / "d" / "train.tsv", tsv(sample_rows(6) + [("so so", "meh")]))
+    with pytest.raises(PipelineError) as e:
+        D.run_data_stage(make_cfg(tmp_path), str(tmp_path / "d"), "r")
+    assert str(e.value) == "train.tsv:14: class 'meh' has 1 example (needs at least 2)"
 
 
 @pytest.mark.skipif(not SST2.exists(), reason="no ../shared/data/sst2")

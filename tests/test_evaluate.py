@@ -312,6 +312,71 @@ def test_run_predict_prints_one_json_line_per_text(model_dir, capsys):
     assert sum(first["scores"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_run_evaluate_on_a_csv_with_other_column_names(model_dir, tmp_path, capsys):
+    rows = [("positive", "good movie"), ("negative", "bad plot"), ("positive", "great movie"),
+            ("negative", "awful plot")]
+    data = tmp_path / "dev.csv"
+    data.write_text("sentiment,review\n" + "".join(f"{l},{t}\n" for l, t in rows), encoding="utf-8")
+    result = run_evaluate(Config(), str(model_dir), str(data))
+    out, err = capsys.readouterr()
+    assert json.loads(out) == result and result["n"] == 4  # the header is no example
+    assert sum(result["confusion_matrix"][0]) == 2 and sum(result["confusion_matrix"][1]) == 2
+    assert "text column 'review', label column 'sentiment'" in err
+
+
+def predict_cli(capsys, *argv):
+    """The texts `python -m pipeline predict` printed, in order."""
+    from pipeline.__main__ import main
+
+    assert main(["predict", *argv]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = [json.loads(line) for line in lines]
+    assert all(r["label"] in LABELS and set(r["scores"]) == set(LABELS) for r in results)
+    return [r["text"] for r in results]
+
+
+def test_predict_file_txt_one_text_per_line(model_dir, tmp_path, capsys):
+    path = tmp_path / "texts.txt"
+    path.write_text("good movie\n\n  bad plot  \r\nthe great movie\n\n", encoding="utf-8")
+    assert predict_cli(capsys, "--model", str(model_dir), "--file", str(path)) == ["good movie", "bad plot",
+                                                                                   "the great movie"]
+    # positional texts still work, and come first
+    assert predict_cli(capsys, "--model", str(model_dir), "awful", "--file", str(path))[:2] == ["awful", "good movie"]
+
+
+def test_predict_file_from_stdin(model_dir, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("good movie\n\nbad plot é\n".encode("utf-8"))))
+    assert predict_cli(capsys, "--model", str(model_dir), "--file", "-") == ["good movie", "bad plot é"]
+
+
+def test_predict_file_table_reads_its_text_column(model_dir, tmp_path, capsys):
+    path = tmp_path / "reviews.csv"
+    path.write_text("review,sentiment\ngood movie,positive\nbad plot,negative\nawful,negative\ngreat,positive\n")
+    assert predict_cli(capsys, "--model", str(model_dir), "--file", str(path)) == ["good movie", "bad plot",
+                                                                                   "awful", "great"]
+
+
+def test_predict_without_texts_or_file_is_a_usage_error(model_dir, capsys):
+    from pipeline.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--model", str(model_dir)])
+    assert e.value.code == 2 and "give texts to classify, or --file F" in capsys.readouterr().err
+
+
+def test_predict_file_errors_in_one_line(model_dir, tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    (tmp_path / "bad.txt").write_bytes(b"good\nbad \xff\n")
+    for path, problem in ((tmp_path / "bad.txt", "bad.txt:2: invalid UTF-8"),
+                          (tmp_path / "nope.txt", "file not found")):
+        assert main(["predict", "--model", str(model_dir), "--file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and problem in err and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -43,7 +43,7 @@ GOOD = b"sentence\tlabel\ngood film\t1\nbad film\t0\nfine film\t1\ndull film\t0\
 @pytest.mark.parametrize("train, dev, needles", [
     (b"", None, ["train.tsv:1: empty file"]),
     (b"sentence\tlabel\n", None, ["train.tsv:1: header only"]),
-    (b"text_of_review\tlabel\ngood\t1\n", None, ["train.tsv:1: missing text column 'sentence'"]),
+    (b"label\n1\n", None, ["train.tsv:1: missing text column 'sentence'"]),
     (b"sentence\tscore\ngood\t1\n", None, ["train.tsv:1: missing label column 'label'"]),
     (b"sentence\tlabel\ngood\t1\nbad\t0\textra\n", None, ["train.tsv:3: expected 2 fields, found 3"]),
     (b"sentence\tlabel\ngood\t1\n \t0\n", None, ["train.tsv:3: empty text"]),
@@ -93,7 +93,7 @@ def test_crlf_bom_and_a_5_mb_line_are_accepted(tmp_path, capsys):
     stats = json.loads((tmp_path / "data" / "processed" / "r" / "stats.json").read_text())
     assert stats["rows"]["train"] + stats["rows"]["dev"] == 201 and stats["text_column"] == "sentence"
     # Cut to max_seq_len x CHARS_PER_TOKEN characters before WordPiece (not 500,000 pieces), then to seq_len.
-    assert stats["seq_len"] <= 128 and stats["train_token_lengths"]["max"] < 1000
+    assert stats["seq_len"] == 512 and stats["train_token_lengths"]["max"] < 4000  # the cap, not 500,000
 
 
 @pytest.mark.parametrize("yaml_text, argv, needles", [
@@ -142,7 +142,7 @@ def test_manifest_lists_every_artifact_with_its_checksum(trained):
     root, _, _ = trained
     model_dir = root / "saved_models" / "toy"
     m = json.loads((model_dir / "manifest.json").read_text())
-    assert set(m["artifacts"]) == {"model.keras", "saved_model", "vocab.txt", "labels.txt", "preprocess.json",
+    assert set(m["artifacts"]) == {"model.keras", "saved_model", "baseline", "vocab.txt", "labels.txt", "preprocess.json",
                                    "config.yaml", "history.json", "metrics.json"}
     digest = hashlib.sha256((model_dir / "metrics.json").read_bytes()).hexdigest()
     assert m["artifacts"]["metrics.json"] == {"sha256": digest, "bytes": (model_dir / "metrics.json").stat().st_size,

@@ -68,6 +68,25 @@ def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert predictor.labels[int(np.argmax(probs[0]))] == "1" and predictor.labels[int(np.argmax(probs[1]))] == "0"
 
+    # The n-gram term was fitted and folded in: the saved model gives the combined dev score recorded, and
+    # the baseline was fitted on the same rows and scored by the same code.
+    mix = metrics["ngrams"]
+    assert mix["ngram_weight"] > 0 and mix["dev"]["combined"]["accuracy"] == metrics["dev"]["accuracy"]
+    assert np.any(predictor.model.get_layer("ngrams").get_weights()[0] != 0)
+    assert metrics["baseline"]["dev"]["n"] == metrics["dev"]["n"] and metrics["baseline"]["bytes"] > 0
+    assert load_predictor(model_dir / "baseline").predict_proba(["the movie was great"]).shape == (1, 2)
+
+
+def test_small_data_gets_enough_steps_and_rare_classes_weigh_more():
+    from pipeline.config import TrainConfig
+    from pipeline.train import class_weights, epochs_for
+
+    assert epochs_for(TrainConfig(epochs=3, min_steps=1500), 50) == 30  # 3 epochs of 50 steps is too few
+    assert epochs_for(TrainConfig(epochs=3, min_steps=1500), 800) == 3
+    weights = class_weights({"a": 60, "b": 30, "c": 10}, ["a", "b", "c"])
+    assert weights == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
+    assert sum(weights[i] * n for i, n in enumerate((60, 30, 10))) == pytest.approx(100)  # same total weight
+
 
 def test_same_seed_gives_same_metrics(toy_data, tmp_path):
     from pipeline.data import run_data_stage

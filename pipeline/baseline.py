@@ -1,0 +1,150 @@
+"""The bag-of-words baseline every run is compared with: TF-IDF word and character n-grams and a
+logistic regression (scikit-learn), fitted on the same processed train split as the Transformer."""
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files
+from pipeline.errors import PipelineError
+from pipeline.evaluate import read_labels
+
+MODEL_FILE = "model.joblib"
+NAME = "bag-of-words baseline"
+
+
+def make_baseline():
+    """The published comparison recipe: word 1-2-grams and char_wb 2-5-grams, TF-IDF, logistic regression."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    features = FeatureUnion([
+        ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
+        ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+    ])
+    return Pipeline([("tfidf", features), ("logreg", LogisticRegression(C=4, max_iter=2000))])
+
+
+class BaselinePredictor:
+    """A baseline directory (model.joblib, labels.txt): .labels, .path, .predict_proba(texts)."""
+
+    seq_len = None  # the vectorizers read whole texts; there is no token limit
+
+    def __init__(self, path):
+        import joblib
+
+        path = Path(path)
+        for name in (MODEL_FILE, "labels.txt"):
+            if not (path / name).is_file():
+                raise PipelineError(f"{path}: no {name}; expected a baseline directory (model.joblib, labels.txt)")
+        self.path = path
+        self.labels = read_labels(path / "labels.txt")
+        try:
+            self.model = joblib.load(path / MODEL_FILE)
+            classes = [str(c) for c in self.model.classes_]
+        except Exception as e:  # truncated, or pickled by an incompatible scikit-learn
+            raise PipelineError(f"{path / MODEL_FILE}: cannot load the baseline ({type(e).__name__}: {e})") from None
+        # sklearn orders classes_ by sorting; labels.txt is the model's order, so map each label to its column
+        if sorted(classes) != sorted(self.labels) or len(classes) != len(self.labels):
+            raise PipelineError(f"{path}: model.joblib knows classes {classes}, labels.txt has {self.labels}")
+        self.columns = np.array([classes.index(label) for label in self.labels])
+
+    def predict_proba(self, texts):
+        if not len(texts):
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.asarray(self.model.predict_proba(list(texts)), np.float32)[:, self.columns]
+
+
+def _read_jsonl(path):
+    """(texts, labels) of a processed split: one {"text", "label"} object per line."""
+    texts, labels = [], []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(str(row["text"]))
+            labels.append(str(row["label"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PipelineError(f"{path}:{i}: expected {{\"text\": ..., \"label\": ...}} ({e})") from None
+    if not texts:
+        raise PipelineError(f"{path}: no examples")
+    return texts, labels
+
+
+def _label_ids(path, gold, labels):
+    ids = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({g for g in gold if g not in ids})
+    if unknown:
+        raise PipelineError(f"{path}: labels {unknown} are not in labels.txt ({', '.join(labels)})")
+    return [ids[g] for g in gold]
+
+
+def run_baseline(processed_dir, out_dir, labels) -> dict:
+    """Fit the baseline on train.jsonl, save it to out_dir, score dev (and test when present).
+    Returns {"dev", "test"?, "bytes", "gzip_bytes", "fit_seconds", "path"}."""
+    import joblib
+
+    from pipeline.evaluate import classification_metrics  # the model's metrics code, so the numbers compare
+
+    processed_dir, out_dir, labels = Path(processed_dir), Path(out_dir), list(labels)
+    texts, gold = _read_jsonl(processed_dir / "train.jsonl")
+    _label_ids(processed_dir / "train.jsonl", gold, labels)
+    model = make_baseline()
+    t0 = time.perf_counter()
+    model.fit(texts, gold)
+    fit_seconds = time.perf_counter() - t0
+
+    # the directory appears whole or not at all: a predictor never sees a model without its labels
+    with files.atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        joblib.dump(model, tmp / MODEL_FILE)
+        (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+
+    predictor = BaselinePredictor(out_dir)  # score the saved model, as `pipeline evaluate` would load it
+    result = {}
+    for split in ("dev", "test"):
+        path = processed_dir / f"{split}.jsonl"
+        if split == "test" and not path.is_file():
+            continue
+        split_texts, split_gold = _read_jsonl(path)
+        result[split] = classification_metrics(_label_ids(path, split_gold, labels),
+                                               predictor.predict_proba(split_texts), labels)
+    content = (out_dir / MODEL_FILE).read_bytes()
+    return {**result, "bytes": len(content),
+            # as compress.py measures the .tflite variants, so the report's gzip column compares
+            "gzip_bytes": len(gzip.compress(content, compresslevel=9, mtime=0)),
+            "fit_seconds": fit_seconds, "path": str(out_dir)}
+
+
+def verdict(model_dev, baseline_dev):
+    """One sentence (lower-case start) comparing the Transformer and the baseline on dev accuracy and macro F1."""
+    ma, ba, mf, bf = model_dev["accuracy"], baseline_dev["accuracy"], model_dev["macro_f1"], baseline_dev["macro_f1"]
+    numbers = (f"accuracy: Transformer {100 * ma:.2f}%, baseline {100 * ba:.2f}%; "
+               f"macro F1: Transformer {mf:.4f}, baseline {bf:.4f}")
+    if ma < ba or mf < bf:
+        return f"the {NAME} is better on dev ({numbers})"
+    verb = "beats" if ma > ba and mf > bf else "matches or beats"
+    return f"the Transformer {verb} the {NAME} on dev ({numbers})"
+
+
+def comparison_table(model: dict, baseline: dict) -> str:
+    """Aligned plain-text table of accuracy and macro F1, Transformer vs baseline, per split; then the verdict."""
+    header = ["split", "model acc %", "baseline acc %", "Δ acc (pt)", "model macro-F1", "baseline macro-F1",
+              "Δ macro-F1"]
+    rows = [header]
+    for split in ("dev", "test"):
+        if split in model and split in baseline:
+            m, b = model[split], baseline[split]
+            rows.append([split, f"{100 * m['accuracy']:.2f}", f"{100 * b['accuracy']:.2f}",
+                         f"{100 * (m['accuracy'] - b['accuracy']):+.2f}", f"{m['macro_f1']:.4f}",
+                         f"{b['macro_f1']:.4f}", f"{m['macro_f1'] - b['macro_f1']:+.4f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    if "dev" in model and "dev" in baseline:
+        lines.append(verdict(model["dev"], baseline["dev"]))
+    return "\n".join(lines)
