@@ -1,7 +1,5 @@
 """The bag-of-words baseline every run is compared with: TF-IDF word and character n-grams and a
 logistic regression (scikit-learn), fitted on the same processed train split as the Transformer."""
-import gzip
-import json
 import time
 from pathlib import Path
 
@@ -58,44 +56,18 @@ class BaselinePredictor:
         return np.asarray(self.model.predict_proba(list(texts)), np.float32)[:, self.columns]
 
 
-def _read_jsonl(path):
-    """(texts, labels) of a processed split: one {"text", "label"} object per line."""
-    texts, labels = [], []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            texts.append(str(row["text"]))
-            labels.append(str(row["label"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise PipelineError(f"{path}:{i}: expected {{\"text\": ..., \"label\": ...}} ({e})") from None
-    if not texts:
-        raise PipelineError(f"{path}: no examples")
-    return texts, labels
-
-
-def _label_ids(path, gold, labels):
-    ids = {label: i for i, label in enumerate(labels)}
-    unknown = sorted({g for g in gold if g not in ids})
-    if unknown:
-        raise PipelineError(f"{path}: labels {unknown} are not in labels.txt ({', '.join(labels)})")
-    return [ids[g] for g in gold]
-
-
-def run_baseline(processed_dir, out_dir, labels) -> dict:
-    """Fit the baseline on train.jsonl, save it to out_dir, score dev (and test when present).
+def run_baseline(splits, out_dir, labels) -> dict:
+    """Fit the baseline on splits["train"], save it to out_dir, score dev (and test when present).
+    splits: {split: (texts, label strings)}, as the train stage read them.
     Returns {"dev", "test"?, "bytes", "gzip_bytes", "fit_seconds", "path"}."""
     import joblib
 
     from pipeline.evaluate import classification_metrics  # the model's metrics code, so the numbers compare
 
-    processed_dir, out_dir, labels = Path(processed_dir), Path(out_dir), list(labels)
-    texts, gold = _read_jsonl(processed_dir / "train.jsonl")
-    _label_ids(processed_dir / "train.jsonl", gold, labels)
+    out_dir, labels = Path(out_dir), list(labels)
     model = make_baseline()
     t0 = time.perf_counter()
-    model.fit(texts, gold)
+    model.fit(*splits["train"])
     fit_seconds = time.perf_counter() - t0
 
     # the directory appears whole or not at all: a predictor never sees a model without its labels
@@ -105,18 +77,11 @@ def run_baseline(processed_dir, out_dir, labels) -> dict:
         (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
 
     predictor = BaselinePredictor(out_dir)  # score the saved model, as `pipeline evaluate` would load it
-    result = {}
-    for split in ("dev", "test"):
-        path = processed_dir / f"{split}.jsonl"
-        if split == "test" and not path.is_file():
-            continue
-        split_texts, split_gold = _read_jsonl(path)
-        result[split] = classification_metrics(_label_ids(path, split_gold, labels),
-                                               predictor.predict_proba(split_texts), labels)
+    result = {split: classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts), labels)
+              for split, (texts, gold) in splits.items() if split in ("dev", "test")}
     content = (out_dir / MODEL_FILE).read_bytes()
     return {**result, "bytes": len(content),
-            # as compress.py measures the .tflite variants, so the report's gzip column compares
-            "gzip_bytes": len(gzip.compress(content, compresslevel=9, mtime=0)),
+            "gzip_bytes": files.gzip_size(content),  # as compress.py measures the .tflite variants
             "fit_seconds": fit_seconds, "path": str(out_dir)}
 
 

@@ -10,7 +10,6 @@ evaluate`, and with MediaPipe Tasks as apps run it.
 Each step writes its artifact atomically under saved_models/<run>/ and is skipped when a re-run finds
 it (compress_state/ remembers the config and model it was made from), so a killed stage resumes.
 """
-import gzip
 import json
 import math
 import shutil
@@ -315,7 +314,7 @@ def run_compress_stage(cfg, run):
                          "max_probability_difference": float(np.max(np.abs(mp_probs - probs)))}
             files.write_json(state / f"{name}.eval.json", {
                 "variant": name, "path": str(path), "bytes": len(content),
-                "gzip_bytes": len(gzip.compress(content, compresslevel=9, mtime=0)),
+                "gzip_bytes": files.gzip_size(content),
                 "sparsity": tflite_weight_sparsity(content),
                 "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                 "accuracy_change": metrics["accuracy"] - reference["accuracy"], "mediapipe": mediapipe,

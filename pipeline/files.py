@@ -45,3 +45,10 @@ def write_text(path, text: str):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def gzip_size(content: bytes) -> int:
+    """Bytes after gzip -9 (no timestamp): what a download of the file costs."""
+    import gzip
+
+    return len(gzip.compress(content, compresslevel=9, mtime=0))

@@ -492,10 +492,15 @@ class ClassifierHead(_Layer):
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
 
-    def build(self, input_shape):
+    @staticmethod
+    def _features_shape(input_shape):
+        """The shape of x, whether the input is x or [x, extra logits]."""
         if isinstance(input_shape, (list, tuple)) and not isinstance(input_shape[0], (int, type(None))):
-            input_shape = input_shape[0]
-        dim = tf.TensorShape(input_shape)[-1]
+            return tf.TensorShape(input_shape[0])
+        return tf.TensorShape(input_shape)
+
+    def build(self, input_shape):
+        dim = self._features_shape(input_shape)[-1]
         self.kernel = self.add_weight("kernel", shape=(dim, self.num_classes), initializer="glorot_uniform")
         self.bias = self.add_weight("bias", shape=(self.num_classes,), initializer="zeros")
         super().build(input_shape)
@@ -514,9 +519,7 @@ class ClassifierHead(_Layer):
         return tf.nn.softmax(self._point("logits", logits), axis=-1)
 
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and not isinstance(input_shape[0], (int, type(None))):
-            input_shape = input_shape[0]
-        return tf.TensorShape(input_shape)[:-1].concatenate([self.num_classes])
+        return self._features_shape(input_shape)[:-1].concatenate([self.num_classes])
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}
@@ -537,6 +540,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
         raise PipelineError(f"need at least 2 classes, got {num_classes}")
     if vocab_size < 1 or max_len < 1:
         raise PipelineError(f"vocab_size and max_len must be positive, got {vocab_size} and {max_len}")
+    try:
+        ngram.check_sizes(vocab_size, cfg.ngram_order, cfg.ngram_buckets)
+    except ValueError as e:  # a config error: one line naming the keys, not a traceback
+        raise PipelineError(f"model.ngram_order / model.ngram_buckets: {e}") from None
 
     inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
     ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])

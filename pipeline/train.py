@@ -141,8 +141,9 @@ def load_processed(cfg, run):
 def stage_key(cfg, processed):
     """What a trained model depends on: the config sections that shape training and the processed
     data (each file verified against the data stage's manifest)."""
+    scored = ("test.jsonl",) if (processed / "test.jsonl").is_file() else ()  # metrics.json scores it too
     return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},
-            "inputs": manifest.inputs(processed, PROCESSED_INPUTS, "processed")}
+            "inputs": manifest.inputs(processed, PROCESSED_INPUTS + scored, "processed")}
 
 
 def _log_hparams(cfg, logdir):
@@ -258,8 +259,8 @@ def fit_ngram_term(cfg, model, processed, seq_len, labels):
     from pipeline.evaluate import classification_metrics
 
     t0 = time.time()
-    m = cfg.model
-    sizes = dict(vocab_size=model.get_layer("ngrams").vocab_size, order=m.ngram_order, buckets=m.ngram_buckets)
+    layer = model.get_layer("ngrams")
+    sizes = dict(vocab_size=layer.vocab_size, order=layer.order, buckets=layer.buckets)
     train_x, train_y = _split_arrays(processed / "train.tfrecord", seq_len)
     table, idf, nbias = ngram.fit_ngram_logits(
         train_x["input_word_ids"], train_x["input_mask"], train_y, len(labels), c=cfg.train.ngram_c,
@@ -273,7 +274,6 @@ def fit_ngram_term(cfg, model, processed, seq_len, labels):
     zn = ngram.ngram_logits(dev_x["input_word_ids"], dev_x["input_mask"], table, idf, nbias, **sizes)
     beta, alpha = ngram.fit_mix(zt, zn, dev_y)
 
-    layer = model.get_layer("ngrams")
     layer.table.assign(table * alpha)
     layer.idf.assign(idf)
     layer.bias.assign(nbias * alpha)
@@ -319,15 +319,13 @@ def run_train_stage(cfg, run):
 
     # Dev (and test) metrics through the same code as `pipeline evaluate`, from the raw texts; the
     # bag-of-words baseline fitted on the same train rows, scored by the same code, beside them.
+    splits = {s: read_examples(processed / f"{s}.jsonl", cfg.data) for s in ("train", "dev", "test")
+              if (processed / f"{s}.jsonl").is_file()}
     predictor = load_predictor(model_dir)
-    scores = {}
-    for split in ("dev", "test"):
-        if (processed / f"{split}.jsonl").is_file():
-            texts, gold = read_examples(processed / f"{split}.jsonl", cfg.data)
-            scores[split] = classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts),
-                                                   labels)
+    scores = {s: classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts), labels)
+              for s, (texts, gold) in splits.items() if s != "train"}
     dev = scores["dev"]
-    baseline = run_baseline(processed, model_dir / "baseline", labels)
+    baseline = run_baseline(splits, model_dir / "baseline", labels)
     print(f"bag-of-words baseline (TF-IDF + logistic regression) fitted in {baseline.pop('fit_seconds'):.0f} s "
           f"-> {baseline.pop('path')}")  # out of metrics.json, which a rerun reproduces byte for byte
     seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)

@@ -35,6 +35,14 @@ def write_processed(d, test=True):
     return d
 
 
+def read_splits(d):
+    """{split: (texts, labels)} of a processed directory, as the train stage reads it."""
+    from pipeline.config import DataConfig
+    from pipeline.data import read_examples
+
+    return {p.stem: read_examples(p, DataConfig()) for p in sorted(d.glob("*.jsonl"))}
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """(baseline directory, run_baseline's result) on the toy processed run."""
@@ -43,7 +51,7 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("baseline")
     processed = write_processed(root / "processed")
     out = root / "saved_models" / "toy" / "baseline"
-    return out, run_baseline(processed, out, LABELS)
+    return out, run_baseline(read_splits(processed), out, LABELS)
 
 
 def test_make_baseline_is_the_published_recipe():
@@ -73,7 +81,7 @@ def test_run_baseline_learns_the_toy_task_and_saves_it(fitted):
 def test_run_baseline_without_test_split_reports_dev_only(tmp_path):
     from pipeline.baseline import run_baseline
 
-    result = run_baseline(write_processed(tmp_path / "p", test=False), tmp_path / "b", LABELS)
+    result = run_baseline(read_splits(write_processed(tmp_path / "p", test=False)), tmp_path / "b", LABELS)
     assert "dev" in result and "test" not in result
 
 
