@@ -18,7 +18,7 @@ SET    ?=
 ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
 
-.PHONY: venv data train evaluate compress benchmark report tensorboard test test-fast test-e2e clean
+.PHONY: venv data pretrain train distill evaluate compress benchmark report tensorboard test test-fast test-e2e clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -32,12 +32,18 @@ $(STAMP): pyproject.toml
 data: | $(STAMP)
 	$(PY) -m pipeline data $(DATA_ARG) --run $(RUN) $(ARGS)
 
+pretrain: data
+	$(PY) -m pipeline pretrain --run $(RUN) $(ARGS)
+
 train: data
 	$(PY) -m pipeline train --run $(RUN) $(ARGS)
 
 evaluate: train
 	$(PY) -m pipeline evaluate --model saved_models/$(RUN) --data data/processed/$(RUN)/dev.jsonl \
 		--out saved_models/$(RUN)/eval $(ARGS)
+
+distill: train
+	$(PY) -m pipeline distill --run $(RUN) $(ARGS)
 
 compress: train
 	$(PY) -m pipeline compress --run $(RUN) $(ARGS)

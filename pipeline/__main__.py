@@ -34,6 +34,10 @@ def build_parser():
     p.add_argument("--run", help="run name (default: the data directory's name)")
     _common(p)
 
+    p = sub.add_parser("pretrain", help="pretrain the encoder as a masked language model on the run's texts")
+    p.add_argument("--run", default=None, help=f"run name (default: {DEFAULT_RUN})")
+    _common(p)
+
     p = sub.add_parser("train", help="train the Transformer classifier on a processed run")
     p.add_argument("--run", default=None, help=f"run name (default: {DEFAULT_RUN})")
     _common(p)
@@ -53,7 +57,8 @@ def build_parser():
                    help="how to run a .tflite: LiteRT (default) or MediaPipe Tasks TextClassifier, as apps do")
     _common(p)
 
-    for name, what in (("compress", "prune, quantize and export TFLite variants"),
+    for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
+                       ("compress", "prune, quantize and export TFLite variants"),
                        ("benchmark", "measure latency, memory and size of every variant"),
                        ("report", "write the comparison report")):
         p = sub.add_parser(name, help=what)
@@ -77,6 +82,10 @@ def main(argv=None):
             from pipeline.data import run_data_stage
 
             run_data_stage(cfg, args.data, run)
+        elif args.stage == "pretrain":
+            from pipeline.pretrain import run_pretrain_stage
+
+            run_pretrain_stage(cfg, run)
         elif args.stage == "train":
             from pipeline.train import run_train_stage
 
@@ -91,6 +100,10 @@ def main(argv=None):
 
             texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
             run_predict(cfg, args.model, texts, args.runtime)
+        elif args.stage == "distill":
+            from pipeline.distill import run_distill_stage
+
+            run_distill_stage(cfg, run)
         elif args.stage == "compress":
             from pipeline.compress import run_compress_stage
 

@@ -307,7 +307,7 @@ def run_benchmark_stage(cfg, run):
     import tempfile
 
     from pipeline import files, manifest
-    from pipeline.compress import VARIANTS
+    from pipeline.compress import has_student, variant_names
     from pipeline.data import load_stats, read_examples
     from pipeline.errors import PipelineError
     from pipeline.model import load_model
@@ -320,7 +320,8 @@ def run_benchmark_stage(cfg, run):
     processed = Path(cfg.paths.data) / "processed" / run
     key = {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},  # train: the training-speed runs
            "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "history.json", "compression.json",
-                                                    *(f"tflite/{n}.tflite" for n in VARIANTS)], "model"),
+                                                    *(f"tflite/{n}.tflite" for n in variant_names(model_dir))],
+                                         "model"),
                       **manifest.inputs(processed, ("train.tfrecord", "dev.jsonl", "stats.json"), "processed")}}
     if manifest.up_to_date(model_dir, "benchmark", key):
         return json.loads((model_dir / "benchmark.json").read_text())
@@ -340,13 +341,17 @@ def run_benchmark_stage(cfg, run):
     peak = cpu_peak_flops()
     result = {"run": run, "seq_len": seq_len, "params": int(model.count_params()),
               "forward_flops_per_example": flops, "cpu": peak, "variants": {}}
+    if has_student(model_dir):  # the distilled student beside its teacher (the Keras model above)
+        student = load_model(model_dir / "distilled" / "model.keras")
+        result["student"] = {"params": int(student.count_params()),
+                             "forward_flops_per_example": forward_flops(student, seq_len)}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "inputs.npz"
         np.savez(npz, **inputs)
         keras = _fresh_process("keras", model_dir, npz)
         keras.update(path=str(model_dir / "model.keras"), bytes=(model_dir / "model.keras").stat().st_size)
         result["variants"]["keras"] = keras
-        for name in VARIANTS:
+        for name in variant_names(model_dir):
             path = model_dir / "tflite" / f"{name}.tflite"
             content = path.read_bytes()
             measured = _fresh_process("tflite", path, npz)

@@ -27,6 +27,17 @@ from pipeline.errors import PipelineError
 from pipeline.report import markdown_table
 
 VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
+DISTILLED_VARIANTS = ("distilled_float32", "distilled_int8")  # when `make distill` made a student
+
+
+def has_student(model_dir):
+    """True when the distill stage finished saved_models/<run>/distilled/."""
+    return "distilled" in manifest.load(model_dir)["artifacts"]
+
+
+def variant_names(model_dir):
+    """The variants `make compress` builds for this run: VARIANTS, and the student's when there is one."""
+    return VARIANTS + (DISTILLED_VARIANTS if has_student(model_dir) else ())
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
 
 
@@ -193,9 +204,11 @@ def stage_key(cfg, model_dir, processed):
     """What the variants depend on: the config, the trained model and the processed data (verified)."""
     from pipeline.train import stage_key as train_key
 
-    key = train_key(cfg, processed)
+    key = train_key(cfg, processed, model_dir)
     key["config"]["compress"] = cfg.to_dict()["compress"]
     key["inputs"].update(manifest.inputs(model_dir, manifest.MODEL_FILES, "model"))
+    if has_student(model_dir):
+        key["inputs"].update(manifest.inputs(model_dir, ["distilled"], "distill"))
     return key
 
 
@@ -294,9 +307,15 @@ def run_compress_stage(cfg, run):
         "qat_int8", export_tflite(qat_model(model, cfg, data(), qat_steps), seq_len, "int8", representative)))
     step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
         qat_model(pruned, cfg, data(), qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
+    names = variant_names(model_dir)
+    if has_student(model_dir):
+        student = load_model(model_dir / "distilled" / "model.keras")
+        step("distilled_float32", lambda: write_variant("distilled_float32", export_tflite(student, seq_len, "float32")))
+        step("distilled_int8", lambda: write_variant(
+            "distilled_int8", export_tflite(student, seq_len, "int8", representative)))
 
     rows = []
-    for name in VARIANTS:
+    for name in names:
         path = tflite_dir / f"{name}.tflite"
 
         def evaluate(path=path, name=name):
@@ -335,7 +354,7 @@ def run_compress_stage(cfg, run):
     with tf.summary.create_file_writer(str(Path(cfg.paths.runs) / run / "compress")).as_default():
         tf.summary.text("compression", table, step=0)
     files.write_json(model_dir / "compression.json", summary)
-    manifest.record(model_dir, "compress", key, [f"tflite/{n}.tflite" for n in VARIANTS] + ["compression.json"])
+    manifest.record(model_dir, "compress", key, [f"tflite/{n}.tflite" for n in names] + ["compression.json"])
     print(f"Keras model: accuracy {reference['accuracy']:.4f}, macro F1 {reference['macro_f1']:.4f}\n{table}")
     print(f"compressed {run} in {time.perf_counter() - started:.0f} s -> {tflite_dir}")
     return summary

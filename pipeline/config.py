@@ -58,6 +58,35 @@ class TrainConfig:
     bucketing: bool = True  # batch by similar length; False pads every batch to the max length
     class_weight: str = "balanced"  # loss weight n / (classes * count) per class; "none": every row 1
     ngram_c: float = 4.0  # inverse L2 strength of the n-gram logistic regression (model.ngram_order)
+    init: str = "pretrained"  # start from `make pretrain`'s encoder when the run has one; "scratch": never
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 10  # over the train split's texts and the unlabelled texts
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    mask_rate: float = 0.15  # wordpieces selected per text; of those 80% -> [MASK], 10% random, 10% kept
+    seed: int = 42
+
+
+@dataclass
+class DistillConfig:
+    # The teacher is the run's trained model; the student is model.* with these four overridden. It keeps
+    # the teacher's n-gram term, frozen, and learns the rest from the teacher's soft labels.
+    student_d_model: int = 64
+    student_num_heads: int = 2
+    student_ff_dim: int = 128
+    student_num_layers: int = 1
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the gold-label cross-entropy beside T^2 * KL(teacher || student)
+    augment_copies: int = 2  # augmented copies of each train text in the transfer set (Tang et al. 2019)
+    mask_prob: float = 0.1  # of an augmented copy's wordpieces, replaced by [MASK]
+    ngram_prob: float = 0.25  # chance an augmented copy is cut to a random window of 1-5 wordpieces
+    epochs: int = 3  # over the transfer set; the best epoch on dev is kept
+    learning_rate: float = 1e-3
 
 
 @dataclass
@@ -77,6 +106,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self):
@@ -90,6 +121,7 @@ CHOICES = {
     "train.mixed_precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
+    "train.init": ("pretrained", "scratch"),
 }
 
 

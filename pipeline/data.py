@@ -363,6 +363,16 @@ def find_splits(data_dir) -> dict[str, Path]:
     return found
 
 
+def find_unlabeled(data_dir) -> Path | None:
+    """The data directory's unlabelled texts for pretraining: unlabeled.txt (one text per line) or
+    unlabeled.tsv/.csv/.jsonl (a text column), or None."""
+    paths = [Path(data_dir) / f"unlabeled{ext}" for ext in (".txt", *FORMATS)]
+    paths = [p for p in paths if p.is_file()]
+    if len(paths) > 1:
+        raise PipelineError(f"{data_dir}: both {' and '.join(p.name for p in paths)}; keep one")
+    return paths[0] if paths else None
+
+
 def sort_labels(labels) -> list[str]:
     """Distinct labels in id order: numeric when all are integers, else alphabetical."""
     distinct = set(labels)
@@ -519,12 +529,14 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
 
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
+    unlabeled_file = find_unlabeled(src)
     out = processed_dir(cfg, run)
     key = {"config": {"data": dataclasses.asdict(dc), "data_stage": {"version": STAGE_VERSION}},
-           "inputs": manifest.files_checksums(files.values())}
+           "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else [])])}
     if manifest.up_to_date(out, "data", key):
         return load_stats(out)
     parsed = {split: read_table(path, dc) for split, path in files.items()}
+    unlabeled = read_texts(unlabeled_file, dc) if unlabeled_file else []
     train = parsed["train"]
     labels = sort_labels(train["labels"])
     if len(labels) < 2:
@@ -565,12 +577,14 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
             if n:
                 warn(f"{sources[split]}: {n} of {len(splits[split][0])} texts also occur in train")
 
-    # 2. Vocabulary from train only, then wordpieces of every split (batched tf ops).
+    # 2. Vocabulary from train and the unlabelled texts (never dev or test), then wordpieces of every
+    # split (batched tf ops).
     max_chars = dc.max_seq_len * tok.CHARS_PER_TOKEN
-    vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0]], dc.vocab_size)
+    vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0] + unlabeled], dc.vocab_size)
     tokenizer = tok.make_tokenizer(vocab)
     unk_id, cls_id, sep_id = (tokenizer.token_to_id(t) for t in (tok.UNK, tok.CLS, tok.SEP))
     ids = {s: _tokenize_split(tokenizer, texts, max_chars) for s, (texts, _) in splits.items()}
+    unlabeled_ids = _tokenize_split(tokenizer, unlabeled, max_chars) if unlabeled else None
     lengths = {s: r.row_lengths().numpy() + 2 for s, r in ids.items()}
     # OOV rate: the fraction of wordpieces (before truncation) that are [UNK].
     oov = {s: float((r.flat_values.numpy() == unk_id).sum()) / max(1, r.flat_values.shape[0])
@@ -596,6 +610,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         "vocab_size": len(vocab),
         "oov_rate": {s: round(v, 6) for s, v in oov.items()},
         "truncated_fraction": {s: round(float((lengths[s] > seq_len).mean()), 6) for s in splits},
+        "unlabeled": {"file": unlabeled_file.name, "rows": len(unlabeled)} if unlabeled_file else None,
     }
 
     # 4. Write the run directory whole: it appears complete or not at all.
@@ -606,6 +621,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         for s, (texts, labs) in splits.items():
             _write_tfrecord(tmp / f"{s}.tfrecord", ids[s], [label_id[l] for l in labs], seq_len, cls_id, sep_id)
             _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
+        if unlabeled:  # for make pretrain; label -1: no label
+            _write_tfrecord(tmp / "unlabeled.tfrecord", unlabeled_ids, [-1] * len(unlabeled), seq_len, cls_id, sep_id)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
 
@@ -624,6 +641,9 @@ def _print_summary(out, stats, seconds):
     print(f"  seq_len: {stats['seq_len']} (p{stats['length_percentile']:g} of train lengths; "
           f"p50 {lens['p50']:g}, max {lens['max']}; {stats['truncated_fraction']['train']:.2%} of train truncated)")
     print(f"  vocab: {stats['vocab_size']:,} tokens; OOV: {oov}")
+    if stats.get("unlabeled"):
+        print(f"  unlabelled: {stats['unlabeled']['rows']:,} texts from {stats['unlabeled']['file']} "
+              "(vocabulary and make pretrain)")
     print(f"  done in {seconds:.0f}s")
 
 

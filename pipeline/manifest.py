@@ -15,7 +15,8 @@ from pipeline import files
 from pipeline.errors import PipelineError
 
 NAME = "manifest.json"
-COMMANDS = {"data": "make data", "train": "make train", "compress": "make compress",
+COMMANDS = {"data": "make data", "pretrain": "make pretrain", "train": "make train", "distill": "make distill",
+            "compress": "make compress",
             "benchmark": "make benchmark", "report": "make report"}
 
 

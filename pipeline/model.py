@@ -511,12 +511,13 @@ class ClassifierHead(_Layer):
     def _quant_points(self):
         return {"logits": _linear}
 
-    def call(self, inputs):
+    def call(self, inputs, logits=False):
+        """logits=True: the logits before softmax (distillation trains on them at a temperature)."""
         x, extra = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
-        logits = tf.matmul(tf.cast(x, tf.float32), self._weight("kernel")) + self._weight("bias")
+        z = tf.matmul(tf.cast(x, tf.float32), self._weight("kernel")) + self._weight("bias")
         if extra is not None:
-            logits += tf.cast(extra, tf.float32)
-        return tf.nn.softmax(self._point("logits", logits), axis=-1)
+            z += tf.cast(extra, tf.float32)
+        return z if logits else tf.nn.softmax(self._point("logits", z), axis=-1)
 
     def compute_output_shape(self, input_shape):
         return self._features_shape(input_shape)[:-1].concatenate([self.num_classes])
@@ -525,27 +526,17 @@ class ClassifierHead(_Layer):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int) -> tf.keras.Model:
-    """The functional classifier: dict of int32 inputs [B, T] (T <= max_len, any T) -> probabilities
-    [B, num_classes] float32. Layers are created under the current global mixed-precision policy."""
+def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs):
+    """The encoder (the layers `make pretrain` trains and `make train` starts from), applied to symbolic
+    inputs: (clipped ids, float mask, final-norm output [B, T, d_model])."""
     if cfg.d_model % cfg.num_heads:
         raise PipelineError(f"model.d_model ({cfg.d_model}) must be divisible by model.num_heads ({cfg.num_heads})")
     if cfg.position not in ("sinusoidal", "learned"):
         raise PipelineError(f"model.position must be sinusoidal or learned, got {cfg.position!r}")
-    if cfg.pooling not in ("mean", "cls"):
-        raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
     if cfg.conv_width < 0 or cfg.conv_width % 2 == 0 and cfg.conv_width:
         raise PipelineError(f"model.conv_width must be 0 or odd, got {cfg.conv_width}")
-    if num_classes < 2:
-        raise PipelineError(f"need at least 2 classes, got {num_classes}")
     if vocab_size < 1 or max_len < 1:
         raise PipelineError(f"vocab_size and max_len must be positive, got {vocab_size} and {max_len}")
-    try:
-        ngram.check_sizes(vocab_size, cfg.ngram_order, cfg.ngram_buckets)
-    except ValueError as e:  # a config error: one line naming the keys, not a traceback
-        raise PipelineError(f"model.ngram_order / model.ngram_buckets: {e}") from None
-
-    inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
     ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
     mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
     x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
@@ -553,12 +544,102 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
     for i in range(cfg.num_layers):
         x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout, activation="gelu",
                          conv_width=cfg.conv_width, name=f"encoder_{i}")([x, mask])
-    x = LayerNorm(name="final_norm")(x)
+    return ids, mask, LayerNorm(name="final_norm")(x)
+
+
+def encoder_layer_names(model: tf.keras.Model) -> list[str]:
+    """Names of the layers with encoder weights (embedding, blocks, final norm), in model order."""
+    return [l.name for l in model.layers
+            if l.name == "embedding" or l.name.startswith("encoder_") or l.name == "final_norm"]
+
+
+def copy_encoder_weights(source: tf.keras.Model, target: tf.keras.Model):
+    """Set every encoder layer of `target` to the weights of `source`'s layer of the same name; a
+    PipelineError when the two encoders differ in layers or shapes (a different model config)."""
+    names = encoder_layer_names(target)
+    if names != encoder_layer_names(source):
+        raise PipelineError(f"the pretrained encoder has layers {encoder_layer_names(source)}, the model "
+                            f"{names}: model.num_layers differs; run `make pretrain` again")
+    for name in names:
+        src, dst = source.get_layer(name).get_weights(), target.get_layer(name).get_weights()
+        if [w.shape for w in src] != [w.shape for w in dst]:
+            raise PipelineError(f"the pretrained encoder's layer {name} has weight shapes "
+                                f"{[w.shape for w in src]}, the model {[w.shape for w in dst]}: a different "
+                                "model config or vocabulary; run `make pretrain` again")
+        target.get_layer(name).set_weights(src)
+
+
+@_register
+class MaskedLMHead(_Layer):
+    """[x [B, T, d], positions [B, P] int32] -> logits over the vocabulary [B, P, vocab_size] at the given
+    positions: dense + GELU + LayerNorm, then a vocabulary projection (BERT's MLM head, untied: it is
+    dropped after pretraining, so tying would save nothing on the phone)."""
+
+    def __init__(self, vocab_size, epsilon=1e-6, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.vocab_size = int(vocab_size)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        d = tf.TensorShape(input_shape[0])[-1]
+        self.transform_kernel = self.add_weight("transform_kernel", shape=(d, d), initializer="glorot_uniform")
+        self.transform_bias = self.add_weight("transform_bias", shape=(d,), initializer="zeros")
+        self.gamma = self.add_weight("gamma", shape=(d,), initializer="ones")
+        self.beta = self.add_weight("beta", shape=(d,), initializer="zeros")
+        self.output_kernel = self.add_weight("output_kernel", shape=(d, self.vocab_size), initializer="glorot_uniform")
+        self.output_bias = self.add_weight("output_bias", shape=(self.vocab_size,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x, positions = inputs
+        h = tf.gather(tf.cast(x, tf.float32), tf.cast(positions, tf.int32), batch_dims=1)  # [B, P, d]
+        h = tf.nn.gelu(tf.matmul(h, self.transform_kernel) + self.transform_bias)
+        h = _layer_norm(h, self.gamma, self.beta, self.epsilon)
+        return tf.matmul(h, self.output_kernel) + self.output_bias
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape[1]).concatenate([self.vocab_size])
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "epsilon": self.epsilon}
+
+
+def build_mlm_model(cfg: ModelConfig, vocab_size: int, max_len: int) -> tf.keras.Model:
+    """The encoder with a masked-language-model head: {input_word_ids, input_mask [B, T], mask_positions
+    [B, P]} int32 -> logits [B, P, vocab_size] float32."""
+    names = ("input_word_ids", "input_mask", "mask_positions")
+    inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in names}
+    _, _, x = _encode(cfg, vocab_size, max_len, inputs)
+    logits = MaskedLMHead(vocab_size, name="mlm_head")([x, inputs["mask_positions"]])
+    return tf.keras.Model(inputs=inputs, outputs=logits, name="liteformer_mlm")
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int) -> tf.keras.Model:
+    """The functional classifier: dict of int32 inputs [B, T] (T <= max_len, any T) -> probabilities
+    [B, num_classes] float32. Layers are created under the current global mixed-precision policy."""
+    if cfg.pooling not in ("mean", "cls"):
+        raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
+    if num_classes < 2:
+        raise PipelineError(f"need at least 2 classes, got {num_classes}")
+    try:
+        ngram.check_sizes(vocab_size, cfg.ngram_order, cfg.ngram_buckets)
+    except ValueError as e:  # a config error: one line naming the keys, not a traceback
+        raise PipelineError(f"model.ngram_order / model.ngram_buckets: {e}") from None
+
+    inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+    ids, mask, x = _encode(cfg, vocab_size, max_len, inputs)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
     if cfg.ngram_order:
         x = [x, NgramLogits(vocab_size, num_classes, cfg.ngram_order, cfg.ngram_buckets, name="ngrams")([ids, mask])]
     probs = ClassifierHead(num_classes, name="probabilities")(x)
     return tf.keras.Model(inputs=inputs, outputs=probs, name="liteformer")
+
+
+def logits_model(model: tf.keras.Model) -> tf.keras.Model:
+    """A model sharing `model`'s layers and weights whose output is the head's logits, not probabilities."""
+    head = model.get_layer("probabilities")
+    return tf.keras.Model(model.inputs, head(head.input, logits=True), name=f"{model.name}_logits")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +721,7 @@ _NO_QAT_LAYERS = (ClipTokenIds, PaddingMask, NgramLogits)  # int32 consumers: mu
 def custom_objects():
     """Every class this module registers, by plain and registered name."""
     classes = (ClipTokenIds, PaddingMask, TokenAndPositionEmbedding, EncoderBlock, LayerNorm,
-               SequencePooling, NgramLogits, ClassifierHead, PointQuantizer, LiteformerQuantizeConfig)
+               SequencePooling, NgramLogits, ClassifierHead, MaskedLMHead, PointQuantizer, LiteformerQuantizeConfig)
     objects = {cls.__name__: cls for cls in classes}
     objects[_PrunePreserveQuantizer.__name__] = _PrunePreserveQuantizer
     objects.update({f"{PACKAGE}>{cls.__name__}": cls for cls in classes})

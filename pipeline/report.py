@@ -206,6 +206,17 @@ def write_mobile_bundle(model_dir, run, variant, compression, benchmark):
     return model_dir / "mobile"
 
 
+def student_fact(benchmark, compression):
+    """One line: the distilled student against its teacher (the Keras model) in size, FLOPs and accuracy."""
+    st, v = benchmark["student"], compression["variants"]
+    teacher = compression["keras"]["accuracy"]
+    accs = ", ".join(f"{n} {100 * v[n]['accuracy']:.2f}%" for n in ("distilled_float32", "distilled_int8") if n in v)
+    return (f"Distilled student: {st['params']:,} parameters ({st['params'] / benchmark['params']:.2f}x the teacher's), "
+            f"{st['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
+            f"({st['forward_flops_per_example'] / benchmark['forward_flops_per_example']:.2f}x); dev accuracy {accs} "
+            f"against the teacher's {100 * teacher:.2f}%.")
+
+
 def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     import tensorflow as tf
@@ -264,6 +275,7 @@ def run_report_stage(cfg, run):
         f"{benchmark['cpu']['mhz']:.0f} MHz x {benchmark['cpu']['flop_per_cycle']} FLOP/cycle).",
         f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
         f"at seq_len {benchmark['seq_len']}.",
+        *([student_fact(benchmark, compression)] if "student" in benchmark else []),
         "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
                                        for k in v["latency"].get("threads_1", {})) else
                       "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",

@@ -138,12 +138,37 @@ def load_processed(cfg, run):
     return processed, json.loads(stats_path.read_text()), load_labels(processed)
 
 
-def stage_key(cfg, processed):
-    """What a trained model depends on: the config sections that shape training and the processed
-    data (each file verified against the data stage's manifest)."""
+def pretrained_encoder(cfg, model_dir):
+    """saved_models/<run>/pretrained when train.init is pretrained and `make pretrain` finished it, else None."""
+    if cfg.train.init != "pretrained" or "pretrained" not in manifest.load(model_dir)["artifacts"]:
+        return None
+    return Path(model_dir) / "pretrained"
+
+
+def stage_key(cfg, processed, model_dir):
+    """What a trained model depends on: the config sections that shape training, the processed data
+    (each file verified against the data stage's manifest) and the pretrained encoder it starts from."""
     scored = ("test.jsonl",) if (processed / "test.jsonl").is_file() else ()  # metrics.json scores it too
-    return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},
-            "inputs": manifest.inputs(processed, PROCESSED_INPUTS + scored, "processed")}
+    inputs = manifest.inputs(processed, PROCESSED_INPUTS + scored, "processed")
+    if pretrained_encoder(cfg, model_dir):
+        inputs.update(manifest.inputs(model_dir, ["pretrained"], "pretrain"))
+    return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")}, "inputs": inputs}
+
+
+def initialize_encoder(cfg, model, model_dir):
+    """Copy the pretrained encoder into `model` when there is one to use; return "pretrained" or "scratch"."""
+    from pipeline.model import copy_encoder_weights, load_model
+
+    source = pretrained_encoder(cfg, model_dir)
+    if source is None:
+        why = "train.init is scratch" if cfg.train.init == "scratch" else "no pretrained encoder; `make pretrain` makes one"
+        print(f"init: scratch ({why})")
+        return "scratch"
+    copy_encoder_weights(load_model(source / "model.keras"), model)
+    summary = json.loads((source / "summary.json").read_text())
+    print(f"init: pretrained encoder from {source} ({summary['epochs']} epochs of masked-language modelling on "
+          f"{summary['texts']:,} texts; dev masked-token accuracy {summary['dev_masked_accuracy']:.3f})")
+    return "pretrained"
 
 
 def _log_hparams(cfg, logdir):
@@ -185,7 +210,8 @@ def class_weights(counts, labels):
 
 
 def train_model(cfg, run, key):
-    """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels).
+    """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
+    "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
     from pipeline.data import make_dataset
     from pipeline.model import build_model
@@ -213,6 +239,7 @@ def train_model(cfg, run, key):
 
     with make_strategy(t.strategy).scope():
         model = build_model(cfg.model, len(vocab), len(labels), seq_len)
+        init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         # Keras keeps dropout's generator states out of checkpoints on purpose; listing them on the
         # model puts them into BackupAndRestore's, so a resumed run continues the same random stream.
         model.dropout_generators = [layer._random_generator._generator for layer in model.submodules
@@ -236,7 +263,7 @@ def train_model(cfg, run, key):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
     # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
     model.load_weights(str(state / "best" / "weights")).expect_partial()
-    return model, rows, stats, labels
+    return model, rows, stats, labels, init
 
 
 def _split_arrays(path, seq_len):
@@ -299,11 +326,11 @@ def run_train_stage(cfg, run):
 
     processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
-    key = stage_key(cfg, processed)
+    key = stage_key(cfg, processed, model_dir)
     if manifest.up_to_date(model_dir, "train", key):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
-    model, rows, stats, labels = train_model(cfg, run, key)
+    model, rows, stats, labels, init = train_model(cfg, run, key)
     mix = fit_ngram_term(cfg, model, processed, int(stats["seq_len"]), labels) if cfg.model.ngram_order else None
 
     # Keras format and SavedModel; each lands at its final path only when complete.
@@ -334,6 +361,7 @@ def run_train_stage(cfg, run):
     metrics = {
         **scores,
         "baseline": baseline,
+        "init": init,
         "epochs": len(rows),
         "best_epoch": best + 1,
         "params": int(model.count_params()),

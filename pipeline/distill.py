@@ -1,0 +1,247 @@
+"""Distillation stage: a smaller student trained on the trained model's soft labels over a transfer set
+of train texts, augmented copies of them (Tang et al. 2019) and unlabelled texts."""
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from pipeline import files, manifest
+from pipeline.config import save_config
+from pipeline.errors import PipelineError
+
+PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
+BATCHES_PER_SORT = 50  # batches drawn together and sorted by length: little padding, still shuffled
+
+
+def distillation_loss(teacher_logits, student_logits, gold, has_gold, temperature, alpha):
+    """Mean over the batch of T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * cross-entropy of the student
+    on the one-hot `gold` labels, counted only where has_gold is 1 (augmented and unlabelled texts have none)."""
+    t = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / temperature)
+    s = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
+    kl = tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
+    ce = -tf.reduce_sum(tf.cast(gold, tf.float32) * tf.nn.log_softmax(tf.cast(student_logits, tf.float32)), axis=-1)
+    return tf.reduce_mean(temperature ** 2 * kl + alpha * tf.cast(has_gold, tf.float32) * ce)
+
+
+def augment(ids, length, rng, mask_id, mask_prob, ngram_prob):
+    """An augmented copy of one text's ids ([CLS] ... [SEP], `length` real ids, padded): with ngram_prob
+    only a random window of 1-5 wordpieces is kept, then each wordpiece becomes [MASK] with mask_prob."""
+    body = ids[1:length - 1].copy()
+    if len(body) > 1 and rng.random() < ngram_prob:
+        n = int(rng.integers(1, 6))
+        start = int(rng.integers(0, max(1, len(body) - n + 1)))
+        body = body[start:start + n]
+    body[rng.random(len(body)) < mask_prob] = mask_id
+    out = np.zeros_like(ids)
+    out[0], out[1:len(body) + 1], out[len(body) + 1] = ids[0], body, ids[length - 1]
+    return out
+
+
+def predict_logits(model, ids, batch_size=256):
+    """Logits of a logits model for padded ids [n, seq_len], batched by similar length, in input order."""
+    lengths = (ids != 0).sum(1)
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(ids), model.output_shape[-1]), np.float32)
+    run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # one trace for all widths
+    for start in range(0, len(ids), batch_size):
+        rows = order[start:start + batch_size]
+        x = ids[rows, :max(1, int(lengths[rows].max()))]
+        out[rows] = run({"input_word_ids": x, "input_mask": (x != 0).astype(np.int32),
+                         "input_type_ids": np.zeros_like(x)}).numpy()
+    return out
+
+
+def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
+    """(ids [n, seq_len], teacher logits [n, C], one-hot gold [n, C], has_gold [n]): the train texts, each
+    with distill.augment_copies augmented copies, and the unlabelled texts; teacher logits computed once."""
+    from pipeline.model import logits_model
+    from pipeline.train import _split_arrays
+
+    d = cfg.distill
+    rng = np.random.default_rng(cfg.train.seed)
+    train_x, train_y = _split_arrays(processed / "train.tfrecord", seq_len)
+    ids, lengths = train_x["input_word_ids"], train_x["input_mask"].sum(1)
+    parts, gold = [ids], [np.eye(num_classes, dtype=np.float32)[train_y]]
+    mask_id = vocab.index("[MASK]")
+    for _ in range(d.augment_copies):
+        parts.append(np.stack([augment(row, n, rng, mask_id, d.mask_prob, d.ngram_prob) for row, n in zip(ids, lengths)]))
+        gold.append(np.zeros((len(ids), num_classes), np.float32))
+    if (processed / "unlabeled.tfrecord").is_file():
+        unlabeled = _split_arrays(processed / "unlabeled.tfrecord", seq_len)[0]["input_word_ids"]
+        parts.append(unlabeled)
+        gold.append(np.zeros((len(unlabeled), num_classes), np.float32))
+    ids, gold = np.concatenate(parts), np.concatenate(gold)
+    t0 = time.perf_counter()
+    logits = predict_logits(logits_model(teacher), ids)
+    print(f"distill: transfer set of {len(ids):,} texts ({len(train_y):,} train, {d.augment_copies} augmented "
+          f"copies of each, {len(ids) - len(train_y) * (1 + d.augment_copies):,} unlabelled); teacher logits "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return ids, logits, gold, (gold.sum(1) > 0).astype(np.float32)
+
+
+def sorted_batches(n_rows, lengths, batch_size, rng):
+    """Index batches of one epoch: shuffled, then sorted by length within groups of BATCHES_PER_SORT batches."""
+    order = rng.permutation(n_rows)
+    group = batch_size * BATCHES_PER_SORT
+    batches = []
+    for start in range(0, n_rows, group):
+        chunk = order[start:start + group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def build_student(cfg, teacher, vocab_size, num_classes, seq_len):
+    """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen."""
+    from pipeline.model import build_model
+
+    d = cfg.distill
+    student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
+                                      ff_dim=d.student_ff_dim, num_layers=d.student_num_layers)
+    student = build_model(student_cfg, vocab_size, num_classes, seq_len)
+    if student_cfg.ngram_order:
+        student.get_layer("ngrams").set_weights(teacher.get_layer("ngrams").get_weights())
+        student.get_layer("ngrams").trainable = False
+    return student, student_cfg
+
+
+def train_student(cfg, student, data, dev, logdir):
+    """Fit the student on the transfer set (ids, teacher logits, gold, has_gold); keep the epoch with the best
+    dev accuracy. Returns one row per epoch."""
+    from pipeline.model import logits_model
+    from pipeline.train import WarmupLinearDecay, make_optimizer
+
+    d, t = cfg.distill, cfg.train
+    ids, teacher_logits, gold, has_gold = data
+    lengths = (ids != 0).sum(1)
+    rng = np.random.default_rng(t.seed)
+    steps = math.ceil(len(ids) / t.batch_size)
+    optimizer = make_optimizer(WarmupLinearDecay(d.learning_rate, int(0.1 * steps * d.epochs), steps * d.epochs),
+                               t.weight_decay)
+    student_logits = logits_model(student)
+    variables = student_logits.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def step(x, tl, g, h):
+        with tf.GradientTape() as tape:
+            loss = distillation_loss(tl, student_logits(x, training=True), g, h, d.temperature, d.alpha)
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    dev_ids, dev_y = dev
+    writer = tf.summary.create_file_writer(str(logdir))
+    rows, best, best_weights = [], -1.0, None
+    for epoch in range(d.epochs):
+        t0, losses = time.perf_counter(), []
+        for batch in sorted_batches(len(ids), lengths, t.batch_size, rng):
+            width = int(lengths[batch].max())
+            x = ids[batch, :width]
+            inputs = {"input_word_ids": x, "input_mask": (x != 0).astype(np.int32), "input_type_ids": np.zeros_like(x)}
+            losses.append(float(step(inputs, teacher_logits[batch], gold[batch], has_gold[batch])))
+        accuracy = float(np.mean(predict_logits(student_logits, dev_ids).argmax(1) == dev_y))
+        rows.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_accuracy": accuracy,
+                     "epoch_seconds": time.perf_counter() - t0})
+        with writer.as_default():
+            for k in ("loss", "val_accuracy"):
+                tf.summary.scalar(f"distill/{k}", rows[-1][k], step=epoch)
+        print(f"distill: epoch {epoch + 1}/{d.epochs}: loss {rows[-1]['loss']:.4f}, dev accuracy {accuracy:.4f} "
+              f"({rows[-1]['epoch_seconds']:.0f} s)", flush=True)
+        if accuracy > best:
+            best, best_weights = accuracy, student.get_weights()
+    student.set_weights(best_weights)
+    return rows
+
+
+def stage_key(cfg, processed, model_dir):
+    """What the student depends on: the config, the processed data and the teacher (the trained model)."""
+    names = PROCESSED_INPUTS + (("unlabeled.tfrecord",) if (processed / "unlabeled.tfrecord").is_file() else ())
+    return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train", "distill")},
+            "inputs": {**manifest.inputs(processed, names, "processed"),
+                       **manifest.inputs(model_dir, manifest.MODEL_FILES, "teacher")}}
+
+
+def run_distill_stage(cfg, run):
+    """`python -m pipeline distill`: saved_models/<run>/distilled/, a model directory like the teacher's,
+    with metrics.json comparing student and teacher (accuracy, macro F1, parameters, FLOPs)."""
+    from pipeline.benchmark import forward_flops
+    from pipeline.data import read_examples
+    from pipeline.evaluate import classification_metrics, load_predictor
+    from pipeline.model import load_model
+    from pipeline.tokenizer import load_vocabulary
+    from pipeline.train import _split_arrays, load_processed
+
+    model_dir = Path(cfg.paths.models) / run
+    if not (model_dir / "metrics.json").is_file():
+        raise PipelineError(f"{model_dir}: no trained model (the teacher) for run '{run}'; run `make train` first")
+    d = cfg.distill
+    if not (d.temperature > 0 and d.alpha >= 0 and d.augment_copies >= 0 and d.epochs >= 1
+            and 0 <= d.mask_prob < 1 and 0 <= d.ngram_prob <= 1):
+        raise PipelineError("distill: temperature must be > 0, alpha >= 0, augment_copies >= 0, epochs >= 1, "
+                            f"mask_prob in [0, 1), ngram_prob in [0, 1]; got {dataclasses.asdict(d)}")
+    processed, stats, labels = load_processed(cfg, run)
+    seq_len = int(stats["seq_len"])
+    key = stage_key(cfg, processed, model_dir)
+    out = model_dir / "distilled"
+    if manifest.up_to_date(model_dir, "distill", key):
+        return json.loads((out / "metrics.json").read_text())
+    manifest.begin(model_dir, "distill")
+    started = time.perf_counter()
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    tf.keras.mixed_precision.set_global_policy("float32")
+    teacher = load_model(model_dir / "model.keras")
+    vocab = load_vocabulary(processed / "vocab.txt")
+
+    state = model_dir / "distill_state"
+    manifest.work_dir(state, key)
+    cache = state / "transfer.npz"
+    if not cache.is_file():  # the teacher's predictions, computed once per teacher and transfer set
+        data = transfer_set(cfg, processed, seq_len, teacher, vocab, len(labels))
+        with files.atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3])
+    with np.load(cache) as z:
+        data = (z["ids"], z["logits"], z["gold"], z["has_gold"])
+
+    student, student_cfg = build_student(cfg, teacher, len(vocab), len(labels), seq_len)
+    print(f"distill: student d_model {student_cfg.d_model}, {student_cfg.num_heads} heads, ff {student_cfg.ff_dim}, "
+          f"{student_cfg.num_layers} layers ({student.count_params():,} parameters; teacher {teacher.count_params():,}); "
+          f"T {d.temperature:g}, alpha {d.alpha:g}")
+    dev_x, dev_y = _split_arrays(processed / "dev.tfrecord", seq_len)
+    rows = train_student(cfg, student, data, (dev_x["input_word_ids"], dev_y), Path(cfg.paths.runs) / run / "distill")
+
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        student.save(tmp / "model.keras")
+        for name in ("vocab.txt", "labels.txt", "preprocess.json"):
+            files.write_bytes(tmp / name, (model_dir / name).read_bytes())
+        save_config(dataclasses.replace(cfg, model=student_cfg), tmp / "config.yaml")
+        files.write_json(tmp / "history.json", rows)
+        predictor = load_predictor(tmp)
+        splits = {s: read_examples(processed / f"{s}.jsonl", cfg.data) for s in ("dev", "test")
+                  if (processed / f"{s}.jsonl").is_file()}
+        scores = {s: classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts), labels)
+                  for s, (texts, gold) in splits.items()}
+        teacher_metrics = json.loads((model_dir / "metrics.json").read_text())
+        metrics = {**scores,
+                   "teacher": {s: teacher_metrics[s] for s in scores if s in teacher_metrics},
+                   "params": int(student.count_params()), "teacher_params": int(teacher.count_params()),
+                   "flops": forward_flops(student, seq_len), "teacher_flops": forward_flops(teacher, seq_len),
+                   "transfer_texts": int(len(data[0])), "epochs": len(rows),
+                   "best_epoch": 1 + int(np.argmax([r["val_accuracy"] for r in rows])),
+                   "seconds": round(time.perf_counter() - started, 1)}
+        files.write_json(tmp / "metrics.json", metrics)
+    manifest.record(model_dir, "distill", key, ["distilled"])
+    shutil.rmtree(state, ignore_errors=True)
+    t = metrics["teacher"]["dev"]
+    print(f"distilled {run}: student dev accuracy {scores['dev']['accuracy']:.4f}, macro F1 {scores['dev']['macro_f1']:.4f} "
+          f"(teacher {t['accuracy']:.4f}, {t['macro_f1']:.4f}); FLOPs {metrics['flops'] / metrics['teacher_flops']:.2f}x "
+          f"the teacher's, parameters {metrics['params'] / metrics['teacher_params']:.2f}x -> {out}")
+    if "test" in scores and "test" in metrics["teacher"]:
+        print(f"  test accuracy: student {scores['test']['accuracy']:.4f}, teacher {metrics['teacher']['test']['accuracy']:.4f}")
+    return metrics

@@ -1,0 +1,91 @@
+"""Distillation: the KD loss on known values, augmentation, and a tiny end-to-end student through export."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import COMPRESS, make_toy_dir, tiny_overrides
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
+           "distill.epochs=2", "distill.learning_rate=0.005"]
+
+
+def test_distillation_loss_on_known_values():
+    from pipeline.distill import distillation_loss
+
+    teacher = np.array([[2.0, 0.0], [0.0, 0.0]], np.float32)
+    student = np.array([[0.0, 0.0], [1.0, -1.0]], np.float32)
+    gold = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)  # the second row has no label
+    has_gold = np.array([1.0, 0.0], np.float32)
+    t, alpha = 2.0, 0.5
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(teacher / t), softmax(student / t)
+    kl = (p * np.log(p / q)).sum(-1)
+    ce = np.array([-np.log(softmax(student[0])[0]), 0.0])
+    expected = np.mean(t * t * kl + alpha * has_gold * ce)
+    assert float(distillation_loss(teacher, student, gold, has_gold, t, alpha)) == pytest.approx(expected, rel=1e-5)
+    # a student equal to the teacher pays only the gold term, and nothing without labels
+    assert float(distillation_loss(teacher, teacher, gold, np.zeros(2, np.float32), t, alpha)) == pytest.approx(0, abs=1e-6)
+
+
+def test_augment_keeps_cls_sep_and_masks_or_cuts():
+    from pipeline.distill import augment
+
+    ids = np.array([2, 10, 11, 12, 13, 14, 15, 3, 0, 0])
+    rng = np.random.default_rng(0)
+    masked = augment(ids, 8, rng, mask_id=4, mask_prob=0.5, ngram_prob=0.0)
+    assert masked[0] == 2 and masked[7] == 3 and (masked[8:] == 0).all()
+    body = masked[1:7]
+    assert (body == 4).any() and ((body == 4) | (body == ids[1:7])).all()
+    cut = augment(ids, 8, rng, mask_id=4, mask_prob=0.0, ngram_prob=1.0)
+    n = int((cut != 0).sum()) - 2
+    assert 1 <= n <= 5 and cut[0] == 2 and cut[n + 1] == 3 and (cut[n + 2:] == 0).all()
+    window = cut[1:n + 1]
+    assert any((ids[1 + i:1 + i + n] == window).all() for i in range(6 - n + 1))  # a contiguous window
+
+
+@pytest.mark.e2e
+def test_distill_then_compress_ships_the_student(tmp_path):
+    from pipeline.compress import run_compress_stage
+    from pipeline.data import run_data_stage
+    from pipeline.distill import run_distill_stage
+    from pipeline.evaluate import load_predictor
+    from pipeline.train import run_train_stage
+
+    data = make_toy_dir(tmp_path)
+    (data / "unlabeled.txt").write_text("the film was good\nthe plot was dull and weak\n")
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6", *STUDENT, *COMPRESS))
+    run_data_stage(cfg, str(data), "toy")
+    run_train_stage(cfg, "toy")
+    metrics = run_distill_stage(cfg, "toy")
+
+    out = tmp_path / "saved_models" / "toy" / "distilled"
+    assert metrics["transfer_texts"] == 3 * 400 + 2  # train, two augmented copies, the unlabelled texts
+    assert metrics["params"] < metrics["teacher_params"] and metrics["flops"] < metrics["teacher_flops"] / 2
+    assert metrics["dev"]["accuracy"] > 0.9 and "dev" in metrics["teacher"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    predictor = load_predictor(out)  # a model directory like the teacher's
+    assert predictor.predict_proba(["a superb film", "an awful film"]).argmax(1).tolist() == [1, 0]
+
+    summary = run_compress_stage(cfg, "toy")
+    for name in ("distilled_float32", "distilled_int8"):
+        assert (tmp_path / "saved_models" / "toy" / "tflite" / f"{name}.tflite").is_file()
+        assert summary["variants"][name]["accuracy"] > 0.9
+
+
+def test_distill_needs_a_trained_teacher(toy_data, tmp_path):
+    from pipeline.data import run_data_stage
+    from pipeline.distill import run_distill_stage
+
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, *STUDENT))
+    run_data_stage(cfg, str(toy_data), "toy")
+    with pytest.raises(PipelineError, match="no trained model"):
+        run_distill_stage(cfg, "toy")
