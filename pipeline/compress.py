@@ -13,6 +13,7 @@ it (compress_state/ remembers the config and model it was made from), so a kille
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +23,10 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline import files, manifest
+from pipeline import VARIANTS, files, manifest
 from pipeline.errors import PipelineError
 from pipeline.report import markdown_table
 
-VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
 
 
@@ -56,8 +56,9 @@ def _compile(model, cfg, total_steps):
 
 
 def _fit(model, data, steps, callbacks=()):
-    """Train for exactly `steps` batches (the dataset repeats), one log line at the end."""
-    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks), verbose=2)
+    """Train for exactly `steps` batches (the dataset repeats): a progress bar on a terminal, else one log line."""
+    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks),
+              verbose=1 if sys.stdout.isatty() else 2)
 
 
 def clone(model):
@@ -251,8 +252,12 @@ def run_compress_stage(cfg, run):
         """A new dataset per step: its shuffle order then depends only on the seed, resumed or not."""
         return _fine_tune_data(cfg, processed, seq_len, len(labels))
 
+    total = 2 * len(VARIANTS) + 1  # every export, the pruning, every evaluation
+    numbers = iter(range(1, total + 1))
+
     def step(name, make):
-        """Run `make` unless a previous run finished this step; report its time."""
+        """Run `make` unless a previous run finished this step; report its number and time."""
+        number = next(numbers)
         done = state / f"{name}.done"
         if done.exists():
             return
@@ -260,7 +265,7 @@ def run_compress_stage(cfg, run):
         tf.keras.utils.set_random_seed(cfg.train.seed)  # each step alone is reproducible after a resume
         make()
         files.write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        print(f"compress: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"compress [{number}/{total}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def write_variant(name, content):
         """With MediaPipe text-classifier metadata (tokenizer, vocab.txt, labels.txt): a drop-in app model."""

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import VARIANTS
 from pipeline.errors import PipelineError
 
 
@@ -72,12 +73,18 @@ class CompressConfig:
 
 
 @dataclass
+class ReportConfig:
+    ship: str = "smallest"  # the variant in mobile/: a goal (smallest, fastest, most_accurate) or a variant name
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -90,6 +97,7 @@ CHOICES = {
     "train.mixed_precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
+    "report.ship": ("smallest", "fastest", "most_accurate", *VARIANTS),
 }
 
 
