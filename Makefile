@@ -2,6 +2,8 @@
 # it is up to date: manifest.json in the run directory holds the config and input checksums it was made
 # from, so an unchanged stage is skipped, a changed config or data file reruns exactly the stages it
 # affects, and `make compress` after `make train` does not retrain.
+# The CLI remembers the run of the last data/train given DATA or RUN (saved_models/.current_run); targets
+# without them work on it (else on the GLUE SST-2 download). `make help` lists targets and variables.
 #   make train DATA=../shared/data/sst2            (DATA: a data directory; default: GLUE SST-2 download)
 #   make train SET="train.epochs=3 model.num_layers=1"
 export TF_USE_LEGACY_KERAS := 1
@@ -12,13 +14,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= params.yaml
 DATA   ?=
-RUN    ?= $(if $(DATA),$(notdir $(abspath $(DATA))),SST-2)
+RUN    ?=
 SET    ?=
 
 ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
+RUN_ARG   = $(if $(RUN),--run $(RUN),)
 
-.PHONY: venv data pretrain train distill evaluate compress benchmark report tensorboard test test-fast test-e2e clean
+.PHONY: venv help data pretrain train distill evaluate compress benchmark report tensorboard test test-fast test-e2e clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -29,30 +32,38 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps tensorflow-model-optimization==0.8.1
 	touch $(STAMP)
 
+help:
+	@echo 'make data | pretrain | train | distill | evaluate | compress | benchmark | report'
+	@echo '                                       each runs the stages it needs first (pretrain, distill: optional)'
+	@echo 'make tensorboard | test | test-fast | test-e2e | clean          (clean: processed data, models, logs)'
+	@echo 'DATA=DIR     a data directory (train.* and optionally dev.*, test.*); the run is named after it'
+	@echo 'RUN=NAME     the run to work on; default: the last one given DATA or RUN, else SST-2 (downloaded)'
+	@echo 'SET="k=v .." config overrides, e.g. SET="train.epochs=3 report.ship=fastest"'
+	@echo 'CONFIG=FILE  the config file (default params.yaml)'
+
 data: | $(STAMP)
-	$(PY) -m pipeline data $(DATA_ARG) --run $(RUN) $(ARGS)
+	$(PY) -m pipeline data $(DATA_ARG) $(RUN_ARG) $(ARGS)
 
 pretrain: data
-	$(PY) -m pipeline pretrain --run $(RUN) $(ARGS)
+	$(PY) -m pipeline pretrain $(RUN_ARG) $(ARGS)
 
 train: data
-	$(PY) -m pipeline train --run $(RUN) $(ARGS)
+	$(PY) -m pipeline train $(RUN_ARG) $(ARGS)
 
 evaluate: train
-	$(PY) -m pipeline evaluate --model saved_models/$(RUN) --data data/processed/$(RUN)/dev.jsonl \
-		--out saved_models/$(RUN)/eval $(ARGS)
+	$(PY) -m pipeline evaluate $(RUN_ARG) $(ARGS)
 
 distill: train
-	$(PY) -m pipeline distill --run $(RUN) $(ARGS)
+	$(PY) -m pipeline distill $(RUN_ARG) $(ARGS)
 
 compress: train
-	$(PY) -m pipeline compress --run $(RUN) $(ARGS)
+	$(PY) -m pipeline compress $(RUN_ARG) $(ARGS)
 
 benchmark: compress
-	$(PY) -m pipeline benchmark --run $(RUN) $(ARGS)
+	$(PY) -m pipeline benchmark $(RUN_ARG) $(ARGS)
 
 report: benchmark
-	$(PY) -m pipeline report --run $(RUN) $(ARGS)
+	$(PY) -m pipeline report $(RUN_ARG) $(ARGS)
 
 tensorboard: | $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
@@ -67,5 +78,5 @@ test-e2e: | $(STAMP)
 	$(PY) -m pytest -q -m e2e
 
 clean:
-	rm -rf data/processed saved_models/* runs
+	rm -rf data/processed saved_models/* saved_models/.current_run runs
 	touch saved_models/.gitkeep

@@ -1,28 +1,85 @@
 """The one CLI: `python -m pipeline <stage>` (also installed as `liteformer`)."""
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from pipeline.errors import PipelineError
 
 DEFAULT_RUN = "SST-2"  # the run name of the GLUE SST-2 download
+CURRENT_RUN = ".current_run"  # in paths.models: the run of the last data or train stage given --data or --run
 
 
 def _common(p):
     p.add_argument("--config", default="params.yaml", help="config file (default: params.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks and the libraries' own log lines")
 
 
-def _run_name(args):
-    if getattr(args, "run", None):
-        return args.run
-    if getattr(args, "data", None):
-        return Path(args.data).resolve().name
-    return DEFAULT_RUN
+def resolve_run(args, cfg):
+    """(run name, where it came from): --run, else the data stage's --data directory name, else the run
+    remembered in paths.models/.current_run, else SST-2."""
+    if args.run:
+        return args.run, "given with --run"
+    if args.stage == "data" and args.data:
+        return Path(args.data).resolve().name, "the name of --data's directory"
+    path = Path(cfg.paths.models) / CURRENT_RUN
+    if path.is_file():
+        run = path.read_text(encoding="utf-8").strip()
+        if not run or "/" in run or "\\" in run or run in (".", ".."):
+            raise PipelineError(f"{path}:1: not a run name ({run!r}); delete it, or choose with --run NAME")
+        return run, "remembered from the last data/train given DATA or RUN; RUN=NAME or --run NAME to choose"
+    return DEFAULT_RUN, "the default: GLUE SST-2, downloaded; DATA=DIR or --data DIR for your own data"
+
+
+def remember_run(cfg, run):
+    """Make `run` the one later stages without --run work on."""
+    from pipeline.files import write_text
+
+    write_text(Path(cfg.paths.models) / CURRENT_RUN, run + "\n")
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Only the project's own lines on stderr: what C++ libraries write to fd 2 (TensorFlow's start-up lines,
+    before TF_CPP_MIN_LOG_LEVEL applies; converter and TFLite INFO lines) goes to /dev/null, and library
+    warnings are off, while sys.stderr keeps writing to the real stderr. --debug skips this."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    keep = sys.stderr
+    try:
+        if _fileno(sys.stderr) == 2:  # else (pytest's capture) sys.stderr does not write to fd 2 anyway
+            sys.stderr = open(real, "w", buffering=1, encoding=keep.encoding, errors="backslashreplace",
+                              closefd=False)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")  # its Python warnings (e.g. slow callbacks) too
+            yield
+    finally:
+        if sys.stderr is not keep:
+            sys.stderr.close()
+            sys.stderr = keep
+        os.dup2(real, 2)
+        os.close(real)
+
+
+def _fileno(stream):
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+RUN_HELP = f"run name (default: the run of the last data/train given --data or --run, else {DEFAULT_RUN})"
 
 
 def build_parser():
@@ -30,7 +87,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="stage", required=True)
 
     p = sub.add_parser("data", help="read, validate, split and tokenize a data set")
-    p.add_argument("--data", help="directory with train.* (and dev.*, test.*); default: download GLUE SST-2")
+    p.add_argument("--data", help="directory with train.* (and dev.*, test.*); default: the one the run was made "
+                   "from, else download GLUE SST-2")
     p.add_argument("--run", help="run name (default: the data directory's name)")
     _common(p)
 
@@ -39,12 +97,15 @@ def build_parser():
     _common(p)
 
     p = sub.add_parser("train", help="train the Transformer classifier on a processed run")
-    p.add_argument("--run", default=None, help=f"run name (default: {DEFAULT_RUN})")
+    p.add_argument("--run", default=None, help=RUN_HELP)
     _common(p)
 
     p = sub.add_parser("evaluate", help="evaluate a model directory or .tflite file on a data file")
-    p.add_argument("--model", required=True, help="trained model directory or .tflite file")
-    p.add_argument("--data", required=True, help="data file (.tsv, .csv or .jsonl) with text and label")
+    p.add_argument("--model", help="trained model directory or .tflite file (default: the run's model, on its "
+                   "dev split, with --out saved_models/<run>/eval)")
+    p.add_argument("--run", default=None, help=RUN_HELP + "; without --model")
+    p.add_argument("--data", help="data file (.tsv, .csv or .jsonl) with text and label (default without --model: "
+                   "the run's dev split)")
     p.add_argument("--out", help="also write metrics.json and PNG plots here, and log them to TensorBoard")
     _common(p)
 
@@ -55,6 +116,8 @@ def build_parser():
                    "(stdin), else the text column of a .tsv, .csv or .jsonl")
     p.add_argument("--runtime", choices=("litert", "mediapipe"), default="litert",
                    help="how to run a .tflite: LiteRT (default) or MediaPipe Tasks TextClassifier, as apps do")
+    p.add_argument("--table", action="store_true", help="print an aligned table (text, label, probability) "
+                   "instead of JSON lines")
     _common(p)
 
     for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
@@ -62,7 +125,7 @@ def build_parser():
                        ("benchmark", "measure latency, memory and size of every variant"),
                        ("report", "write the comparison report")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--run", default=None)
+        p.add_argument("--run", default=None, help=RUN_HELP)
         _common(p)
     return parser
 
@@ -72,16 +135,31 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.stage == "predict" and not args.texts and args.file is None:
         parser.error("predict: give texts to classify, or --file F")
+    if args.stage == "evaluate" and args.model and (args.run or not args.data):
+        parser.error("evaluate: give --model with --data FILE, or a run (--run, or the remembered one) without --model")
+    if args.debug:
+        return run_stage(args)
+    with _quiet_libraries():
+        return run_stage(args)
+
+
+def run_stage(args):
+    """Run the stage `args` names; print a one-line error and return 2 for bad input."""
     try:
         from pipeline.config import load_config
 
         config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
         cfg = load_config(config_path, args.set)
-        run = _run_name(args)
+        if args.stage != "predict" and not (args.stage == "evaluate" and args.model):
+            run, origin = resolve_run(args, cfg)
+            # stdout holds evaluate's JSON result
+            print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
         if args.stage == "data":
             from pipeline.data import run_data_stage
 
             run_data_stage(cfg, args.data, run)
+            if args.data or args.run:
+                remember_run(cfg, run)
         elif args.stage == "pretrain":
             from pipeline.pretrain import run_pretrain_stage
 
@@ -90,16 +168,23 @@ def main(argv=None):
             from pipeline.train import run_train_stage
 
             run_train_stage(cfg, run)
+            if args.run:
+                remember_run(cfg, run)
         elif args.stage == "evaluate":
             from pipeline.evaluate import run_evaluate
 
-            run_evaluate(cfg, args.model, args.data, args.out)
+            if args.model:
+                run_evaluate(cfg, args.model, args.data, args.out)
+            else:
+                model_dir = Path(cfg.paths.models) / run
+                run_evaluate(cfg, str(model_dir), args.data or str(Path(cfg.paths.data) / "processed" / run / "dev.jsonl"),
+                             args.out or str(model_dir / "eval"))
         elif args.stage == "predict":
             from pipeline.data import read_texts
             from pipeline.evaluate import run_predict
 
             texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
-            run_predict(cfg, args.model, texts, args.runtime)
+            run_predict(cfg, args.model, texts, args.runtime, args.table)
         elif args.stage == "distill":
             from pipeline.distill import run_distill_stage
 

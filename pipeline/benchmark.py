@@ -345,12 +345,19 @@ def run_benchmark_stage(cfg, run):
         student = load_model(model_dir / "distilled" / "model.keras")
         result["student"] = {"params": int(student.count_params()),
                              "forward_flops_per_example": forward_flops(student, seq_len)}
+    total = len(variant_names(model_dir)) + 4  # Keras, every variant, the dense layers, training padded and bucketed
+    numbers = iter(range(1, total + 1))
+
+    def progress(what):
+        print(f"benchmark [{next(numbers)}/{total}] {what}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "inputs.npz"
         np.savez(npz, **inputs)
         keras = _fresh_process("keras", model_dir, npz)
         keras.update(path=str(model_dir / "model.keras"), bytes=(model_dir / "model.keras").stat().st_size)
         result["variants"]["keras"] = keras
+        progress(f"keras: p50 {keras['latency']['threads_all']['p50_ms']:.3f} ms (tf.function, all cores)")
         for name in variant_names(model_dir):
             path = model_dir / "tflite" / f"{name}.tflite"
             content = path.read_bytes()
@@ -359,13 +366,17 @@ def run_benchmark_stage(cfg, run):
                             gzip_bytes=len(gzip.compress(content, compresslevel=9, mtime=0)),
                             ops=op_placement(path))
             result["variants"][name] = measured
-            print(f"benchmark: {name}: p50 {measured['latency']['threads_1']['p50_ms']:.3f} ms at 1 thread")
+            progress(f"{name}: p50 {measured['latency']['threads_1']['p50_ms']:.3f} ms at 1 thread")
         dense_f32, dense_i8 = _fresh_process("pair", *dense_only_files(cfg.model, seq_len, tmp))
+        progress(f"dense layers alone: p50 {dense_f32['p50_ms']:.3f} ms float32, {dense_i8['p50_ms']:.3f} ms int8")
         result["dense_only"] = {"float32": dense_f32, "int8": dense_i8,
                                 "note": "the model's dense layers alone (same shapes, residual adds; no attention "
                                         "scores, norms, softmax or GELU), float32 vs full int8, 1 thread, interleaved"}
 
-    padded, bucketed = training_speed(cfg, run, bucketing=False), training_speed(cfg, run, bucketing=True)
+    padded = training_speed(cfg, run, bucketing=False)
+    progress(f"training, padded batches: {padded['examples_per_s']:.0f} examples/s")
+    bucketed = training_speed(cfg, run, bucketing=True)
+    progress(f"training, length bucketing: {bucketed['examples_per_s']:.0f} examples/s")
     train_flops = 3 * flops * padded["examples_per_s"]  # backward ~ 2x forward
     result["training"] = {
         "stage_seconds": round(train_seconds, 1), "stage_examples_per_s": round(train_rows * len(history) / train_seconds, 1),

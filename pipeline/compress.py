@@ -13,6 +13,7 @@ it (compress_state/ remembers the config and model it was made from), so a kille
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +23,9 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline import files, manifest
+from pipeline import DISTILLED_VARIANTS, VARIANTS, files, manifest
 from pipeline.errors import PipelineError
 from pipeline.report import markdown_table
-
-VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
-DISTILLED_VARIANTS = ("distilled_float32", "distilled_int8")  # when `make distill` made a student
 
 
 def has_student(model_dir):
@@ -38,6 +36,8 @@ def has_student(model_dir):
 def variant_names(model_dir):
     """The variants `make compress` builds for this run: VARIANTS, and the student's when there is one."""
     return VARIANTS + (DISTILLED_VARIANTS if has_student(model_dir) else ())
+
+
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
 
 
@@ -67,8 +67,9 @@ def _compile(model, cfg, total_steps):
 
 
 def _fit(model, data, steps, callbacks=()):
-    """Train for exactly `steps` batches (the dataset repeats), one log line at the end."""
-    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks), verbose=2)
+    """Train for exactly `steps` batches (the dataset repeats): a progress bar on a terminal, else one log line."""
+    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks),
+              verbose=1 if sys.stdout.isatty() else 2)
 
 
 def clone(model):
@@ -264,8 +265,13 @@ def run_compress_stage(cfg, run):
         """A new dataset per step: its shuffle order then depends only on the seed, resumed or not."""
         return _fine_tune_data(cfg, processed, seq_len, len(labels))
 
+    names = variant_names(model_dir)
+    total = 2 * len(names) + 1  # every export, the pruning, every evaluation
+    numbers = iter(range(1, total + 1))
+
     def step(name, make):
-        """Run `make` unless a previous run finished this step; report its time."""
+        """Run `make` unless a previous run finished this step; report its number and time."""
+        number = next(numbers)
         done = state / f"{name}.done"
         if done.exists():
             return
@@ -273,7 +279,7 @@ def run_compress_stage(cfg, run):
         tf.keras.utils.set_random_seed(cfg.train.seed)  # each step alone is reproducible after a resume
         make()
         files.write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        print(f"compress: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"compress [{number}/{total}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def write_variant(name, content):
         """With MediaPipe text-classifier metadata (tokenizer, vocab.txt, labels.txt): a drop-in app model."""
@@ -307,7 +313,6 @@ def run_compress_stage(cfg, run):
         "qat_int8", export_tflite(qat_model(model, cfg, data(), qat_steps), seq_len, "int8", representative)))
     step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
         qat_model(pruned, cfg, data(), qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
-    names = variant_names(model_dir)
     if has_student(model_dir):
         student = load_model(model_dir / "distilled" / "model.keras")
         step("distilled_float32", lambda: write_variant("distilled_float32", export_tflite(student, seq_len, "float32")))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import DISTILLED_VARIANTS, VARIANTS
 from pipeline.errors import PipelineError
 
 
@@ -101,6 +102,11 @@ class CompressConfig:
 
 
 @dataclass
+class ReportConfig:
+    ship: str = "smallest"  # the variant in mobile/: a goal (smallest, fastest, most_accurate) or a variant name
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -109,6 +115,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -122,6 +129,7 @@ CHOICES = {
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
     "train.init": ("pretrained", "scratch"),
+    "report.ship": ("smallest", "fastest", "most_accurate", *VARIANTS, *DISTILLED_VARIANTS),
 }
 
 

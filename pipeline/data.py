@@ -522,15 +522,21 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         raise PipelineError(f"data.max_seq_len must be at least 8, got {dc.max_seq_len}")
     if not 0 < dc.length_percentile <= 100:
         raise PipelineError(f"data.length_percentile must be in (0, 100], got {dc.length_percentile}")
-    if data_dir is None:
-        src = download_sst2(Path(cfg.paths.data) / "raw")
-    else:
+    out = processed_dir(cfg, run)
+    if data_dir is not None:
         src = Path(data_dir)
+    else:  # the directory this run was made from, else the GLUE SST-2 download
+        raw = Path(cfg.paths.data) / "raw"
+        src = Path(load_stats(out)["source"]) if (out / "stats.json").is_file() else raw / "SST-2"
+        if src.resolve() == (raw / "SST-2").resolve():
+            src = download_sst2(raw)
+        elif not src.is_dir():
+            print(f"data: up to date ({src} is gone; {out} stays as it was made; --data DIR to remake it)")
+            return load_stats(out)
 
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
     unlabeled_file = find_unlabeled(src)
-    out = processed_dir(cfg, run)
     key = {"config": {"data": dataclasses.asdict(dc), "data_stage": {"version": STAGE_VERSION}},
            "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else [])])}
     if manifest.up_to_date(out, "data", key):

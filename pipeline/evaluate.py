@@ -403,9 +403,23 @@ def run_evaluate(cfg, model_path, data_path, out_dir=None):
     return result
 
 
-def run_predict(cfg, model_path, texts, runtime="litert"):
-    """Classify texts; print one JSON line per text with its label and every label's probability.
-    runtime "mediapipe" runs a .tflite through MediaPipe Tasks' TextClassifier, as apps do."""
+TABLE_TEXT_WIDTH = 60  # characters of each text that `predict --table` shows
+
+
+def prediction_table(results):
+    """Aligned lines: each text (one line, cut to TABLE_TEXT_WIDTH), its label and that label's probability."""
+    texts = [" ".join(r["text"].split()) for r in results]
+    texts = [t if len(t) <= TABLE_TEXT_WIDTH else t[:TABLE_TEXT_WIDTH - 1] + "…" for t in texts]
+    text_w = max([4, *map(len, texts)])
+    label_w = max([5, *(len(r["label"]) for r in results)])
+    lines = [f"{'text':<{text_w}}  {'label':<{label_w}}  probability"]
+    lines += [f"{t:<{text_w}}  {r['label']:<{label_w}}  {r['scores'][r['label']]:11.3f}" for t, r in zip(texts, results)]
+    return lines
+
+
+def run_predict(cfg, model_path, texts, runtime="litert", table=False):
+    """Classify texts; print one JSON line per text with its label and every label's probability, or with
+    `table` an aligned table. runtime "mediapipe" runs a .tflite through MediaPipe Tasks' TextClassifier."""
     if runtime == "mediapipe":
         from pipeline.metadata import MediaPipeClassifier
 
@@ -420,6 +434,9 @@ def run_predict(cfg, model_path, texts, runtime="litert"):
     for text, p in zip(texts, probs):
         result = {"text": text, "label": predictor.labels[int(p.argmax())],
                   "scores": {label: float(s) for label, s in zip(predictor.labels, p)}}
-        print(json.dumps(result), flush=True)
+        if not table:
+            print(json.dumps(result), flush=True)
         results.append(result)
+    if table:
+        print("\n".join(prediction_table(results)), flush=True)
     return results

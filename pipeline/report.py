@@ -46,13 +46,22 @@ def variant_rows(compression, benchmark, baseline=None):
     return rows
 
 
-def recommend_variant(rows, tolerance=0.01):
-    """The .tflite variant to ship: within `tolerance` of the best .tflite accuracy, the smallest gzip
-    size, then the lowest p50 latency."""
+# The goals report.ship can name, each the rule that picks one of the .tflite variants.
+GOALS = {
+    "smallest": "the smallest gzip size within 1 point of the best .tflite accuracy",
+    "fastest": "the lowest p50 latency at 1 thread within 1 point of the best .tflite accuracy",
+    "most_accurate": "the highest dev accuracy of the .tflite variants",
+}
+
+
+def recommendations(rows, tolerance=0.01):
+    """{goal: row} for each of GOALS among the .tflite rows; ties go to the smaller, then the faster."""
     shipped = [r for r in rows if r["variant"] not in ("keras", "baseline")]
     best = max(r["accuracy"] for r in shipped)
     ok = [r for r in shipped if r["accuracy"] >= best - tolerance]
-    return min(ok, key=lambda r: (r["gzip_bytes"], r["p50_ms"]))["variant"]
+    return {"smallest": min(ok, key=lambda r: (r["gzip_bytes"], r["p50_ms"])),
+            "fastest": min(ok, key=lambda r: (r["p50_ms"], r["gzip_bytes"])),
+            "most_accurate": min(shipped, key=lambda r: (-r["accuracy"], r["gzip_bytes"], r["p50_ms"]))}
 
 
 def pareto_front(points):
@@ -64,28 +73,63 @@ def pareto_front(points):
     return front
 
 
-def plot_tradeoff(rows, key, xlabel, path):
-    """Accuracy against a cost, the Pareto front joined and marked."""
-    from matplotlib.figure import Figure
+def _plain(value, _position=None):
+    """A log-axis tick as a plain number (0.3, 1, 20), not a power of ten."""
+    return f"{value:g}"
 
-    from pipeline.evaluate import _save_figure
+
+def tradeoff_figure(rows, key, xlabel, scale=1.0):
+    """Accuracy against a cost (`rows[key] * scale`, log axis), the Pareto front joined and marked; points
+    at one place share a label, and a label that would cover another moves down."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     rows = [r for r in rows if r.get(key) is not None]
-    points = [(r[key], 100 * r["accuracy"]) for r in rows]
+    points = [(r[key] * scale, 100 * r["accuracy"]) for r in rows]
     front = sorted(pareto_front(points), key=lambda i: points[i][0])
     fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, (r, (x, y)) in enumerate(zip(rows, points)):
+    for i, (x, y) in enumerate(points):
         ax.scatter([x], [y], color="tab:red" if i in front else "tab:blue", zorder=3)
-        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", linestyle="--",
             label="Pareto front")
     ax.set_xscale("log")
+    decades = np.log10(max(x for x, _ in points) / min(x for x, _ in points))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_minor_formatter(FuncFormatter(  # within half a decade every minor tick, else 2s, 3s and 5s
+        lambda v, _: _plain(v) if decades < 0.5 or round(v / 10 ** np.floor(np.log10(v))) in (2, 3, 5) else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("dev accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-    return _save_figure(fig, path)
+    ax.legend(loc="best")
+
+    fig.canvas.draw()  # fixes the axis limits, which the places and label sizes depend on
+    to_axes = ax.transData + ax.transAxes.inverted()
+    places = {}  # points within 1% of the axes of each other: one place, one label
+    for r, p in zip(rows, points):
+        fx, fy = to_axes.transform(p)
+        near = next((q for q in places if abs(q[0] - fx) < 0.01 and abs(q[1] - fy) < 0.01), (fx, fy))
+        places.setdefault(near, (p, []))[1].append(r["variant"])
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for (x, y), names in sorted(places.values(), key=lambda v: -v[0][1]):  # top first, labels move down
+        label = ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for _ in range(3 * len(places)):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.xyann = (5, label.xyann[1] - 9)
+        placed.append(label.get_window_extent(renderer))
+    return fig
+
+
+def plot_tradeoff(rows, key, xlabel, path, scale=1.0):
+    """tradeoff_figure as a PNG at `path`."""
+    from pipeline.evaluate import _save_figure
+
+    return _save_figure(tradeoff_figure(rows, key, xlabel, scale), path)
 
 
 def plot_training_curves(history, path):
@@ -147,7 +191,7 @@ def _html_table(table):
 MODEL_CARD = """# {name}
 
 Transformer text classifier trained by liteformer on `{run}`; variant **{variant}** (chosen by
-`make report`: the smallest gzip size within 1 point of the best .tflite accuracy).
+`make report` with report.ship {ship}: {why}).
 
 | | |
 |---|---|
@@ -186,13 +230,14 @@ classifier.close()
 """
 
 
-def write_mobile_bundle(model_dir, run, variant, compression, benchmark):
-    """saved_models/<run>/mobile/: the recommended .tflite as model.tflite, labels.txt, vocab.txt and
-    model_card.md, written whole or not at all."""
+def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship):
+    """saved_models/<run>/mobile/: the .tflite chosen by report.ship `ship` as model.tflite, labels.txt,
+    vocab.txt and model_card.md, written whole or not at all."""
     v, b = compression["variants"][variant], benchmark["variants"][variant]
     labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
     card = MODEL_CARD.format(
-        name=f"liteformer-{run}-{variant}", run=run, variant=variant, seq_len=benchmark["seq_len"],
+        name=f"liteformer-{run}-{variant}", run=run, variant=variant, ship=ship,
+        why=GOALS.get(ship, "the variant the config names"), seq_len=benchmark["seq_len"],
         labels=", ".join(f"`{label}`" for label in labels), accuracy=v["accuracy"],
         mp_accuracy=v["mediapipe"]["accuracy"], agreement=v["mediapipe"]["agreement"], bytes=v["bytes"],
         gzip=v["gzip_bytes"], p50=b["latency"]["threads_1"]["p50_ms"], p99=b["latency"]["threads_1"]["p99_ms"],
@@ -232,19 +277,26 @@ def run_report_stage(cfg, run):
     # metrics.json holds the baseline's scores; runs trained before it existed have neither
     has_metrics = (model_dir / "metrics.json").is_file()
     baseline = _load(model_dir / "metrics.json", "train").get("baseline") if has_metrics else None
-    key = {"config": {}, "inputs": manifest.inputs(model_dir, [
+    key = {"config": {"report": cfg.to_dict()["report"]}, "inputs": manifest.inputs(model_dir, [
         "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
         *(["metrics.json"] if has_metrics else []),
         *(f"tflite/{n}.tflite" for n in compression["variants"])], "model")}
     rows = variant_rows(compression, benchmark, baseline)
-    best = recommend_variant(rows)
+    goals = {goal: r["variant"] for goal, r in recommendations(rows).items()}
+    ship = cfg.report.ship
+    best = goals.get(ship, ship)  # the variant mobile/ holds
+    if best not in compression["variants"]:
+        raise PipelineError(f"report.ship: run '{run}' has no variant '{best}' (variants in "
+                            f"{model_dir / 'compression.json'}: {', '.join(compression['variants'])})")
+    result = {"recommended": best, "goals": goals, "rows": rows}
     if manifest.up_to_date(model_dir, "report", key):
-        return {"recommended": best, "rows": rows}
+        return result
     manifest.begin(model_dir, "report")
     labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
     out = model_dir / "report"
     images = {
-        "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (bytes, log)", out / "accuracy_vs_size.png"),
+        "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (MB, log)", out / "accuracy_vs_size.png",
+                                          1 / MB),
         "accuracy_vs_latency": plot_tradeoff(rows, "p50_ms", "p50 latency at 1 thread (ms, log)",
                                              out / "accuracy_vs_latency.png"),
         "confusion_matrix": plot_confusion_matrix(compression["variants"][best]["dev"]["confusion_matrix"], labels,
@@ -260,8 +312,17 @@ def run_report_stage(cfg, run):
         versus = (sentence[0].upper() + sentence[1:] + ". The baseline row is TF-IDF word and character "
                   "n-grams with a logistic regression, fitted on the same train split.")
     r, t = benchmark["ratios"], benchmark["training"]
+    by_name = {r["variant"]: r for r in rows}
+    cpu = benchmark["cpu"]
+    headings = {"smallest": "Smallest download (phones)",
+                "fastest": f"Fastest on the benchmark CPU ({cpu['cores']} cores, {cpu['mhz']:.0f} MHz)",
+                "most_accurate": "Best accuracy"}
     facts = [
-        f"Recommended variant: **{best}** (smallest gzip size within 1 point of the best .tflite accuracy).",
+        *(f"{headings[goal]}: **{name}**: {100 * by_name[name]['accuracy']:.2f}% dev accuracy, "
+          f"{by_name[name]['gzip_bytes'] / MB:.2f} MB gzipped, p50 {by_name[name]['p50_ms']:.3f} ms at 1 thread "
+          f"({GOALS[goal]})." for goal, name in goals.items()),
+        f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
+        "variant name).",
         f"int8 / float32 p50 latency at 1 thread: **{r['int8_over_float32_p50_1thread']:.2f}**; "
         f"dynamic_range / float32: {r['dynamic_range_over_float32_p50_1thread']:.2f}; "
         f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
@@ -316,7 +377,9 @@ def run_report_stage(cfg, run):
         tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
         for name, p in images.items():
             tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
-    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark)
+    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark, ship)
     manifest.record(model_dir, "report", key, ["report.md", "report.html", "report", "mobile"])
-    print(f"report {run}: recommended {best} -> {model_dir / 'report.md'}, {mobile}/model.tflite")
-    return {"recommended": best, "rows": rows}
+    print(f"report {run}: smallest {goals['smallest']}, fastest {goals['fastest']}, most accurate "
+          f"{goals['most_accurate']}; mobile/ holds {best} (report.ship {ship}) -> {model_dir / 'report.md'}, "
+          f"{mobile}/model.tflite")
+    return result

@@ -126,3 +126,61 @@ def test_pareto_front():
     points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (0.5, 70.0), (2.0, 85.0 - 1e-9)]
     assert sorted(pareto_front(points)) == [0, 1, 3]
     assert np.all(np.diff([points[i][0] for i in sorted(pareto_front(points))]) != 0)
+
+
+def test_one_recommendation_per_goal():
+    from pipeline.report import recommendations
+
+    def row(name, accuracy, gzip_mb, p50):
+        return {"variant": name, "accuracy": accuracy, "gzip_bytes": int(gzip_mb * 1e6), "p50_ms": p50}
+
+    rows = [row("keras", 0.95, 9.0, 0.01),  # neither it nor the baseline is a .tflite to ship
+            row("float32", 0.900, 3.7, 0.20), row("float16", 0.900, 1.9, 0.22), row("int8", 0.891, 0.7, 0.45),
+            row("pruned_qat_int8", 0.880, 0.3, 0.10),  # smallest and fastest, but 2 points down
+            row("baseline", 0.99, 0.1, None)]
+    picked = {goal: r["variant"] for goal, r in recommendations(rows).items()}
+    assert picked == {"smallest": "int8", "fastest": "float32", "most_accurate": "float16"}  # a tie goes to the smaller
+
+
+def test_report_gives_each_goal_its_numbers_and_ships_what_report_ship_says(tmp_path):
+    from conftest import tiny_overrides
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+    from pipeline.report import run_report_stage
+
+    d = fixture_run(tmp_path)
+    # fixture: float32 90.0% 3.7 MB 0.40 ms; int8 89.5% 0.7 MB 0.30 ms; pruned_qat_int8 85.0% 0.3 MB 0.31 ms
+    assert run_report_stage(load_config(None, tiny_overrides(tmp_path)), "fx")["goals"] == {
+        "smallest": "int8", "fastest": "int8", "most_accurate": "float32"}
+    md = (d / "report.md").read_text()
+    assert "Smallest download (phones): **int8**: 89.50% dev accuracy, 0.67 MB gzipped, p50 0.300 ms at 1 thread" in md
+    assert "Fastest on the benchmark CPU (2 cores, 2500 MHz): **int8**: 89.50%" in md
+    assert "Best accuracy: **float32**: 90.00% dev accuracy, 3.53 MB gzipped, p50 0.400 ms at 1 thread" in md
+    assert (d / "mobile" / "model.tflite").read_bytes() == b"int8"
+
+    for ship, shipped in (("most_accurate", b"float32"), ("pruned_qat_int8", b"pruned_qat_int8")):
+        result = run_report_stage(load_config(None, tiny_overrides(tmp_path, f"report.ship={ship}")), "fx")
+        assert result["recommended"] == shipped.decode() and (d / "mobile" / "model.tflite").read_bytes() == shipped
+        assert f"report.ship {ship}" in (d / "mobile" / "model_card.md").read_text()
+    with pytest.raises(PipelineError, match="report.ship: run 'fx' has no variant 'float16'"):
+        run_report_stage(load_config(None, tiny_overrides(tmp_path, "report.ship=float16")), "fx")
+
+
+def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
+    from pipeline.report import tradeoff_figure
+
+    names = ["float32", "float16", "dynamic_range", "int8", "qat_int8", "pruned_int8", "pruned_qat_int8"]
+    p50 = [0.30, 0.30, 0.69, 0.70, 0.70, 0.71, 0.70]
+    accuracy = [0.900, 0.900, 0.899, 0.895, 0.8935, 0.893, 0.892]
+    rows = [{"variant": n, "accuracy": a, "p50_ms": p} for n, a, p in zip(names, accuracy, p50)]
+    rows.append({"variant": "keras", "accuracy": 0.900, "p50_ms": 4.0})
+    fig = tradeoff_figure(rows, "p50_ms", "p50 (ms, log)")
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in labels) == ["dynamic_range", "float32, float16", "int8", "keras",
+                                                     "pruned_int8", "pruned_qat_int8", "qat_int8"]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    ticks = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+    assert {"0.3", "1", "2"} <= set(ticks) and all(t.replace(".", "").isdigit() for t in ticks), ticks

@@ -351,6 +351,40 @@ def test_predict_file_from_stdin(model_dir, monkeypatch, capsys):
     assert predict_cli(capsys, "--model", str(model_dir), "--file", "-") == ["good movie", "bad plot é"]
 
 
+def test_predict_table_aligns_text_label_and_probability(model_dir, capsys):
+    from pipeline.__main__ import main
+    from pipeline.evaluate import TABLE_TEXT_WIDTH
+
+    long = "the great movie " * 10
+    assert main(["predict", "--model", str(model_dir), "good movie", "bad\tplot", long]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["predict", "--model", str(model_dir), "--table", "good movie", "bad\tplot", long]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["text", "label", "probability"] and len(rows) == 3
+    label_at = header.index("label")
+    assert label_at == TABLE_TEXT_WIDTH + 2  # the long text sets the width, cut to it
+    assert rows[0].startswith("good movie ") and rows[1].startswith("bad plot ")  # one line per text
+    assert rows[2][:label_at].rstrip() == long[:TABLE_TEXT_WIDTH - 1] + "…"
+    for row, result in zip(rows, results):
+        label, probability = row[label_at:].split()
+        assert label == result["label"] and float(probability) == pytest.approx(max(result["scores"].values()), abs=5e-4)
+        assert len(row) == len(header)  # probabilities end under the header's last letter
+
+
+def test_predict_table_from_stdin_in_a_fresh_process(model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(model_dir), "--file", "-",
+                           "--table"], input="good movie\n\nbad plot é\n", capture_output=True, text=True,
+                          encoding="utf-8", cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # TensorFlow's start-up lines are not shown
+    header, *rows = done.stdout.splitlines()
+    assert header.startswith("text") and [r.split()[:2] for r in rows] == [["good", "movie"], ["bad", "plot"]]
+    assert all(r.split()[-2] in LABELS and 0.5 <= float(r.split()[-1]) <= 1 for r in rows)
+
+
 def test_predict_file_table_reads_its_text_column(model_dir, tmp_path, capsys):
     path = tmp_path / "reviews.csv"
     path.write_text("review,sentiment\ngood movie,positive\nbad plot,negative\nawful,negative\ngreat,positive\n")

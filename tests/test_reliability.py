@@ -102,6 +102,9 @@ def test_crlf_bom_and_a_5_mb_line_are_accepted(tmp_path, capsys):
     ("train:\n  epochs: 2\n", ["--set", "train.epoch=3"], ["--set train.epoch=3: unknown key 'train.epoch'"]),
     ("train:\n  epochs: 2\n", ["--set", "nosuch.key=1"], ["unknown section 'nosuch'"]),
     ("train: [1, 2\n", [], ["cfg.yaml:2: invalid YAML"]),  # where the parser gave up
+    ("report:\n  ship: biggest\n", [], ["cfg.yaml:2: 'report.ship' must be one of smallest, fastest, "
+                                        "most_accurate, float32, dynamic_range", "got 'biggest'"]),
+    ("train:\n  epochs: 2\n", ["--set", "report.ship=int4"], ["--set report.ship=int4: 'report.ship' must be"]),
 ])
 def test_bad_config(tmp_path, capsys, yaml_text, argv, needles):
     (tmp_path / "cfg.yaml").write_text(yaml_text)
@@ -270,7 +273,7 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
     again = subprocess.run([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "pruned_qat_int8 done" in again.stdout and "compress: qat_int8 done" not in again.stdout
+    assert "pruned_qat_int8 done" in again.stdout and "] qat_int8 done" not in again.stdout
     for name in ("float32", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8"):
         resumed = (copy / "saved_models" / "toy" / "tflite" / f"{name}.tflite").read_bytes()
         assert resumed == (model_dir / "tflite" / f"{name}.tflite").read_bytes(), name
