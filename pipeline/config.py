@@ -64,8 +64,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 10  # over the train split's texts and the unlabelled texts; at least ...
-    min_steps: int = 3000  # ... this many steps (small data sets get more epochs)
+    epochs: int = 10  # over the train split's texts and the unlabelled texts
     batch_size: int = 128
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.05

@@ -135,11 +135,9 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     dev_ds = make_mlm_dataset([processed / "dev.tfrecord"], seq_len, p.batch_size, vocab, p.mask_rate, training=False)
     steps = int(train_ds.reduce(0, lambda n, _: n + 1))  # per epoch, whatever the order (see make_dataset)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps))
-    epochs = max(p.epochs, math.ceil(p.min_steps / steps))
-    total = steps * epochs
+    total = steps * p.epochs
     print(f"pretraining the encoder: masked language model, {p.mask_rate:.0%} of wordpieces masked, "
-          f"{epochs} epochs of {steps:,} steps (pretrain.epochs {p.epochs}, pretrain.min_steps {p.min_steps:,}) "
-          f"over {', '.join(s.name for s in sources)}")
+          f"{p.epochs} epochs of {steps:,} steps over {', '.join(s.name for s in sources)}")
 
     model = build_mlm_model(cfg.model, len(vocab), seq_len)
     schedule = WarmupLinearDecay(p.learning_rate, int(p.warmup_fraction * total), total)
@@ -148,7 +146,7 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     if manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()):
         print(f"resuming the interrupted pretraining in {state}")
     log = state / "epochs.csv"
-    model.fit(train_ds, validation_data=dev_ds, epochs=epochs,
+    model.fit(train_ds, validation_data=dev_ds, epochs=p.epochs,
               verbose=1 if sys.stdout.isatty() else 2, callbacks=[
                   EpochTimer(), tf.keras.callbacks.TerminateOnNaN(),
                   tf.keras.callbacks.CSVLogger(str(log), append=True),

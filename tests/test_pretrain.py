@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = ["pretrain.epochs=2", "pretrain.min_steps=0", "pretrain.batch_size=32"]
+PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=32"]
 
 
 def write_unlabeled(path, n, seed=0):
