@@ -93,7 +93,7 @@ def build_parser():
     _common(p)
 
     p = sub.add_parser("pretrain", help="pretrain the encoder as a masked language model on the run's texts")
-    p.add_argument("--run", default=None, help=f"run name (default: {DEFAULT_RUN})")
+    p.add_argument("--run", default=None, help=RUN_HELP)
     _common(p)
 
     p = sub.add_parser("train", help="train the Transformer classifier on a processed run")
