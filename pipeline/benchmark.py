@@ -307,7 +307,6 @@ def run_benchmark_stage(cfg, run):
     import tempfile
 
     from pipeline import files, manifest
-    from pipeline.compress import has_student, variant_names
     from pipeline.data import load_stats, read_examples
     from pipeline.errors import PipelineError
     from pipeline.model import load_model
@@ -318,10 +317,10 @@ def run_benchmark_stage(cfg, run):
     if not compression.is_file():
         raise PipelineError(f"{model_dir}: no compression.json; run `python -m pipeline compress` first")
     processed = Path(cfg.paths.data) / "processed" / run
+    names = list(json.loads(compression.read_text())["variants"])  # what the compress stage built
     key = {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},  # train: the training-speed runs
            "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "history.json", "compression.json",
-                                                    *(f"tflite/{n}.tflite" for n in variant_names(model_dir))],
-                                         "model"),
+                                                    *(f"tflite/{n}.tflite" for n in names)], "model"),
                       **manifest.inputs(processed, ("train.tfrecord", "dev.jsonl", "stats.json"), "processed")}}
     if manifest.up_to_date(model_dir, "benchmark", key):
         return json.loads((model_dir / "benchmark.json").read_text())
@@ -341,11 +340,11 @@ def run_benchmark_stage(cfg, run):
     peak = cpu_peak_flops()
     result = {"run": run, "seq_len": seq_len, "params": int(model.count_params()),
               "forward_flops_per_example": flops, "cpu": peak, "variants": {}}
-    if has_student(model_dir):  # the distilled student beside its teacher (the Keras model above)
+    if "distilled_float32" in names:  # the distilled student beside its teacher (the Keras model above)
         student = load_model(model_dir / "distilled" / "model.keras")
         result["student"] = {"params": int(student.count_params()),
                              "forward_flops_per_example": forward_flops(student, seq_len)}
-    total = len(variant_names(model_dir)) + 4  # Keras, every variant, the dense layers, training padded and bucketed
+    total = len(names) + 4  # Keras, every variant, the dense layers, training padded and bucketed
     numbers = iter(range(1, total + 1))
 
     def progress(what):
@@ -358,7 +357,7 @@ def run_benchmark_stage(cfg, run):
         keras.update(path=str(model_dir / "model.keras"), bytes=(model_dir / "model.keras").stat().st_size)
         result["variants"]["keras"] = keras
         progress(f"keras: p50 {keras['latency']['threads_all']['p50_ms']:.3f} ms (tf.function, all cores)")
-        for name in variant_names(model_dir):
+        for name in names:
             path = model_dir / "tflite" / f"{name}.tflite"
             content = path.read_bytes()
             measured = _fresh_process("tflite", path, npz)

@@ -313,7 +313,7 @@ def run_compress_stage(cfg, run):
         "qat_int8", export_tflite(qat_model(model, cfg, data(), qat_steps), seq_len, "int8", representative)))
     step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
         qat_model(pruned, cfg, data(), qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
-    if has_student(model_dir):
+    if DISTILLED_VARIANTS[0] in names:
         student = load_model(model_dir / "distilled" / "model.keras")
         step("distilled_float32", lambda: write_variant("distilled_float32", export_tflite(student, seq_len, "float32")))
         step("distilled_int8", lambda: write_variant(

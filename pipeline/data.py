@@ -669,6 +669,18 @@ def count_records(path) -> int:
     return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), lambda n, _: n + 1))
 
 
+_FEATURES = {"input_word_ids": tf.io.RaggedFeature(tf.int64), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def parse_record(record, seq_len):
+    """One serialized example -> (int32 ids cut to seq_len, int32 label). Records longer than seq_len
+    (written with a larger one) keep their final [SEP]."""
+    ex = tf.io.parse_single_example(record, _FEATURES)
+    ids = tf.cast(ex["input_word_ids"], tf.int32)
+    n = tf.minimum(tf.shape(ids)[0], seq_len)
+    return tf.concat([ids[: n - 1], ids[-1:]], axis=0), tf.cast(ex["label"], tf.int32)
+
+
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,
                  seed: int | None = None, epoch: tf.Variable | None = None, num_classes: int | None = None):
     """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]),
@@ -682,15 +694,8 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
     path = Path(tfrecord_path)
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run the data stage first)")
-    features = {"input_word_ids": tf.io.RaggedFeature(tf.int64), "label": tf.io.FixedLenFeature([], tf.int64)}
-
     def parse(record):
-        ex = tf.io.parse_single_example(record, features)
-        ids = tf.cast(ex["input_word_ids"], tf.int32)
-        # Records longer than seq_len (written with a larger one) keep their final [SEP].
-        n = tf.minimum(tf.shape(ids)[0], seq_len)
-        ids = tf.concat([ids[: n - 1], ids[-1:]], axis=0)
-        return ids, tf.cast(ex["label"], tf.int32)
+        return parse_record(record, seq_len)
 
     def to_inputs(ids, label):
         mask = tf.cast(tf.not_equal(ids, 0), tf.int32)  # [PAD] (id 0) is never a real token

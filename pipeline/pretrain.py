@@ -71,18 +71,15 @@ def make_mlm_dataset(paths, seq_len, batch_size, vocab, mask_rate, *, training, 
     and [SEP] are never masked. Training batches group texts of similar length."""
     import keras_nlp
 
-    from pipeline.data import bucket_boundaries
+    from pipeline.data import bucket_boundaries, parse_record
     from pipeline.tokenizer import CLS, PAD, SEP
 
     masker = keras_nlp.layers.MaskedLMMaskGenerator(
         vocabulary_size=len(vocab), mask_selection_rate=mask_rate, mask_token_id=vocab.index("[MASK]"),
         unselectable_token_ids=[vocab.index(t) for t in (PAD, CLS, SEP)])
-    features = {"input_word_ids": tf.io.RaggedFeature(tf.int64)}
 
     def parse(record):
-        ids = tf.cast(tf.io.parse_single_example(record, features)["input_word_ids"], tf.int32)
-        n = tf.minimum(tf.shape(ids)[0], seq_len)  # a longer record keeps its final [SEP], as in make_dataset
-        return tf.concat([ids[: n - 1], ids[-1:]], axis=0)
+        return parse_record(record, seq_len)[0]
 
     def mask(ids):
         # Ragged selections padded to the batch's most masked text, not to a fixed length: with batches
@@ -172,8 +169,8 @@ def run_pretrain_stage(cfg, run):
     model, rows = pretrain_encoder(cfg, processed, int(stats["seq_len"]), state,
                                    Path(cfg.paths.runs) / run / "pretrain", key)
     last = rows[-1]
-    texts = stats["rows"]["train"] + ((stats.get("unlabeled") or {}).get("rows") or 0)
-    summary = {"texts": texts, "unlabeled_texts": (stats.get("unlabeled") or {}).get("rows", 0),
+    unlabeled = (stats.get("unlabeled") or {}).get("rows", 0)
+    summary = {"texts": stats["rows"]["train"] + unlabeled, "unlabeled_texts": unlabeled,
                "epochs": len(rows), "seconds": round(sum(r.get("epoch_seconds", 0.0) for r in rows), 1),
                "dev_masked_accuracy": last.get("val_masked_accuracy"), "dev_perplexity": last.get("val_perplexity")}
     with files.atomic_path(model_dir / "pretrained") as tmp:
