@@ -1,4 +1,5 @@
 """Distillation: the KD loss on known values, augmentation, and a tiny end-to-end student through export."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,10 +66,12 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6", *STUDENT, *COMPRESS))
     run_data_stage(cfg, str(data), "toy")
     run_train_stage(cfg, "toy")
-    metrics = run_distill_stage(cfg, "toy")
+    # 1,202 texts are 76 batches of 16: distill.epochs=2 is 152 steps, so 200 steps need a third epoch
+    metrics = run_distill_stage(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_steps=200)), "toy")
 
     out = tmp_path / "saved_models" / "toy" / "distilled"
     assert metrics["transfer_texts"] == 3 * 400 + 2  # train, two augmented copies, the unlabelled texts
+    assert metrics["epochs"] == 3
     assert metrics["params"] < metrics["teacher_params"] and metrics["flops"] < metrics["teacher_flops"] / 2
     assert metrics["dev"]["accuracy"] > 0.9 and "dev" in metrics["teacher"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
