@@ -250,6 +250,11 @@ def record(explainer, text, result, steps, note=None, attention_digits=4):
                          "completeness_gap": float(ng.sum() - (result["ngram_logit"] - bias))}
     rec["attributions"] = [float(v) for v in total]
     rec["logit"] = float(result["logits"][target])
+    # what the attributions together account for: the logit minus its value at the baseline input (the
+    # Transformer's there, plus the n-gram bias, which no token moves)
+    rec["baseline_logit"] = rec["logit"] - (result["transformer_logit"] - result["transformer_baseline_logit"]) - (
+        result["ngram_logit"] - (rec["ngrams"]["bias"] if rec["ngrams"] else 0.0))
+    rec["completeness_gap"] = float(total.sum() - (rec["logit"] - rec["baseline_logit"]))
     rec["attention"] = [np.round(w[:, real][:, :, real], attention_digits).tolist() for w in result["attention"]]
     if note:
         rec["note"] = note
@@ -330,7 +335,9 @@ def html_section(rec, images):
     if rec["ngrams"]:
         rows.append(("n-grams (exact)", rec["ngrams"]["attributions"]))
     facts = [f"predicted <b>{html.escape(rec['label'])}</b> ({rec['probability']:.3f}); attributions toward "
-             f"<b>{html.escape(rec['class'])}</b> ({rec['class_probability']:.3f}, logit {rec['logit']:.4f})",
+             f"<b>{html.escape(rec['class'])}</b> ({rec['class_probability']:.3f}): total {sum(rec['attributions']):.4f}"
+             f" = logit {rec['logit']:.4f} minus {rec['baseline_logit']:.4f} at the baseline (gap "
+             f"{rec['completeness_gap']:+.2e})",
              f"integrated gradients ({ig['steps']} steps): sum {ig['sum']:.4f}, Transformer logit "
              f"{ig['logit']:.4f} against {ig['baseline_logit']:.4f} at the baseline: completeness gap "
              f"{ig['completeness_gap']:+.2e}. It explains {html.escape(IG_EXPLAINS)}."]
@@ -423,26 +430,46 @@ def length_buckets(lengths, correct):
     return out
 
 
-def top_tokens(rec, k=TOP_TOKENS):
-    """The k tokens (not [CLS], [SEP]) with the largest attribution toward the explained class."""
-    pairs = [(t, a) for t, a in zip(rec["tokens"], rec["attributions"]) if t not in SPECIAL]
-    return sorted(pairs, key=lambda p: -p[1])[:k]
+def words(tokens, attributions):
+    """[(word, attribution)]: wordpieces joined into words ("##" pieces onto the one before), attributions
+    summed (they are additive); [CLS], [SEP] and [PAD] left out."""
+    out = []
+    for t, a in zip(tokens, attributions):
+        if t in SPECIAL:
+            continue
+        if t.startswith("##") and out:
+            out[-1] = (out[-1][0] + t[2:], out[-1][1] + a)
+        else:
+            out.append((t, a))
+    return out
 
 
-def error_analysis(cfg, run, model_dir, variant, steps=STEPS):
-    """For the .tflite `variant` on the run's dev split: the most confidently wrong examples (with the
+def top_words(rec, k=TOP_TOKENS):
+    """The k words with the largest attribution toward the explained class."""
+    return sorted(words(rec["tokens"], rec["attributions"]), key=lambda p: -p[1])[:k]
+
+
+def read_dev(path):
+    """(texts, labels) of a processed run's dev.jsonl (the data stage writes {"text", "label"} per line)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: not found; run `make data` first")
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["text"] for r in rows], [str(r["label"]) for r in rows]
+
+
+def error_analysis(model_dir, variant, texts, labels, steps=STEPS):
+    """For the .tflite `variant` on labelled dev texts: the most confidently wrong examples (with the
     attributions of the Keras model it came from, toward the wrong class), accuracy by length and per-class
     precision/recall."""
-    from pipeline.data import processed_dir, read_table
     from pipeline.evaluate import classification_metrics, load_predictor
 
-    dev = processed_dir(cfg, run) / "dev.jsonl"
-    examples = read_table(dev, cfg.data)
     tflite = Path(model_dir) / "tflite" / f"{variant}.tflite"
     predictor = load_predictor(tflite)
     ids = {label: i for i, label in enumerate(predictor.labels)}
-    texts = list(examples["texts"])
-    y = np.array([ids[label] for label in examples["labels"]])
+    unknown = sorted(set(labels) - set(ids))
+    if unknown:
+        raise PipelineError(f"dev labels {', '.join(unknown)} are not the model's ({', '.join(predictor.labels)})")
+    y = np.array([ids[label] for label in labels])
     probs = predictor.predict_proba(texts)
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != y)
@@ -454,11 +481,11 @@ def error_analysis(cfg, run, model_dir, variant, steps=STEPS):
     for i in wrong:
         result = explainer.explain({k: v[i] for k, v in encoded.items()}, int(pred[i]), steps)
         rec = record(explainer, texts[i], result, steps)
-        rows.append({"line": int(examples["lines"][i]), "text": texts[i], "label": predictor.labels[y[i]],
+        rows.append({"line": int(i) + 1, "text": texts[i], "label": predictor.labels[y[i]],
                      "predicted": predictor.labels[pred[i]], "probability": float(probs[i, pred[i]]),
-                     "top_tokens": [[t, round(a, 4)] for t, a in top_tokens(rec)]})
+                     "top_words": [[t, round(a, 4)] for t, a in top_words(rec)]})
     metrics = classification_metrics(y, probs, predictor.labels)
-    return {"variant": variant, "data": str(dev), "explained_with": note, "accuracy": metrics["accuracy"],
+    return {"variant": variant, "explained_with": note, "accuracy": metrics["accuracy"],
             "most_confident_errors": rows, "accuracy_by_length": length_buckets(lengths, pred == y),
             "per_class": {k: {m: v[m] for m in ("precision", "recall", "support")}
                           for k, v in metrics["per_class"].items()}}
@@ -466,11 +493,11 @@ def error_analysis(cfg, run, model_dir, variant, steps=STEPS):
 
 def _tables(analysis):
     """(errors, length, per-class) tables as lists of rows of strings, header first."""
-    errors = [["probability", "true", "predicted", "text", "top tokens toward the prediction"]]
+    errors = [["probability", "true", "predicted", "text", "top words toward the prediction"]]
     for r in analysis["most_confident_errors"]:
         text = " ".join(r["text"].split())
         errors.append([f"{r['probability']:.3f}", r["label"], r["predicted"], text[:100] + ("…" if len(text) > 100 else ""),
-                       ", ".join(f"{t} ({a:+.2f})" for t, a in r["top_tokens"])])
+                       ", ".join(f"{t} ({a:+.2f})" for t, a in r["top_words"])])
     length = [["wordpieces", "examples", "accuracy %"]]
     length += [[b["bucket"], str(b["n"]), f"{100 * b['accuracy']:.2f}"] for b in analysis["accuracy_by_length"]]
     per_class = [["class", "precision", "recall", "support"]]
@@ -482,38 +509,42 @@ def _tables(analysis):
 def report_section(cfg, run, model_dir, variant):
     """The report's error analysis of `variant` (written to report/error_analysis.json) as (Markdown lines,
     HTML), and the TensorBoard examples in runs/<run>/explain."""
+    from pipeline.data import processed_dir
     from pipeline.report import _html_table, markdown_table
 
-    analysis = error_analysis(cfg, run, model_dir, variant)
+    dev = processed_dir(cfg, run) / "dev.jsonl"
+    if not dev.is_file():  # the run's processed data was deleted or moved: the rest of the report stands
+        why = f"Error analysis: none, the run's dev split {dev} is missing (`make data` writes it)."
+        return ["## Error analysis (dev set)", "", why, ""], f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>"
+    texts, labels = read_dev(dev)
+    analysis = {"data": str(dev), **error_analysis(model_dir, variant, texts, labels)}
     write_json(Path(model_dir) / "report" / "error_analysis.json", analysis)
     errors, length, per_class = _tables(analysis)
     intro = (f"Dev predictions of **{variant}** (accuracy {100 * analysis['accuracy']:.2f}%). The "
-             f"{len(errors) - 1} most confidently wrong examples, each with the {TOP_TOKENS} tokens (not [CLS], "
-             "[SEP]) that most raise the wrongly predicted class's logit: integrated gradients of the Transformer "
-             "part plus the n-gram term's exact share, computed on the Keras model the variant was exported from.")
+             f"{len(errors) - 1} most confidently wrong examples, each with the {TOP_TOKENS} words (wordpieces "
+             "joined, their attributions summed) that most raise the wrongly predicted class's logit: integrated "
+             "gradients of the Transformer part plus the n-gram term's exact share, computed on the Keras model "
+             "the variant was exported from. `python -m pipeline explain` shows any text in full.")
     md = ["## Error analysis (dev set)", "", intro, "", markdown_table(errors), "", "Accuracy by text length:", "",
           markdown_table(length), "", "Per class:", "", markdown_table(per_class), ""]
     page = (f"<h2>Error analysis (dev set)</h2><p>{html.escape(intro).replace('**', '')}</p>{_html_table(errors)}"
             f"<p>Accuracy by text length:</p>{_html_table(length)}<p>Per class:</p>{_html_table(per_class)}")
-    log_examples(cfg, run, model_dir, variant)
+    log_examples(Path(cfg.paths.runs) / run / "explain", model_dir, variant, texts, labels)
     return md, page
 
 
-def log_examples(cfg, run, model_dir, variant, steps=STEPS):
-    """runs/<run>/explain: attention heatmaps and attributions of the first dev example of each class (at
+def log_examples(log_dir, model_dir, variant, texts, labels, steps=STEPS):
+    """TensorBoard in log_dir: attention heatmaps and attributions of the first dev text of each class (at
     most TENSORBOARD_EXAMPLES), explained with the Keras model `variant` came from."""
     import tensorflow as tf
 
-    from pipeline.data import processed_dir, read_table
-
-    examples = read_table(processed_dir(cfg, run) / "dev.jsonl", cfg.data)
     firsts = {}
-    for text, label in zip(examples["texts"], examples["labels"]):
+    for text, label in zip(texts, labels):
         firsts.setdefault(label, text)
     texts = list(firsts.values())[:TENSORBOARD_EXAMPLES]
     explainer, _ = load_explainer(Path(model_dir) / "tflite" / f"{variant}.tflite")
     records = explain_texts(explainer, texts, steps=steps)
-    log_dir = Path(cfg.paths.runs) / run / "explain"
+    log_dir = Path(log_dir)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
     writer = tf.summary.create_file_writer(str(log_dir))
