@@ -75,9 +75,11 @@ def load_explainer(path):
     if path.is_file() and path.suffix == ".keras":
         path = path.parent
     elif path.is_file():
-        from pipeline.evaluate import TFLitePredictor
+        from pipeline.evaluate import EXPECTED
 
-        TFLitePredictor(path)  # a file that is not a TFLite model gets evaluate's message
+        with open(path, "rb") as f:  # a FlatBuffer's file identifier, as evaluate checks it
+            if f.read(8)[4:8] != b"TFL3":
+                raise PipelineError(f"{path}: not a TFLite model; {EXPECTED}")
         path, note = keras_source(path)
     manifest.verify_if_listed(path)
     return Explainer(path), note
@@ -457,14 +459,12 @@ def read_dev(path):
     return [r["text"] for r in rows], [str(r["label"]) for r in rows]
 
 
-def error_analysis(model_dir, variant, texts, labels, steps=STEPS):
-    """For the .tflite `variant` on labelled dev texts: the most confidently wrong examples (with the
-    attributions of the Keras model it came from, toward the wrong class), accuracy by length and per-class
-    precision/recall."""
-    from pipeline.evaluate import classification_metrics, load_predictor
+def error_analysis(predictor, explainer, texts, labels, steps=STEPS):
+    """`predictor` (the shipped .tflite) on labelled texts: its most confidently wrong examples with the
+    attributions `explainer` (the Keras model it came from) gives toward the wrong class, its accuracy by
+    length and per-class precision/recall."""
+    from pipeline.evaluate import classification_metrics
 
-    tflite = Path(model_dir) / "tflite" / f"{variant}.tflite"
-    predictor = load_predictor(tflite)
     ids = {label: i for i, label in enumerate(predictor.labels)}
     unknown = sorted(set(labels) - set(ids))
     if unknown:
@@ -474,7 +474,6 @@ def error_analysis(model_dir, variant, texts, labels, steps=STEPS):
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:WRONG_EXAMPLES]
-    explainer, note = load_explainer(tflite)
     encoded = explainer.encode(texts)
     lengths = encoded["input_mask"].sum(axis=1) - 2
     rows = []
@@ -485,8 +484,8 @@ def error_analysis(model_dir, variant, texts, labels, steps=STEPS):
                      "predicted": predictor.labels[pred[i]], "probability": float(probs[i, pred[i]]),
                      "top_words": [[t, round(a, 4)] for t, a in top_words(rec)]})
     metrics = classification_metrics(y, probs, predictor.labels)
-    return {"variant": variant, "explained_with": note, "accuracy": metrics["accuracy"],
-            "most_confident_errors": rows, "accuracy_by_length": length_buckets(lengths, pred == y),
+    return {"accuracy": metrics["accuracy"], "most_confident_errors": rows,
+            "accuracy_by_length": length_buckets(lengths, pred == y),
             "per_class": {k: {m: v[m] for m in ("precision", "recall", "support")}
                           for k, v in metrics["per_class"].items()}}
 
@@ -506,19 +505,10 @@ def _tables(analysis):
     return errors, length, per_class
 
 
-def report_section(cfg, run, model_dir, variant):
-    """The report's error analysis of `variant` (written to report/error_analysis.json) as (Markdown lines,
-    HTML), and the TensorBoard examples in runs/<run>/explain."""
-    from pipeline.data import processed_dir
+def render_section(analysis, variant):
+    """An error analysis as the report's (Markdown lines, HTML)."""
     from pipeline.report import _html_table, markdown_table
 
-    dev = processed_dir(cfg, run) / "dev.jsonl"
-    if not dev.is_file():  # the run's processed data was deleted or moved: the rest of the report stands
-        why = f"Error analysis: none, the run's dev split {dev} is missing (`make data` writes it)."
-        return ["## Error analysis (dev set)", "", why, ""], f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>"
-    texts, labels = read_dev(dev)
-    analysis = {"data": str(dev), **error_analysis(model_dir, variant, texts, labels)}
-    write_json(Path(model_dir) / "report" / "error_analysis.json", analysis)
     errors, length, per_class = _tables(analysis)
     intro = (f"Dev predictions of **{variant}** (accuracy {100 * analysis['accuracy']:.2f}%). The "
              f"{len(errors) - 1} most confidently wrong examples, each with the {TOP_TOKENS} words (wordpieces "
@@ -529,21 +519,38 @@ def report_section(cfg, run, model_dir, variant):
           markdown_table(length), "", "Per class:", "", markdown_table(per_class), ""]
     page = (f"<h2>Error analysis (dev set)</h2><p>{html.escape(intro).replace('**', '')}</p>{_html_table(errors)}"
             f"<p>Accuracy by text length:</p>{_html_table(length)}<p>Per class:</p>{_html_table(per_class)}")
-    log_examples(Path(cfg.paths.runs) / run / "explain", model_dir, variant, texts, labels)
     return md, page
 
 
-def log_examples(log_dir, model_dir, variant, texts, labels, steps=STEPS):
-    """TensorBoard in log_dir: attention heatmaps and attributions of the first dev text of each class (at
-    most TENSORBOARD_EXAMPLES), explained with the Keras model `variant` came from."""
+def report_section(cfg, run, model_dir, variant):
+    """The report's error analysis of the .tflite `variant` (also written to report/error_analysis.json) as
+    (Markdown lines, HTML), and TensorBoard examples in runs/<run>/explain."""
+    from pipeline.data import processed_dir
+    from pipeline.evaluate import load_predictor
+
+    dev = processed_dir(cfg, run) / "dev.jsonl"
+    if not dev.is_file():  # the run's processed data was deleted or moved: the rest of the report stands
+        why = f"Error analysis: none, the run's dev split {dev} is missing (`make data` writes it)."
+        return ["## Error analysis (dev set)", "", why, ""], f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>"
+    texts, labels = read_dev(dev)
+    tflite = Path(model_dir) / "tflite" / f"{variant}.tflite"
+    explainer, note = load_explainer(tflite)
+    analysis = {"variant": variant, "data": str(dev), "explained_with": note,
+                **error_analysis(load_predictor(tflite), explainer, texts, labels)}
+    write_json(Path(model_dir) / "report" / "error_analysis.json", analysis)
+    log_examples(Path(cfg.paths.runs) / run / "explain", explainer, texts, labels)
+    return render_section(analysis, variant)
+
+
+def log_examples(log_dir, explainer, texts, labels, steps=STEPS):
+    """TensorBoard in log_dir: attention heatmaps and attributions of the first text of each class (at most
+    TENSORBOARD_EXAMPLES)."""
     import tensorflow as tf
 
     firsts = {}
     for text, label in zip(texts, labels):
         firsts.setdefault(label, text)
-    texts = list(firsts.values())[:TENSORBOARD_EXAMPLES]
-    explainer, _ = load_explainer(Path(model_dir) / "tflite" / f"{variant}.tflite")
-    records = explain_texts(explainer, texts, steps=steps)
+    records = explain_texts(explainer, list(firsts.values())[:TENSORBOARD_EXAMPLES], steps=steps)
     log_dir = Path(log_dir)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
@@ -563,4 +570,4 @@ def log_examples(log_dir, model_dir, variant, texts, labels, steps=STEPS):
                 tf.summary.image(f"explain/example_{i}_block_{b}", tf.image.decode_png(png, channels=4)[None], step=0)
     writer.flush()
     writer.close()
-    return log_dir
+    return records
