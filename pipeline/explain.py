@@ -112,6 +112,16 @@ class Explainer:
         self.pooling, self.head = layers["pooling"], layers["probabilities"]
         self.blocks = [layer for layer in model.layers if isinstance(layer, EncoderBlock)]
         self.ngrams = layers.get("ngrams")
+        self._logits_model = None  # the model's own logits, built on first use
+
+    def model_logits(self, inputs):
+        """The model's own logits [1, C] for one encoded text (dict of [T] arrays)."""
+        from pipeline.model import logits_model
+
+        if self._logits_model is None:
+            self._logits_model = logits_model(self.predictor.model)
+        batch = {k: np.asarray(v)[None] for k, v in inputs.items()}
+        return np.asarray(self._logits_model(batch, training=False), np.float64)
 
     def encode(self, texts):
         from pipeline.tokenizer import encode
@@ -151,7 +161,7 @@ class Explainer:
         baseline = tf.broadcast_to(self.embedding.embeddings[0], tf.shape(rows))
         z_t, attention = self.transformer_logits(rows, mask, attention=True)
         z_n = self.ngram_logits(ids, mask)
-        z_model = _model_logits(self.predictor.model, inputs)  # the model's own logits, as a check
+        z_model = self.model_logits(inputs)  # as a check of the layer-by-layer pass
         difference = float(np.max(np.abs((z_t + z_n).numpy() - z_model)))
         if difference > CONSISTENCY_TOLERANCE:
             raise PipelineError(f"{self.path / 'model.keras'}: explain's layer-by-layer logits differ from the "
@@ -205,16 +215,6 @@ class Explainer:
             for p, term in zip(positions, share * table[r] * scale):
                 out[p:p + n] += term / n
         return out
-
-
-def _model_logits(model, inputs):
-    """The model's own logits for one encoded text, [1, C]."""
-    from pipeline.model import logits_model
-
-    if not hasattr(model, "_explain_logits"):
-        model._explain_logits = logits_model(model)
-    batch = {k: np.asarray(v)[None] for k, v in inputs.items()}
-    return np.asarray(model._explain_logits(batch, training=False), np.float64)
 
 
 def _softmax(z):
@@ -550,15 +550,17 @@ def log_examples(log_dir, explainer, texts, labels, steps=STEPS):
     firsts = {}
     for text, label in zip(texts, labels):
         firsts.setdefault(label, text)
-    records = explain_texts(explainer, list(firsts.values())[:TENSORBOARD_EXAMPLES], steps=steps)
+    chosen = list(firsts.items())[:TENSORBOARD_EXAMPLES]
+    records = explain_texts(explainer, [text for _, text in chosen], steps=steps)
     log_dir = Path(log_dir)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()
     writer = tf.summary.create_file_writer(str(log_dir))
     with writer.as_default():
-        for i, rec in enumerate(records):
+        for i, ((label, _), rec) in enumerate(zip(chosen, records)):
             ig = rec["integrated_gradients"]
-            lines = [f"**{rec['text']}**", "", f"predicted {rec['label']} ({rec['probability']:.3f}); completeness "
+            lines = [f"**{rec['text']}**", "", f"true {label}, predicted {rec['label']} ({rec['probability']:.3f}), "
+                     f"attributions toward {rec['class']}; completeness "
                      f"gap of integrated gradients {ig['completeness_gap']:+.2e}", "",
                      "| token | total | Transformer (IG) | n-grams |", "|---|---|---|---|"]
             ng = rec["ngrams"]["attributions"] if rec["ngrams"] else [0.0] * len(rec["tokens"])
