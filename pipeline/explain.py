@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import ngram
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, write_bytes, write_json, write_text
+from pipeline.files import write_bytes, write_json, write_text
 
 STEPS = 50  # integrated-gradients intervals (trapezoidal rule)
 CONSISTENCY_TOLERANCE = 1e-3  # largest |logit| difference between explain's forward pass and the model's
@@ -337,7 +337,8 @@ def html_section(rec, images):
     if rec["ngrams"]:
         rows.append(("n-grams (exact)", rec["ngrams"]["attributions"]))
     facts = [f"predicted <b>{html.escape(rec['label'])}</b> ({rec['probability']:.3f}); attributions toward "
-             f"<b>{html.escape(rec['class'])}</b> ({rec['class_probability']:.3f}): total {sum(rec['attributions']):.4f}"
+             f"<b>{html.escape(rec['class'])}</b> ({rec['class_probability']:.3f}): total "
+             f"{sum(rec['attributions']):.4f}"
              f" = logit {rec['logit']:.4f} minus {rec['baseline_logit']:.4f} at the baseline (gap "
              f"{rec['completeness_gap']:+.2e})",
              f"integrated gradients ({ig['steps']} steps): sum {ig['sum']:.4f}, Transformer logit "
@@ -495,7 +496,8 @@ def _tables(analysis):
     errors = [["probability", "true", "predicted", "text", "top words toward the prediction"]]
     for r in analysis["most_confident_errors"]:
         text = " ".join(r["text"].split())
-        errors.append([f"{r['probability']:.3f}", r["label"], r["predicted"], text[:100] + ("…" if len(text) > 100 else ""),
+        errors.append([f"{r['probability']:.3f}", r["label"], r["predicted"],
+                       text[:100] + ("…" if len(text) > 100 else ""),
                        ", ".join(f"{t} ({a:+.2f})" for t, a in r["top_words"])])
     length = [["wordpieces", "examples", "accuracy %"]]
     length += [[b["bucket"], str(b["n"]), f"{100 * b['accuracy']:.2f}"] for b in analysis["accuracy_by_length"]]
@@ -531,7 +533,8 @@ def report_section(cfg, run, model_dir, variant):
     dev = processed_dir(cfg, run) / "dev.jsonl"
     if not dev.is_file():  # the run's processed data was deleted or moved: the rest of the report stands
         why = f"Error analysis: none, the run's dev split {dev} is missing (`make data` writes it)."
-        return ["## Error analysis (dev set)", "", why, ""], f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>"
+        return (["## Error analysis (dev set)", "", why, ""],
+                f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>")
     texts, labels = read_dev(dev)
     tflite = Path(model_dir) / "tflite" / f"{variant}.tflite"
     explainer, note = load_explainer(tflite)

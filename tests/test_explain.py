@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
-from pipeline.errors import PipelineError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "great", "awful", "plot", "the",
          "a", "was", "##s", "fun"]
@@ -217,12 +216,13 @@ def test_error_analysis_lists_the_most_confident_errors_with_their_words(model_d
     texts, labels = dev_split()
     predictor = KerasPredictor(model_dir)
     analysis = error_analysis(predictor, explainer, texts, labels, steps=10)
-    pred = predictor.predict_proba(texts).argmax(axis=1)
     probs = predictor.predict_proba(texts)
+    pred = probs.argmax(axis=1)
     wrong = [i for i in range(len(texts)) if LABELS[pred[i]] != labels[i]]
     errors = analysis["most_confident_errors"]
     assert len(errors) == min(len(wrong), WRONG_EXAMPLES) > 0
-    assert [e["probability"] for e in errors] == pytest.approx(sorted(probs[wrong, pred[wrong]], reverse=True)[:len(errors)])
+    expected = sorted(probs[wrong, pred[wrong]], reverse=True)[:len(errors)]
+    assert [e["probability"] for e in errors] == pytest.approx(expected)
     assert all(e["label"] != e["predicted"] and e["top_words"] for e in errors)
     assert all(w in texts[e["line"] - 1].split() for e in errors for w, _ in e["top_words"])
     assert sum(b["n"] for b in analysis["accuracy_by_length"]) == len(texts)
