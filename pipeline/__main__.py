@@ -120,6 +120,17 @@ def build_parser():
                    "instead of JSON lines")
     _common(p)
 
+    p = sub.add_parser("explain", help="token attributions and attention maps of texts; one JSON line per text")
+    p.add_argument("--model", required=True, help="trained model directory, or a .tflite file (explained through "
+                   "the Keras model it was exported from)")
+    p.add_argument("texts", nargs="*", help="texts to explain")
+    p.add_argument("--file", metavar="F", help="also explain the texts of F (as predict --file)")
+    p.add_argument("--class", dest="label", metavar="LABEL", help="explain this class (default: the predicted one)")
+    p.add_argument("--steps", type=int, default=50, help="integrated-gradients steps (default: 50)")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/explain.html (self-contained), "
+                   "explanations.jsonl and attention/*.png (a heatmap per text and block)")
+    _common(p)
+
     for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
                        ("compress", "prune, quantize and export TFLite variants"),
                        ("benchmark", "measure latency, memory and size of every variant"),
@@ -133,8 +144,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.stage == "predict" and not args.texts and args.file is None:
-        parser.error("predict: give texts to classify, or --file F")
+    if args.stage in ("predict", "explain") and not args.texts and args.file is None:
+        parser.error(f"{args.stage}: give texts to {'classify' if args.stage == 'predict' else 'explain'}, or --file F")
+    if args.stage == "explain" and args.steps < 1:
+        parser.error(f"explain: --steps must be at least 1, got {args.steps}")
     if args.stage == "evaluate" and args.model and (args.run or not args.data):
         parser.error("evaluate: give --model with --data FILE, or a run (--run, or the remembered one) without --model")
     if args.debug:
@@ -150,7 +163,7 @@ def run_stage(args):
 
         config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
         cfg = load_config(config_path, args.set)
-        if args.stage != "predict" and not (args.stage == "evaluate" and args.model):
+        if args.stage not in ("predict", "explain") and not (args.stage == "evaluate" and args.model):
             run, origin = resolve_run(args, cfg)
             # stdout holds evaluate's JSON result
             print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
@@ -185,6 +198,12 @@ def run_stage(args):
 
             texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
             run_predict(cfg, args.model, texts, args.runtime, args.table)
+        elif args.stage == "explain":
+            from pipeline.data import read_texts
+            from pipeline.explain import run_explain
+
+            texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
+            run_explain(cfg, args.model, texts, args.out, args.label, args.steps)
         elif args.stage == "distill":
             from pipeline.distill import run_distill_stage
 

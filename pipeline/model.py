@@ -200,9 +200,14 @@ class TokenAndPositionEmbedding(_Layer):
 
     def call(self, inputs, training=None):
         ids = tf.cast(inputs, tf.int32)
-        x = tf.gather(self._weight("embeddings"), ids) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
+        return self.from_token_vectors(tf.gather(self._weight("embeddings"), ids), training=training)
+
+    def from_token_vectors(self, vectors, training=None):
+        """Token embedding rows [B, T, d_model] (as gathered from `embeddings`) -> the layer's output; explain
+        calls it with interpolated rows for integrated gradients."""
+        x = tf.cast(vectors, self.compute_dtype) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
         x = self._token_dropout(x, training=training)
-        length = tf.shape(ids)[1]
+        length = tf.shape(vectors)[1]
         if self.position == "learned":
             pos = self.position_embeddings[:length]
         else:
@@ -301,7 +306,9 @@ class EncoderBlock(_Layer):
         """[N, d_in] @ [d_in, d_out] + b: a plain 2-D matmul, FULLY_CONNECTED in TFLite."""
         return tf.matmul(x2d, self._weight(f"{name}_kernel")) + self._weight(f"{name}_bias")
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, return_attention=False):
+        """return_attention=True (used only by explain, never in the exported graph): also the attention
+        weights [B, H, T, T] (query rows, key columns; each row sums to 1, padded keys get < 1e-6)."""
         x, mask = inputs
         x = tf.cast(x, self.compute_dtype)
         shape = tf.shape(x)
@@ -337,7 +344,7 @@ class EncoderBlock(_Layer):
         keys = tf.reshape(tf.cast(mask, self.compute_dtype), [batch, 1, 1, length])
         scores = self._point("scores", scores * keys + (1.0 - keys) * tf.cast(_PAD_LOGIT, self.compute_dtype))
         probs = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)
-        probs = self._point("probs", tf.cast(probs, self.compute_dtype))
+        attention = probs = self._point("probs", tf.cast(probs, self.compute_dtype))
         probs = self._attn_dropout(probs, training=training)
         ctx = tf.reshape(tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3]), [-1, self.d_model])
         out = self._dense(self._point("context", ctx), "o")
@@ -348,7 +355,8 @@ class EncoderBlock(_Layer):
         y = tf.reshape(self._point("ffn_input", y), [-1, self.d_model])
         y = self._point("ffn_hidden", self._dense(y, "ff1"))
         y = self._dense(y, "ff2")
-        return x + self._ffn_dropout(tf.reshape(y, shape), training=training)
+        out = x + self._ffn_dropout(tf.reshape(y, shape), training=training)
+        return (out, attention) if return_attention else out
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape[0])

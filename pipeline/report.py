@@ -304,6 +304,9 @@ def run_report_stage(cfg, run):
         "training_curves": plot_training_curves(history, out / "training_curves.png"),
     }
     main, ops = build_tables(rows, benchmark)
+    from pipeline.explain import report_section
+
+    errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
     versus = ""  # one sentence above the table: is the Transformer worth it over the baseline?
     if baseline:
         from pipeline.baseline import verdict
@@ -352,7 +355,7 @@ def run_report_stage(cfg, run):
                       f"this model on this CPU.")
     md = [f"# liteformer report: {run}", "", *[f"- {f}" for f in facts], "", "## Variants (dev set)", "",
           *([versus, ""] if versus else []), markdown_table(main), "", "## Where LiteRT runs each op", "",
-          placement, "", markdown_table(ops), ""]
+          placement, "", markdown_table(ops), "", *errors_md]
     md += [f"![{name}](report/{Path(p).name})" for name, p in images.items()]
     files.write_text(model_dir / "report.md", "\n".join(md) + "\n")
 
@@ -365,7 +368,7 @@ def run_report_stage(cfg, run):
             f"<h1>liteformer report: {html.escape(run)}</h1><ul>{body}</ul><h2>Variants (dev set)</h2>"
             f"{f'<p>{html.escape(versus)}</p>' if versus else ''}{_html_table(main)}"
             f"<h2>Where LiteRT runs each op</h2><p>{html.escape(placement).replace('**', '')}</p>"
-            f"{_html_table(ops)}{imgs}</body></html>\n")
+            f"{_html_table(ops)}{errors_html}{imgs}</body></html>\n")
     files.write_text(model_dir / "report.html", page)
 
     log_dir = Path(cfg.paths.runs) / run / "report"
