@@ -83,10 +83,10 @@ class DistillConfig:
     student_num_layers: int = 1
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the gold-label cross-entropy beside T^2 * KL(teacher || student)
-    augment_copies: int = 2  # augmented copies of each train text in the transfer set (Tang et al. 2019)
+    augment_copies: int = 4  # augmented copies of each train text in the transfer set (Tang et al. 2019)
     mask_prob: float = 0.1  # of an augmented copy's wordpieces, replaced by [MASK]
     ngram_prob: float = 0.25  # chance an augmented copy is cut to a random window of 1-5 wordpieces
-    epochs: int = 3  # over the transfer set; the best epoch on dev is kept
+    epochs: int = 5  # over the transfer set, at least (train.min_steps); the best epoch on dev is kept
     learning_rate: float = 1e-3
 
 

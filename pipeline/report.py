@@ -244,7 +244,8 @@ def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship):
         rss=b["peak_rss_kb"] / 1024)
     with files.atomic_path(model_dir / "mobile") as tmp:
         tmp.mkdir()
-        (tmp / "model.tflite").write_bytes(Path(v["path"]).read_bytes())
+        # not v["path"]: compress records it relative to the directory it ran in
+        (tmp / "model.tflite").write_bytes((model_dir / "tflite" / f"{variant}.tflite").read_bytes())
         for name in ("labels.txt", "vocab.txt"):
             (tmp / name).write_bytes((model_dir / name).read_bytes())
         (tmp / "model_card.md").write_text(card, encoding="utf-8")

@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
-           "distill.epochs=2", "distill.learning_rate=0.005"]
+           "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2"]
 
 
 def test_distillation_loss_on_known_values():
