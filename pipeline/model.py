@@ -673,10 +673,14 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     matmuls ("'tfl.transpose' op has mismatched quantized axes of input and output"); TFMOT's own
     Dense config is per-tensor for the same reason."""
 
-    def __init__(self, num_bits=8, quantize_output=True, preserve_sparsity=False):
+    def __init__(self, num_bits=8, quantize_output=True, preserve_sparsity=False, float_points=()):
         self.num_bits = int(num_bits)
         self.quantize_output = bool(quantize_output)
         self.preserve_sparsity = bool(preserve_sparsity)
+        self.float_points = tuple(float_points)  # points left without fake-quant: float islands in the export
+
+    def _points(self, layer):
+        return {k: v for k, v in layer._quant_points().items() if k not in self.float_points}
 
     def get_weights_and_quantizers(self, layer):
         # TFMOT's prune-preserving quantizer (of Default8BitPrunePreserveQuantizeScheme) multiplies the
@@ -691,7 +695,7 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def get_activations_and_quantizers(self, layer):
         out = []
-        for name, fn in layer._quant_points().items():
+        for name, fn in self._points(layer).items():
             if name == "probs":
                 quantizer = _quant.FixedQuantizer(num_bits=self.num_bits, init_min=0.0, init_max=1.0,
                                                   narrow_range=False)
@@ -701,7 +705,7 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return out
 
     def set_quantize_activations(self, layer, quantize_activations):
-        layer._set_point_overrides(zip(layer._quant_points(), quantize_activations))
+        layer._set_point_overrides(zip(self._points(layer), quantize_activations))
 
     def get_output_quantizers(self, layer):
         if not self.quantize_output:
@@ -711,7 +715,7 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def get_config(self):
         return {"num_bits": self.num_bits, "quantize_output": self.quantize_output,
-                "preserve_sparsity": self.preserve_sparsity}
+                "preserve_sparsity": self.preserve_sparsity, "float_points": list(self.float_points)}
 
 
 _QAT_LAYERS = (TokenAndPositionEmbedding, EncoderBlock, LayerNorm, SequencePooling, ClassifierHead)
@@ -733,7 +737,8 @@ def qat_scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
+def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False,
+                     float_points=()) -> tf.keras.Model:
     """A clone of `model` (sharing its layers) with every layer annotated for QAT: our layers with
     LiteformerQuantizeConfig, any built-in layer with TFMOT's default registry. ClipTokenIds and
     PaddingMask are left alone (their inputs are int32, see the module docstring).
@@ -750,7 +755,7 @@ def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity
             # (as TFMOT does for softmax).
             return annotate(layer, LiteformerQuantizeConfig(
                 num_bits=num_bits, quantize_output=not isinstance(layer, ClassifierHead),
-                preserve_sparsity=preserve_sparsity))
+                preserve_sparsity=preserve_sparsity, float_points=float_points))
         return annotate(layer)  # any built-in layer: TFMOT's default registry
 
     with qat_scope():
@@ -768,11 +773,13 @@ class _PrunePreserveScheme(tfmot.experimental.combine.Default8BitPrunePreserveQu
         return registry
 
 
-def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
+def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False,
+                   float_points=()) -> tf.keras.Model:
     """annotate_for_qat + quantize_apply: a QAT model initialised with `model`'s weights (a copy: the
     float model is not changed by training the QAT model). preserve_sparsity: TFMOT's collaborative
     prune-preserving scheme, so the zeros of a pruned model stay zero in the quantized kernels."""
-    annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity)
+    annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity,
+                                 float_points=float_points)
     scheme = (_PrunePreserveScheme() if preserve_sparsity
               else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
     with qat_scope():
