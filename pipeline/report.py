@@ -167,11 +167,14 @@ def build_tables(rows, benchmark):
                      _fmt(r["sparsity"], ".2f"), _fmt(r["p50_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"),
                      _fmt(r["p50_2t_ms"], ".3f"), _fmt(r["throughput"], ",.0f"),
                      _fmt(r["peak_rss_kb"], ".0f", 1 / 1024), _fmt(r["load_ms"], ".1f"), _fmt(r["energy"], ".3f")])
-    ops = [["variant", "XNNPACK partitions", "ops on builtin kernels (not delegated)"]]
+    ops = [["variant", "XNNPACK partitions", "p50 / float32 (1 thr)", "matmul MFLOP",
+            "ops on builtin kernels (not delegated)"]]
+    f32 = benchmark["variants"]["float32"]["latency"]["threads_1"]["p50_ms"]
     for name, v in benchmark["variants"].items():
         if "ops" in v:
             fallback = ", ".join(f"{k}×{n}" for k, n in v["ops"]["builtin_fallback"].items())
-            ops.append([name, str(v["ops"]["xnnpack_partitions"]), fallback or "none"])
+            ops.append([name, str(v["ops"]["xnnpack_partitions"]), f"{v['latency']['threads_1']['p50_ms'] / f32:.2f}",
+                        _fmt(v.get("matmul_flops"), ".1f", 1e-6), fallback or "none"])
     return main, ops
 
 
@@ -323,8 +326,9 @@ def run_report_stage(cfg, run):
           f"({GOALS[goal]})." for goal, name in goals.items()),
         f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
         "variant name).",
-        f"int8 / float32 p50 latency at 1 thread: **{r['int8_over_float32_p50_1thread']:.2f}**; "
-        f"dynamic_range / float32: {r['dynamic_range_over_float32_p50_1thread']:.2f}; "
+        "p50 latency / float32's at 1 thread: " + ", ".join(
+            f"{k[:-len('_over_float32_p50_1thread')]} **{x:.2f}**" for k, x in r.items()
+            if k.endswith("_over_float32_p50_1thread") and not k.startswith(("keras", "dense_only"))) + ".",
         f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
         f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",
         f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
