@@ -25,7 +25,7 @@ def test_every_variant_exists_loads_and_predicts(compressed):
 
 
 def test_compression_json_lists_every_variant(compressed):
-    _, model_dir, summary = compressed
+    cfg, model_dir, summary = compressed
     on_disk = json.loads((model_dir / "compression.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     keras_accuracy = on_disk["keras"]["accuracy"]
@@ -38,7 +38,8 @@ def test_compression_json_lists_every_variant(compressed):
         assert 0.0 <= v["sparsity"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0
         assert v["dev"]["n"] == 80
     variants = on_disk["variants"]
-    assert variants["int8"]["bytes"] < variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert variants["int8"]["bytes"] < variants["float32"]["bytes"] and variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert [v["recipe"] for v in variants.values()] == [cfg.compress.variants[n] for n in variants]
     assert list((model_dir.parent.parent / "runs" / "toy" / "compress").glob("events.out.tfevents.*"))
 
 
@@ -54,6 +55,8 @@ def test_pruning_reaches_target_sparsity_and_it_survives_quantization(compressed
     for name in ("float32", "int8", "qat_int8"):
         assert variants[name]["sparsity"] < 0.1, name
     assert variants["pruned_qat_int8"]["gzip_bytes"] < 0.9 * variants["qat_int8"]["gzip_bytes"]  # tiny: headers dominate
+    clusters = summary["step_stats"]["cluster"]  # distinct values per kernel after clustering
+    assert set(clusters) == set(kernels) and all(n <= 16 for n in clusters.values()), clusters
     assert list((model_dir.parent.parent / "runs" / "toy" / "prune").rglob("events.out.tfevents.*"))
 
 
