@@ -357,12 +357,27 @@ def run_compress_stage(cfg, run):
         return json.loads((model_dir / "compression.json").read_text())
     manifest.begin(model_dir, "compress")
     state = model_dir / "compress_state"
-    if manifest.work_dir(state, key):
-        print(f"resuming compression in {state}")
-    else:  # no variant from an older model or config survives
-        shutil.rmtree(model_dir / "tflite", ignore_errors=True)
-        (model_dir / "compression.json").unlink(missing_ok=True)
+    names = variant_names(cfg, model_dir)
+    recipes = {name: tuple(cfg.compress.variants[name]) for name in names}
+    # The list of recipes is not part of the state's key: adding, removing or changing one recipe rebuilds
+    # that variant only (shared prefixes are named by their steps, variants remember their recipe).
+    state_key = json.loads(json.dumps(key))
+    del state_key["config"]["compress"]["variants"]
     tflite_dir = model_dir / "tflite"
+    if manifest.work_dir(state, state_key):
+        print(f"resuming compression in {state}")
+        for name in names:
+            if (state / f"{name}.recipe").is_file() and (state / f"{name}.recipe").read_text() != "+".join(recipes[name]):
+                for done in (f"{name}.done", f"{name}.eval.done"):
+                    (state / done).unlink(missing_ok=True)
+        for path in tflite_dir.glob("*.tflite"):  # variants no longer listed
+            if path.stem not in names:
+                for done in (f"{path.stem}.done", f"{path.stem}.eval.done"):
+                    (state / done).unlink(missing_ok=True)
+                path.unlink()
+    else:  # no variant from an older model or config survives
+        shutil.rmtree(tflite_dir, ignore_errors=True)
+        (model_dir / "compression.json").unlink(missing_ok=True)
     tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     tf.config.experimental.enable_op_determinism()
     started = time.perf_counter()
@@ -373,8 +388,6 @@ def run_compress_stage(cfg, run):
     reference = classification_metrics(y_true, keras_probs, labels)
     c = cfg.compress
 
-    names = variant_names(cfg, model_dir)
-    recipes = {name: tuple(c.variants[name]) for name in names}
     uses = Counter(steps[:i] for steps in recipes.values() for i in range(1, len(steps)))
     shared = {prefix for prefix, n in uses.items() if n > 1}  # saved once in compress_state/
     total = len(shared) + 2 * len(names)  # shared prefixes, every variant, every evaluation
@@ -453,8 +466,12 @@ def run_compress_stage(cfg, run):
         for i in range(1, len(chain) + 1):
             if tuple(chain[:i]) in shared:
                 ensure(tuple(chain[:i]))
-        step(name, lambda chain=tuple(chain), export=export, name=name: write_variant(
-            name, STEP_FUNCTIONS[export](model_after(chain), ctx)))
+
+        def make(chain=tuple(chain), export=export, name=name):
+            write_variant(name, STEP_FUNCTIONS[export](model_after(chain), ctx))
+            files.write_text(state / f"{name}.recipe", "+".join(recipes[name]))
+
+        step(name, make)
 
     rows = []
     for name in names:

@@ -31,7 +31,7 @@ DEFAULT_VARIANTS = {
     "qat_int8": ["qat", "int8"],
     "pruned_qat_int8": ["prune", "prune_qat", "int8"],
     "lowrank_int8": ["lowrank", "fine_tune", "int8"],
-    "clustered_qat_int8": ["cluster", "cluster_qat", "int8"],
+    "clustered_qat_int8": ["prune", "cluster", "cluster_qat", "int8"],  # TFMOT's prune-cluster-QAT chain
     "distilled_float32": ["student", "float32"],
     "distilled_int8": ["student", "int8"],
 }
@@ -45,6 +45,8 @@ def check_variants(variants, where):
         raise PipelineError(f"{where}: compress.variants needs float32: [float32] (the parity check's reference)")
     for name, steps in variants.items():
         at = f"{where}: compress.variants.{name}"
+        if name in MODEL_STEPS or "+" in name:
+            raise PipelineError(f"{at}: a variant cannot be named like a step or contain '+'")
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
             raise PipelineError(f"{at}: expected a non-empty list of steps")
         for i, step in enumerate(steps):

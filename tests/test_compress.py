@@ -78,6 +78,31 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
     assert again["variants"] == json.loads(json.dumps(summary["variants"]))
 
 
+def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed, tmp_path, capsys):
+    import copy
+    import shutil
+
+    from pipeline.compress import run_compress_stage
+
+    cfg, model_dir, summary = compressed
+    root = model_dir.parent.parent
+    shutil.copytree(root, tmp_path / "copy")
+    cfg = copy.deepcopy(cfg)
+    for section in ("data", "models", "runs"):
+        setattr(cfg.paths, section, str(tmp_path / "copy" / Path(getattr(cfg.paths, section)).relative_to(root)))
+    model_dir = Path(cfg.paths.models) / "toy"
+    before = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
+    cfg.compress.variants = {"float32": ["float32"], "pruned_int8": ["prune", "int8"], "qat_int8": ["prune", "qat", "int8"]}
+    again = run_compress_stage(cfg, "toy")
+    out = capsys.readouterr().out
+    assert "resuming" in out and "qat_int8 done" in out and "prune done" not in out and "pruned_int8 done" not in out
+    after = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
+    assert set(after) == {"float32.tflite", "pruned_int8.tflite", "qat_int8.tflite"}
+    assert after["pruned_int8.tflite"] == before["pruned_int8.tflite"] != after["qat_int8.tflite"]
+    assert again["variants"]["pruned_int8"] == json.loads(json.dumps(summary["variants"]["pruned_int8"]))
+    assert again["variants"]["qat_int8"]["recipe"] == ["prune", "qat", "int8"]
+
+
 def test_qat_output_stays_close_to_float_and_keeps_zeros():
     import tensorflow as tf
 

@@ -95,18 +95,27 @@ def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
     assert flops[1] < 0.5 * flops[0]
 
 
-def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preserving_qat(tmp_path):
+@pytest.mark.e2e  # two short fine-tunings: ~20 s on an idle 2-core machine
+@pytest.mark.parametrize("pruned", [False, True])
+def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preserving_qat(tmp_path, pruned):
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.compress import cluster_model, export_tflite, qat_model, unique_values
+    from pipeline.compress import cluster_model, export_tflite, kernel_sparsity, qat_model, unique_values
     from pipeline.config import load_config
 
     cfg = load_config(None, ["compress.clusters=4", "compress.learning_rate=0.001", "train.batch_size=8"])
-    clustered = cluster_model(_tiny(), cfg, _data(), 4, tmp_path / "logs")
+    model = _tiny()
+    if pruned:  # as after the prune step: 80% zeros, which clustering and its QAT keep
+        rng = np.random.default_rng(0)
+        model.set_weights([np.where(rng.random(w.shape) < 0.8, 0.0, w).astype(w.dtype) if w.ndim == 2 else w
+                           for w in model.get_weights()])
+    clustered = cluster_model(model, cfg, _data(), 4, tmp_path / "logs")
     values = unique_values(clustered)
     assert {"embedding/embeddings", "encoder_0/q_kernel", "encoder_0/ff2_kernel"} <= set(values)
-    assert all(n <= 4 for n in values.values()), values
-    qat = qat_model(clustered, cfg, _data(), 4, preserve_clusters=True)
+    assert all(n <= 4 + pruned for n in values.values()), values  # pruned: the zeros besides 4 centroids
+    if pruned:
+        assert all(s > 0.75 for s in kernel_sparsity(clustered).values())
+    qat = qat_model(clustered, cfg, _data(), 4, preserve_clusters=True, preserve_sparsity=pruned)
     content = export_tflite(qat, SEQ, "int8", _representative(), cfg.compress.float_ops)
     interpreter = Interpreter(model_content=content)
     kernels = {}
@@ -117,7 +126,7 @@ def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preservin
             except ValueError:  # an activation, not a constant
                 pass
     assert len(kernels) >= 7  # the conv, q, k, v, o, ff1 and ff2 kernels ship in int8 ...
-    assert all(n <= 4 for n in kernels.values()), kernels  # ... with at most 4 distinct values each
+    assert all(n <= 4 + pruned for n in kernels.values()), kernels  # ... with at most 4 distinct values each
 
 
 def test_float_ops_keep_the_int8_graph_in_one_xnnpack_partition(tmp_path):
