@@ -55,8 +55,9 @@ def test_pruning_reaches_target_sparsity_and_it_survives_quantization(compressed
     for name in ("float32", "int8", "qat_int8"):
         assert variants[name]["sparsity"] < 0.1, name
     assert variants["pruned_qat_int8"]["gzip_bytes"] < 0.9 * variants["qat_int8"]["gzip_bytes"]  # tiny: headers dominate
-    clusters = summary["step_stats"]["cluster"]  # distinct values per kernel after clustering
-    assert set(clusters) == set(kernels) and all(n <= 16 for n in clusters.values()), clusters
+    clusters = summary["step_stats"]["prune+cluster"]  # distinct values per pruned kernel after clustering
+    assert set(clusters) == set(kernels) and all(n <= 16 + 1 for n in clusters.values()), clusters  # + zero
+    assert variants["clustered_qat_int8"]["sparsity"] > 0.7
     assert list((model_dir.parent.parent / "runs" / "toy" / "prune").rglob("events.out.tfevents.*"))
 
 
