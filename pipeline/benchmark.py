@@ -204,7 +204,8 @@ def matmul_flops(path):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
-    sizes = {d["index"]: (int(np.prod(d["shape"])), list(d["shape"])) for d in interpreter.get_tensor_details()}
+    sizes = {d["index"]: (int(np.prod(d["shape"])), [int(n) for n in d["shape"]])
+             for d in interpreter.get_tensor_details()}
     total = 0
     for op in interpreter._get_ops_details():
         if op["op_name"] == "FULLY_CONNECTED":  # weights [out, in]

@@ -93,6 +93,7 @@ def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
         (tmp_path / f"{i}.tflite").write_bytes(export_tflite(m, SEQ, "float32"))
         flops.append(matmul_flops(tmp_path / f"{i}.tflite"))
     assert flops[1] < 0.5 * flops[0]
+    assert all(type(f) is int for f in flops)  # written to benchmark.json
 
 
 @pytest.mark.e2e  # two short fine-tunings: ~20 s on an idle 2-core machine
