@@ -265,6 +265,21 @@ def student_fact(benchmark, compression):
             f"against the teacher's {100 * teacher:.2f}%.")
 
 
+def step_facts(compression):
+    """Lines on what the recipes' steps left in the kernels: low-rank ranks, distinct values after clustering."""
+    out = []
+    for prefix, stats in compression.get("step_stats", {}).items():
+        step = prefix.split("+")[-1]
+        if step == "lowrank":
+            ranks = ", ".join(f"{k.split('/')[-1].removesuffix('_kernel')} {r if r else 'whole'}/{full}"
+                              for k, (r, full) in stats.items())
+            out.append(f"Low-rank ({prefix}): rank of each factorised kernel / its full rank: {ranks}.")
+        elif step == "cluster":
+            out.append(f"Clustering ({prefix}): distinct values per kernel: "
+                       + ", ".join(f"{k.split('/')[-1]} {n}" for k, n in stats.items()) + ".")
+    return out
+
+
 def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     import tensorflow as tf
@@ -341,6 +356,7 @@ def run_report_stage(cfg, run):
         f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
         f"at seq_len {benchmark['seq_len']}.",
         *([student_fact(benchmark, compression)] if "student" in benchmark else []),
+        *step_facts(compression),
         "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
                                        for k in v["latency"].get("threads_1", {})) else
                       "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",

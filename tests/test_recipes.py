@@ -144,3 +144,15 @@ def test_float_ops_keep_the_int8_graph_in_one_xnnpack_partition(tmp_path):
     # on builtin kernels only what float32 leaves there too (int32 mask arithmetic, the embedding GATHER)
     assert {k.split(":")[0] for k in islands["builtin_fallback"]} <= {k.split(":")[0] for k in float32["builtin_fallback"]}
     assert islands["delegated"]["FULLY_CONNECTED:int8"] >= 7 and "SOFTMAX:float32" in islands["delegated"]
+
+
+def test_report_lists_ranks_and_cluster_counts():
+    from pipeline.report import step_facts
+
+    compression = {"step_stats": {"prune": {"encoder_0/q_kernel": 0.8},
+                                  "lowrank": {"encoder_0/q_kernel": [12, 32], "encoder_0/ff1_kernel": [None, 32]},
+                                  "prune+cluster": {"encoder_0/q_kernel": 16}}}
+    assert step_facts(compression) == [
+        "Low-rank (lowrank): rank of each factorised kernel / its full rank: q 12/32, ff1 whole/32.",
+        "Clustering (prune+cluster): distinct values per kernel: q_kernel 16."]
+    assert step_facts({}) == []
