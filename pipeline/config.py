@@ -94,7 +94,7 @@ class DistillConfig:
 class CompressConfig:
     sparsity: float = 0.8  # final fraction of zeros in every pruned kernel
     prune_epochs: float = 2.0  # fine-tuning while pruning; sparsity ramps up over the first 60%
-    qat_epochs: float = 1.0  # quantization-aware fine-tuning (each of qat_int8 and pruned_qat_int8)
+    qat_epochs: float = 1.0  # quantization-aware fine-tuning (the qat, prune_qat and cluster_qat steps)
     learning_rate: float = 1e-4  # peak of the fine-tuning schedule (warmup then linear decay)
     pruning_frequency: int = 50  # steps between mask updates
     calibration_samples: int = 500  # training sentences for int8 post-training calibration
