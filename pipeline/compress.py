@@ -142,13 +142,15 @@ def representative_data(processed, seq_len, n, seed):
     return generate
 
 
-def export_tflite(model, seq_len, mode, representative=None, float_ops=()):
+def export_tflite(model, seq_len, mode, representative=None, float_ops=(), per_tensor=False):
     """TFLite bytes of `model` at batch 1 and a fixed seq_len, in one of the modes of configure_converter;
     int8 with `float_ops`: those op types stay float32 (the converter's quantization debugger denylist)."""
     from pipeline.model import serving_function
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_function(model, seq_len)], model)
     configure_converter(converter, mode, representative)
+    # One scale per kernel, not per output channel: a clustered kernel then ships its k values, not k per channel.
+    converter._experimental_disable_per_channel = per_tensor
     if mode != "int8" or not float_ops:
         return converter.convert()
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
@@ -318,7 +320,8 @@ def _qat(model, ctx, **preserve):
 
 def _export(mode):
     def export(model, ctx):
-        return export_tflite(model, ctx.seq_len, mode, ctx.representative, ctx.cfg.compress.float_ops)
+        return export_tflite(model, ctx.seq_len, mode, ctx.representative, ctx.cfg.compress.float_ops,
+                             per_tensor="cluster" in ctx.recipe)
 
     return export
 
@@ -468,6 +471,7 @@ def run_compress_stage(cfg, run):
                 ensure(tuple(chain[:i]))
 
         def make(chain=tuple(chain), export=export, name=name):
+            ctx.recipe = recipes[name]
             write_variant(name, STEP_FUNCTIONS[export](model_after(chain), ctx))
             files.write_text(state / f"{name}.recipe", "+".join(recipes[name]))
 
