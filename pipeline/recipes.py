@@ -18,7 +18,7 @@ EXPORT_STEPS = {
     "float32": "no optimization",
     "dynamic_range": "int8 weights, float activations",
     "float16": "float16 weights",
-    "int8": "int8 weights and activations; the ops in compress.float_ops stay float32",
+    "int8": "int8 weights and activations; the ops in compress.float_ops stay float32 (kernels per tensor after cluster)",
 }
 STEPS = {**MODEL_STEPS, **EXPORT_STEPS}
 
