@@ -13,7 +13,3 @@ __version__ = "0.1.0"
 # The model's int32 [batch, seq_len] inputs, named as MediaPipe's BERT text classifier expects. Here, not
 # in model.py, so that modules which must not import TensorFlow (the benchmark worker) share them.
 INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")
-# The .tflite variants the compress stage writes. Here, not in compress.py, so that the config can
-# validate report.ship without importing TensorFlow.
-VARIANTS = ("float32", "dynamic_range", "float16", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8")
-DISTILLED_VARIANTS = ("distilled_float32", "distilled_int8")  # built too when `make distill` made a student

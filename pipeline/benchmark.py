@@ -198,6 +198,24 @@ def op_placement(path):
             "builtin_fallback": dict(sorted(fallback.items()))}
 
 
+def matmul_flops(path):
+    """FLOPs of one invoke of a .tflite file's FULLY_CONNECTED and BATCH_MATMUL ops (2 per multiply-add),
+    from its tensor shapes: what low-rank factorisation cuts, whatever the weights' type."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    sizes = {d["index"]: (int(np.prod(d["shape"])), [int(n) for n in d["shape"]])
+             for d in interpreter.get_tensor_details()}
+    total = 0
+    for op in interpreter._get_ops_details():
+        if op["op_name"] == "FULLY_CONNECTED":  # weights [out, in]
+            total += 2 * sizes[op["outputs"][0]][0] * sizes[op["inputs"][1]][1][-1]
+        elif op["op_name"] == "BATCH_MATMUL":  # [.., M, K] @ [.., K, N]: K = size(a) * N / size(out)
+            (out, shape), a = sizes[op["outputs"][0]], sizes[op["inputs"][0]][0]
+            total += 2 * out * (a * shape[-1] // out)
+    return total
+
+
 def dense_only_files(model_cfg, seq_len, directory):
     """float32 and int8 .tflite files of the model's dense layers alone: the same shapes (the convolution's
     matmul, four attention projections and the feed-forward pair per block) and residual adds, but no
@@ -363,7 +381,7 @@ def run_benchmark_stage(cfg, run):
             measured = _fresh_process("tflite", path, npz)
             measured.update(path=str(path), bytes=len(content),
                             gzip_bytes=len(gzip.compress(content, compresslevel=9, mtime=0)),
-                            ops=op_placement(path))
+                            ops=op_placement(path), matmul_flops=matmul_flops(path))
             result["variants"][name] = measured
             progress(f"{name}: p50 {measured['latency']['threads_1']['p50_ms']:.3f} ms at 1 thread")
         dense_f32, dense_i8 = _fresh_process("pair", *dense_only_files(cfg.model, seq_len, tmp))
@@ -383,11 +401,10 @@ def run_benchmark_stage(cfg, run):
         "padded_flops_per_s": train_flops, "padded_fraction_of_peak": train_flops / peak["flops"],
         "flops_note": "3 x forward FLOPs at seq_len per example (backward ~ 2x forward), padded batches",
     }
-    f32, i8 = (result["variants"][v]["latency"]["threads_1"]["p50_ms"] for v in ("float32", "int8"))
+    p50 = {name: result["variants"][name]["latency"]["threads_1"]["p50_ms"] for name in names}
+    f32 = p50["float32"]
     result["ratios"] = {
-        "int8_over_float32_p50_1thread": i8 / f32,
-        "dynamic_range_over_float32_p50_1thread":
-            result["variants"]["dynamic_range"]["latency"]["threads_1"]["p50_ms"] / f32,
+        **{f"{name}_over_float32_p50_1thread": p50[name] / f32 for name in names if name != "float32"},
         "keras_over_float32_p50": keras["latency"]["threads_all"]["p50_ms"] / f32,
         # Keras runs on all cores (TensorFlow's default thread pools): on a 2-core machine, LiteRT at 2
         # threads is the like-for-like comparison.
@@ -399,7 +416,8 @@ def run_benchmark_stage(cfg, run):
     files.write_json(model_dir / "benchmark.json", result)
     manifest.record(model_dir, "benchmark", key, ["benchmark.json"])
     r = result["ratios"]
-    print(f"benchmark {run}: int8/float32 p50 {r['int8_over_float32_p50_1thread']:.2f}, float32 "
+    slowest = max((n for n in names if n != "float32"), key=p50.get, default="float32")
+    print(f"benchmark {run}: slowest {slowest}/float32 p50 {p50[slowest] / f32:.2f}, float32 "
           f"{r['keras_over_float32_p50']:.1f}x faster than Keras, bucketing {result['training']['bucketing_speedup']:.2f}x "
           f"faster per epoch -> {model_dir / 'benchmark.json'}")
     return result

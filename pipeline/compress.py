@@ -1,14 +1,12 @@
-"""Compression stage: prune, quantize (QAT and post-training), export every variant to TFLite with
-MediaPipe metadata, and evaluate each `.tflite` with LiteRT through the same code as `pipeline
-evaluate`, and with MediaPipe Tasks as apps run it.
+"""Compression stage: every variant of compress.variants is a recipe, a chain of steps (pipeline/recipes.py)
+from the trained model (or the distilled student) to a .tflite file with MediaPipe metadata, e.g.
 
-    model.keras -+-> float32 / dynamic_range / float16 / int8 (post-training, TFLite converter)
-                 +-> prune (PolynomialDecay to `sparsity`) -> pruned_int8 (post-training)
-                 |                                          -> prune-preserving QAT -> pruned_qat_int8
-                 +-> QAT -> qat_int8
+    prune -> prune_qat -> int8        lowrank -> fine_tune -> int8        prune -> cluster -> cluster_qat -> int8
 
-Each step writes its artifact atomically under saved_models/<run>/ and is skipped when a re-run finds
-it (compress_state/ remembers the config and model it was made from), so a killed stage resumes.
+Each .tflite is evaluated with LiteRT through the same code as `pipeline evaluate`, and with MediaPipe
+Tasks as apps run it. A chain prefix shared by several recipes (e.g. prune) is saved once in
+compress_state/; every variant and evaluation is written atomically and skipped when a re-run finds it
+(compress_state/ remembers the config and model it was made from), so a killed stage resumes.
 """
 import json
 import math
@@ -23,9 +21,12 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline import DISTILLED_VARIANTS, VARIANTS, files, manifest
+from pipeline import files, manifest
 from pipeline.errors import PipelineError
+from pipeline.recipes import DEFAULT_VARIANTS, EXPORT_STEPS, MODEL_STEPS
 from pipeline.report import markdown_table
+
+VARIANTS = tuple(n for n, steps in DEFAULT_VARIANTS.items() if steps[0] != "student")  # built for every run
 
 
 def has_student(model_dir):
@@ -33,9 +34,11 @@ def has_student(model_dir):
     return "distilled" in manifest.load(model_dir)["artifacts"]
 
 
-def variant_names(model_dir):
-    """The variants `make compress` builds for this run: VARIANTS, and the student's when there is one."""
-    return VARIANTS + (DISTILLED_VARIANTS if has_student(model_dir) else ())
+def variant_names(cfg, model_dir):
+    """The variants `make compress` builds for this run: compress.variants, those that start from the
+    student only when the run has one."""
+    student = has_student(model_dir)
+    return [n for n, steps in cfg.compress.variants.items() if student or steps[0] != "student"]
 
 
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
@@ -103,12 +106,20 @@ def kernel_sparsity(model):
     return out
 
 
-def qat_model(model, cfg, data, steps, preserve_sparsity=False):
-    """Quantization-aware fine-tuning of a copy of `model` (float32) for `steps`; with
-    preserve_sparsity, TFMOT's prune-preserving scheme keeps the zeros of a pruned model."""
+# Quantization points of our layers next to each op that compress.float_ops can keep in float32: QAT
+# leaves them without fake-quant, so that the converter does not give those ops int8 ranges.
+OP_POINTS = {"BATCH_MATMUL": ("query", "key", "value", "probs"), "SOFTMAX": ("scores", "probs", "logits"),
+             "GELU": ("conv_hidden", "ffn_hidden")}
+
+
+def qat_model(model, cfg, data, steps, preserve_sparsity=False, preserve_clusters=False):
+    """Quantization-aware fine-tuning of a copy of `model` (float32) for `steps`; with preserve_sparsity
+    (preserve_clusters), TFMOT's prune-preserving (cluster-preserving) quantizer keeps zeros (centroids)."""
     from pipeline.model import quantize_model
 
-    qat = quantize_model(model, preserve_sparsity=preserve_sparsity)
+    float_points = sorted({p for op in cfg.compress.float_ops for p in OP_POINTS.get(op, ())})
+    qat = quantize_model(model, preserve_sparsity=preserve_sparsity, float_points=float_points,
+                         preserve_clusters=preserve_clusters)
     _compile(qat, cfg, steps)
     _fit(qat, data, steps)
     return qat
@@ -131,12 +142,51 @@ def representative_data(processed, seq_len, n, seed):
     return generate
 
 
-def export_tflite(model, seq_len, mode, representative=None):
-    """TFLite bytes of `model` at batch 1 and a fixed seq_len, in one of the modes of configure_converter."""
+def export_tflite(model, seq_len, mode, representative=None, float_ops=(), per_tensor=False):
+    """TFLite bytes of `model` at batch 1 and a fixed seq_len, in one of the modes of configure_converter;
+    int8 with `float_ops`: those op types stay float32 (the converter's quantization debugger denylist)."""
     from pipeline.model import serving_function
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_function(model, seq_len)], model)
-    return configure_converter(converter, mode, representative).convert()
+    configure_converter(converter, mode, representative)
+    # One scale per kernel, not per output channel: a clustered kernel then ships its k values, not k per channel.
+    converter._experimental_disable_per_channel = per_tensor
+    if mode != "int8" or not float_ops:
+        return converter.convert()
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def cluster_model(model, cfg, data, steps, log_dir):
+    """k-means++ clustering of every prunable kernel of a copy of `model` into cfg.compress.clusters
+    centroids while fine-tuning for `steps`; zeros stay zero in a pruned model. Wrappers stripped."""
+    c = tfmot.clustering.keras
+    sparse = any(v > 0.5 for v in kernel_sparsity(model).values())
+
+    def wrap(layer):
+        if isinstance(layer, tfmot.sparsity.keras.PrunableLayer) and layer.get_prunable_weights():
+            return c.cluster_weights(layer, number_of_clusters=cfg.compress.clusters, preserve_sparsity=sparse,
+                                     cluster_centroids_init=c.CentroidInitialization.KMEANS_PLUS_PLUS)
+        return layer
+
+    copy = clone(model)
+    with c.cluster_scope():
+        clustered = tf.keras.models.clone_model(copy, clone_function=wrap)
+    _compile(clustered, cfg, steps)
+    _fit(clustered, data, steps, [tf.keras.callbacks.TensorBoard(log_dir=str(log_dir))])
+    return c.strip_clustering(clustered)
+
+
+def unique_values(model):
+    """{"layer/weight": distinct values} of every prunable kernel of `model` (the clusters that ship)."""
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
+            for w in layer.get_prunable_weights():
+                out[f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"] = int(np.unique(w.numpy()).size)
+    return out
 
 
 def configure_converter(converter, mode, representative=None):
@@ -225,9 +275,75 @@ def _table(rows):
     return table
 
 
+
+
+# ---------------------------------------------------------------- recipe steps
+# A model step is f(model, ctx) -> model (a new one: `model` may be shared with other recipes) and may set
+# ctx.stats (written to compress_state/<prefix>.stats.json); an export step is f(model, ctx) -> .tflite bytes.
+
+
+def _student(model, ctx):
+    from pipeline.model import load_model
+
+    return load_model(ctx.model_dir / "distilled" / "model.keras")
+
+
+def _prune(model, ctx):
+    pruned = prune_model(model, ctx.cfg, ctx.data(), ctx.steps(ctx.cfg.compress.prune_epochs), ctx.log_dir)
+    ctx.stats = kernel_sparsity(pruned)
+    return pruned
+
+
+def _lowrank(model, ctx):
+    from pipeline.lowrank import factorise
+
+    factorised, ctx.stats = factorise(model, ctx.cfg.compress.lowrank_energy, ctx.cfg.compress.lowrank_rank)
+    return factorised
+
+
+def _cluster(model, ctx):
+    clustered = cluster_model(model, ctx.cfg, ctx.data(), ctx.steps(ctx.cfg.compress.cluster_epochs), ctx.log_dir)
+    ctx.stats = unique_values(clustered)
+    return clustered
+
+
+def _fine_tune(model, ctx):
+    tuned, steps = clone(model), ctx.steps(ctx.cfg.compress.fine_tune_epochs)
+    _compile(tuned, ctx.cfg, steps)
+    _fit(tuned, ctx.data(), steps)
+    return tuned
+
+
+def _qat(model, ctx, **preserve):
+    return qat_model(model, ctx.cfg, ctx.data(), ctx.steps(ctx.cfg.compress.qat_epochs), **preserve)
+
+
+def _export(mode):
+    def export(model, ctx):
+        return export_tflite(model, ctx.seq_len, mode, ctx.representative, ctx.cfg.compress.float_ops,
+                             per_tensor="cluster" in ctx.recipe)
+
+    return export
+
+
+STEP_FUNCTIONS = {
+    "student": _student, "prune": _prune, "lowrank": _lowrank, "cluster": _cluster, "fine_tune": _fine_tune,
+    "qat": _qat, "prune_qat": lambda m, ctx: _qat(m, ctx, preserve_sparsity=True),
+    "cluster_qat": lambda m, ctx: _qat(m, ctx, preserve_clusters=True, preserve_sparsity="prune" in ctx.history),
+    **{mode: _export(mode) for mode in EXPORT_STEPS},
+}
+assert set(STEP_FUNCTIONS) == set(MODEL_STEPS) | set(EXPORT_STEPS)
+
+
+# ---------------------------------------------------------------- stage
+
+
 def run_compress_stage(cfg, run):
     """`python -m pipeline compress`: every variant in saved_models/<run>/tflite/, evaluated on dev,
     summarized in compression.json; fails if float32.tflite does not match the Keras model."""
+    from collections import Counter
+    from types import SimpleNamespace
+
     from pipeline.data import read_examples
     from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
     from pipeline.metadata import MediaPipeClassifier
@@ -244,12 +360,27 @@ def run_compress_stage(cfg, run):
         return json.loads((model_dir / "compression.json").read_text())
     manifest.begin(model_dir, "compress")
     state = model_dir / "compress_state"
-    if manifest.work_dir(state, key):
-        print(f"resuming compression in {state}")
-    else:  # no variant from an older model or config survives
-        shutil.rmtree(model_dir / "tflite", ignore_errors=True)
-        (model_dir / "compression.json").unlink(missing_ok=True)
+    names = variant_names(cfg, model_dir)
+    recipes = {name: tuple(cfg.compress.variants[name]) for name in names}
+    # The list of recipes is not part of the state's key: adding, removing or changing one recipe rebuilds
+    # that variant only (shared prefixes are named by their steps, variants remember their recipe).
+    state_key = json.loads(json.dumps(key))
+    del state_key["config"]["compress"]["variants"]
     tflite_dir = model_dir / "tflite"
+    if manifest.work_dir(state, state_key):
+        print(f"resuming compression in {state}")
+        for name in names:
+            if (state / f"{name}.recipe").is_file() and (state / f"{name}.recipe").read_text() != "+".join(recipes[name]):
+                for done in (f"{name}.done", f"{name}.eval.done"):
+                    (state / done).unlink(missing_ok=True)
+        for path in tflite_dir.glob("*.tflite"):  # variants no longer listed
+            if path.stem not in names:
+                for done in (f"{path.stem}.done", f"{path.stem}.eval.done"):
+                    (state / done).unlink(missing_ok=True)
+                path.unlink()
+    else:  # no variant from an older model or config survives
+        shutil.rmtree(tflite_dir, ignore_errors=True)
+        (model_dir / "compression.json").unlink(missing_ok=True)
     tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     tf.config.experimental.enable_op_determinism()
     started = time.perf_counter()
@@ -258,15 +389,11 @@ def run_compress_stage(cfg, run):
     y_true = [labels.index(g) for g in gold]
     keras_probs = KerasPredictor(model_dir).predict_proba(texts)
     reference = classification_metrics(y_true, keras_probs, labels)
-    model = load_model(model_dir / "model.keras")
     c = cfg.compress
 
-    def data():
-        """A new dataset per step: its shuffle order then depends only on the seed, resumed or not."""
-        return _fine_tune_data(cfg, processed, seq_len, len(labels))
-
-    names = variant_names(model_dir)
-    total = 2 * len(names) + 1  # every export, the pruning, every evaluation
+    uses = Counter(steps[:i] for steps in recipes.values() for i in range(1, len(steps)))
+    shared = {prefix for prefix, n in uses.items() if n > 1}  # saved once in compress_state/
+    total = len(shared) + 2 * len(names)  # shared prefixes, every variant, every evaluation
     numbers = iter(range(1, total + 1))
 
     def step(name, make):
@@ -292,32 +419,63 @@ def run_compress_stage(cfg, run):
         files.write_bytes(tflite_dir / f"{name}.tflite", content)
 
     tf.keras.utils.set_random_seed(cfg.train.seed)  # the calibration sample, whatever ran before in this process
-    representative = representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed)
-    step("float32", lambda: write_variant("float32", export_tflite(model, seq_len, "float32")))
-    step("dynamic_range", lambda: write_variant("dynamic_range", export_tflite(model, seq_len, "dynamic_range")))
-    step("float16", lambda: write_variant("float16", export_tflite(model, seq_len, "float16")))
-    step("int8", lambda: write_variant("int8", export_tflite(model, seq_len, "int8", representative)))
+    ctx = SimpleNamespace(
+        cfg=cfg, model_dir=model_dir, seq_len=seq_len, steps=lambda epochs: _steps(cfg, train_rows, epochs),
+        # a new dataset per step: its shuffle order then depends only on the seed, resumed or not
+        data=lambda: _fine_tune_data(cfg, processed, seq_len, len(labels)),
+        representative=representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed))
+    trained = load_model(model_dir / "model.keras")
+    loaded = {}
 
-    def make_pruned():
-        pruned = prune_model(model, cfg, data(), _steps(cfg, train_rows, c.prune_epochs),
-                             Path(cfg.paths.runs) / run / "prune")
-        with files.atomic_path(state / "pruned.keras") as tmp:
-            pruned.save(tmp)
-        files.write_json(state / "pruned_sparsity.json", kernel_sparsity(pruned))
+    def label(prefix):
+        return "+".join(prefix)
 
-    step("prune", make_pruned)
-    pruned = load_model(state / "pruned.keras")
-    step("pruned_int8", lambda: write_variant("pruned_int8", export_tflite(pruned, seq_len, "int8", representative)))
-    qat_steps = _steps(cfg, train_rows, c.qat_epochs)
-    step("qat_int8", lambda: write_variant(
-        "qat_int8", export_tflite(qat_model(model, cfg, data(), qat_steps), seq_len, "int8", representative)))
-    step("pruned_qat_int8", lambda: write_variant("pruned_qat_int8", export_tflite(
-        qat_model(pruned, cfg, data(), qat_steps, preserve_sparsity=True), seq_len, "int8", representative)))
-    if DISTILLED_VARIANTS[0] in names:
-        student = load_model(model_dir / "distilled" / "model.keras")
-        step("distilled_float32", lambda: write_variant("distilled_float32", export_tflite(student, seq_len, "float32")))
-        step("distilled_int8", lambda: write_variant(
-            "distilled_int8", export_tflite(student, seq_len, "int8", representative)))
+    def apply(prefix, model):
+        """The last step of `prefix` on `model` (the model after the steps before it); writes its stats."""
+        tf.keras.utils.set_random_seed(cfg.train.seed)
+        ctx.history, ctx.stats = prefix[:-1], None
+        ctx.log_dir = Path(cfg.paths.runs) / run / label(prefix)
+        out = STEP_FUNCTIONS[prefix[-1]](model, ctx)
+        if ctx.stats is not None:
+            files.write_json(state / f"{label(prefix)}.stats.json", ctx.stats)
+        return out
+
+    def model_after(prefix):
+        """The Keras model after `prefix` of a recipe: loaded when shared (made by `ensure`), else computed."""
+        if not prefix:
+            return trained
+        if prefix in shared:
+            if prefix not in loaded:
+                loaded[prefix] = load_model(state / f"{label(prefix)}.keras")
+            return loaded[prefix]
+        return apply(prefix, model_after(prefix[:-1]))
+
+    made = set()
+
+    def ensure(prefix):
+        """Make the shared `prefix` once (numbered as a step of its own), unless a previous run did."""
+        if prefix in made:
+            return
+        made.add(prefix)
+
+        def make():
+            with files.atomic_path(state / f"{label(prefix)}.keras") as tmp:
+                apply(prefix, model_after(prefix[:-1])).save(tmp)
+
+        step(label(prefix), make)
+
+    for name, steps in recipes.items():
+        *chain, export = steps
+        for i in range(1, len(chain) + 1):
+            if tuple(chain[:i]) in shared:
+                ensure(tuple(chain[:i]))
+
+        def make(chain=tuple(chain), export=export, name=name):
+            ctx.recipe = recipes[name]
+            write_variant(name, STEP_FUNCTIONS[export](model_after(chain), ctx))
+            files.write_text(state / f"{name}.recipe", "+".join(recipes[name]))
+
+        step(name, make)
 
     rows = []
     for name in names:
@@ -337,7 +495,7 @@ def run_compress_stage(cfg, run):
                          "accuracy": classification_metrics(y_true, mp_probs, labels)["accuracy"],
                          "max_probability_difference": float(np.max(np.abs(mp_probs - probs)))}
             files.write_json(state / f"{name}.eval.json", {
-                "variant": name, "path": str(path), "bytes": len(content),
+                "variant": name, "path": str(path), "recipe": list(recipes[name]), "bytes": len(content),
                 "gzip_bytes": files.gzip_size(content),
                 "sparsity": tflite_weight_sparsity(content),
                 "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -347,11 +505,15 @@ def run_compress_stage(cfg, run):
         step(f"{name}.eval", evaluate)
         rows.append(json.loads((state / f"{name}.eval.json").read_text()))
 
+    prefixes = sorted({steps[:i] for steps in recipes.values() for i in range(1, len(steps))}, key=len)
+    step_stats = {label(p): json.loads((state / f"{label(p)}.stats.json").read_text())
+                  for p in prefixes if (state / f"{label(p)}.stats.json").is_file()}
     summary = {
         "run": run, "seq_len": seq_len, "dev_examples": len(texts),
         "keras": {"path": str(model_dir / "model.keras"), "accuracy": reference["accuracy"],
                   "macro_f1": reference["macro_f1"]},
-        "pruned_kernel_sparsity": json.loads((state / "pruned_sparsity.json").read_text()),
+        "pruned_kernel_sparsity": step_stats.get("prune", {}),
+        "step_stats": step_stats,  # per recipe prefix: kernel sparsity (prune), [rank, full rank] (lowrank), distinct values (cluster)
         "variants": {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows},
         "seconds": round(sum(float(p.read_text()) for p in state.glob("*.done")), 1),
     }

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import DISTILLED_VARIANTS, VARIANTS
 from pipeline.errors import PipelineError
+from pipeline.recipes import DEFAULT_VARIANTS, check_variants
 
 
 @dataclass
@@ -94,11 +94,21 @@ class DistillConfig:
 class CompressConfig:
     sparsity: float = 0.8  # final fraction of zeros in every pruned kernel
     prune_epochs: float = 2.0  # fine-tuning while pruning; sparsity ramps up over the first 60%
-    qat_epochs: float = 1.0  # quantization-aware fine-tuning (each of qat_int8 and pruned_qat_int8)
+    qat_epochs: float = 1.0  # quantization-aware fine-tuning (the qat, prune_qat and cluster_qat steps)
     learning_rate: float = 1e-4  # peak of the fine-tuning schedule (warmup then linear decay)
     pruning_frequency: int = 50  # steps between mask updates
     calibration_samples: int = 500  # training sentences for int8 post-training calibration
     parity_tolerance: float = 1e-4  # max |p_keras - p_float32.tflite| on dev
+    fine_tune_epochs: float = 1.0  # the fine_tune step (after lowrank)
+    lowrank_energy: float = 0.7  # rank of each kernel: fewest singular values keeping this share of sum(s^2)
+    lowrank_rank: int = 0  # > 0: this fixed rank for every kernel instead
+    clusters: int = 16  # centroids per kernel (k-means++) of the cluster step
+    cluster_epochs: float = 1.0  # fine-tuning while clustered
+    # ops the int8 exports keep in float32: XNNPACK has no int8 kernel for them, and each one left int8
+    # splits the graph into another delegate partition on builtin kernels; []: full int8
+    float_ops: list = field(default_factory=lambda: ["SOFTMAX", "BATCH_MATMUL", "GELU", "RSQRT", "SQUARED_DIFFERENCE",
+                                                     "DIV", "MINIMUM", "MAXIMUM", "ADD", "LOG"])
+    variants: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_VARIANTS.items()})
 
 
 @dataclass
@@ -129,7 +139,7 @@ CHOICES = {
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
     "train.init": ("pretrained", "scratch"),
-    "report.ship": ("smallest", "fastest", "most_accurate", *VARIANTS, *DISTILLED_VARIANTS),
+    "report.ship": ("smallest", "fastest", "most_accurate", *DEFAULT_VARIANTS),
 }
 
 
@@ -177,6 +187,8 @@ def _apply(cfg, dotted, value, where):
     value = _coerce(value, getattr(sub, key), where)
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise PipelineError(f"{where}: '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    if dotted == "compress.variants":
+        check_variants(value, where)
     setattr(sub, key, value)
 
 

@@ -43,6 +43,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 # The prune-preserving weight quantizer is not exported by tfmot's public API (only the scheme is).
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
+    cluster_preserve_quantize_registry)
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
     prune_preserve_quantize_registry)
 
@@ -57,6 +59,7 @@ _PAD_LOGIT = -24.0  # ... and padded keys get -24 (see "Masking" above)
 _register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
 _quant = tfmot.quantization.keras.quantizers
 _PrunePreserveQuantizer = prune_preserve_quantize_registry.PrunePreserveDefaultWeightsQuantizer
+_ClusterPreserveQuantizer = cluster_preserve_quantize_registry.ClusterPreserveDefaultWeightsQuantizer
 
 
 def sinusoidal_encoding(length: int, d_model: int) -> np.ndarray:
@@ -82,8 +85,8 @@ def _layer_norm(x, gamma, beta, epsilon):
     return tf.cast(y, dtype)
 
 
-class _Layer(tf.keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
-    """Base of our layers: pruning and quantization hooks.
+class _Layer(tf.keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer, tfmot.clustering.keras.ClusterableLayer):
+    """Base of our layers: pruning, clustering (the prunable kernels) and quantization hooks.
 
     Subclasses list `_quantizable_weights()` (attribute names of kernels to fake-quantize) and
     `_quant_points()` (name -> activation applied at that point; fake-quantized under QAT), and
@@ -102,6 +105,9 @@ class _Layer(tf.keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
 
     def _quantizable_weights(self):
         return []
+
+    def get_clusterable_weights(self):
+        return [(w.name.split("/")[-1].split(":")[0], w) for w in self.get_prunable_weights()]
 
     def _quant_points(self):
         return {}
@@ -681,25 +687,36 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     matmuls ("'tfl.transpose' op has mismatched quantized axes of input and output"); TFMOT's own
     Dense config is per-tensor for the same reason."""
 
-    def __init__(self, num_bits=8, quantize_output=True, preserve_sparsity=False):
+    def __init__(self, num_bits=8, quantize_output=True, preserve_sparsity=False, float_points=(),
+                 preserve_clusters=False):
         self.num_bits = int(num_bits)
+        self.preserve_clusters = bool(preserve_clusters)  # TFMOT's cluster-preserving quantizer (CQAT)
         self.quantize_output = bool(quantize_output)
         self.preserve_sparsity = bool(preserve_sparsity)
+        self.float_points = tuple(float_points)  # points left without fake-quant: float islands in the export
+
+    def _points(self, layer):
+        return {k: v for k, v in layer._quant_points().items() if k not in self.float_points}
 
     def get_weights_and_quantizers(self, layer):
         # TFMOT's prune-preserving quantizer (of Default8BitPrunePreserveQuantizeScheme) multiplies the
         # kernel by its zero mask, taken when the QAT model is built, before fake-quantizing it.
+        # TFMOT's cluster-preserving one trains the centroids of a clustered kernel, not its elements.
+        args = dict(num_bits=self.num_bits, per_axis=False, symmetric=True, narrow_range=True)
+        if self.preserve_clusters:
+            clustered = {w.ref() for _, w in layer.get_clusterable_weights()}
+            return [(getattr(layer, name), _ClusterPreserveQuantizer(**args, preserve_sparsity=self.preserve_sparsity)
+                     if getattr(layer, name).ref() in clustered else _quant.LastValueQuantizer(**args))
+                    for name in layer._quantizable_weights()]
         quantizer = _PrunePreserveQuantizer if self.preserve_sparsity else _quant.LastValueQuantizer
-        return [(getattr(layer, name), quantizer(
-                    num_bits=self.num_bits, per_axis=False, symmetric=True, narrow_range=True))
-                for name in layer._quantizable_weights()]
+        return [(getattr(layer, name), quantizer(**args)) for name in layer._quantizable_weights()]
 
     def set_quantize_weights(self, layer, quantize_weights):
         layer._set_weight_overrides(zip(layer._quantizable_weights(), quantize_weights))
 
     def get_activations_and_quantizers(self, layer):
         out = []
-        for name, fn in layer._quant_points().items():
+        for name, fn in self._points(layer).items():
             if name == "probs":
                 quantizer = _quant.FixedQuantizer(num_bits=self.num_bits, init_min=0.0, init_max=1.0,
                                                   narrow_range=False)
@@ -709,7 +726,7 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return out
 
     def set_quantize_activations(self, layer, quantize_activations):
-        layer._set_point_overrides(zip(layer._quant_points(), quantize_activations))
+        layer._set_point_overrides(zip(self._points(layer), quantize_activations))
 
     def get_output_quantizers(self, layer):
         if not self.quantize_output:
@@ -719,7 +736,8 @@ class LiteformerQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def get_config(self):
         return {"num_bits": self.num_bits, "quantize_output": self.quantize_output,
-                "preserve_sparsity": self.preserve_sparsity}
+                "preserve_sparsity": self.preserve_sparsity, "float_points": list(self.float_points),
+                "preserve_clusters": self.preserve_clusters}
 
 
 _QAT_LAYERS = (TokenAndPositionEmbedding, EncoderBlock, LayerNorm, SequencePooling, ClassifierHead)
@@ -732,6 +750,7 @@ def custom_objects():
                SequencePooling, NgramLogits, ClassifierHead, MaskedLMHead, PointQuantizer, LiteformerQuantizeConfig)
     objects = {cls.__name__: cls for cls in classes}
     objects[_PrunePreserveQuantizer.__name__] = _PrunePreserveQuantizer
+    objects[_ClusterPreserveQuantizer.__name__] = _ClusterPreserveQuantizer
     objects.update({f"{PACKAGE}>{cls.__name__}": cls for cls in classes})
     return objects
 
@@ -741,7 +760,8 @@ def qat_scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
+def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False,
+                     float_points=(), preserve_clusters: bool = False) -> tf.keras.Model:
     """A clone of `model` (sharing its layers) with every layer annotated for QAT: our layers with
     LiteformerQuantizeConfig, any built-in layer with TFMOT's default registry. ClipTokenIds and
     PaddingMask are left alone (their inputs are int32, see the module docstring).
@@ -758,7 +778,8 @@ def annotate_for_qat(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity
             # (as TFMOT does for softmax).
             return annotate(layer, LiteformerQuantizeConfig(
                 num_bits=num_bits, quantize_output=not isinstance(layer, ClassifierHead),
-                preserve_sparsity=preserve_sparsity))
+                preserve_sparsity=preserve_sparsity, float_points=float_points,
+                preserve_clusters=preserve_clusters))
         return annotate(layer)  # any built-in layer: TFMOT's default registry
 
     with qat_scope():
@@ -776,11 +797,13 @@ class _PrunePreserveScheme(tfmot.experimental.combine.Default8BitPrunePreserveQu
         return registry
 
 
-def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False) -> tf.keras.Model:
+def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False,
+                   float_points=(), preserve_clusters: bool = False) -> tf.keras.Model:
     """annotate_for_qat + quantize_apply: a QAT model initialised with `model`'s weights (a copy: the
     float model is not changed by training the QAT model). preserve_sparsity: TFMOT's collaborative
     prune-preserving scheme, so the zeros of a pruned model stay zero in the quantized kernels."""
-    annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity)
+    annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity,
+                                 float_points=float_points, preserve_clusters=preserve_clusters)
     scheme = (_PrunePreserveScheme() if preserve_sparsity
               else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
     with qat_scope():

@@ -167,11 +167,14 @@ def build_tables(rows, benchmark):
                      _fmt(r["sparsity"], ".2f"), _fmt(r["p50_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"),
                      _fmt(r["p50_2t_ms"], ".3f"), _fmt(r["throughput"], ",.0f"),
                      _fmt(r["peak_rss_kb"], ".0f", 1 / 1024), _fmt(r["load_ms"], ".1f"), _fmt(r["energy"], ".3f")])
-    ops = [["variant", "XNNPACK partitions", "ops on builtin kernels (not delegated)"]]
+    ops = [["variant", "XNNPACK partitions", "p50 / float32 (1 thr)", "matmul MFLOP",
+            "ops on builtin kernels (not delegated)"]]
+    f32 = benchmark["variants"]["float32"]["latency"]["threads_1"]["p50_ms"]
     for name, v in benchmark["variants"].items():
         if "ops" in v:
             fallback = ", ".join(f"{k}×{n}" for k, n in v["ops"]["builtin_fallback"].items())
-            ops.append([name, str(v["ops"]["xnnpack_partitions"]), fallback or "none"])
+            ops.append([name, str(v["ops"]["xnnpack_partitions"]), f"{v['latency']['threads_1']['p50_ms'] / f32:.2f}",
+                        _fmt(v.get("matmul_flops"), ".1f", 1e-6), fallback or "none"])
     return main, ops
 
 
@@ -263,6 +266,21 @@ def student_fact(benchmark, compression):
             f"against the teacher's {100 * teacher:.2f}%.")
 
 
+def step_facts(compression):
+    """Lines on what the recipes' steps left in the kernels: low-rank ranks, distinct values after clustering."""
+    out = []
+    for prefix, stats in compression.get("step_stats", {}).items():
+        step = prefix.split("+")[-1]
+        if step == "lowrank":
+            ranks = ", ".join(f"{k.split('/')[-1].removesuffix('_kernel')} {r if r else 'whole'}/{full}"
+                              for k, (r, full) in stats.items())
+            out.append(f"Low-rank ({prefix}): rank of each factorised kernel / its full rank: {ranks}.")
+        elif step == "cluster":
+            out.append(f"Clustering ({prefix}): distinct values per kernel: "
+                       + ", ".join(f"{k.split('/')[-1]} {n}" for k, n in stats.items()) + ".")
+    return out
+
+
 def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     import tensorflow as tf
@@ -327,8 +345,9 @@ def run_report_stage(cfg, run):
           f"({GOALS[goal]})." for goal, name in goals.items()),
         f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
         "variant name).",
-        f"int8 / float32 p50 latency at 1 thread: **{r['int8_over_float32_p50_1thread']:.2f}**; "
-        f"dynamic_range / float32: {r['dynamic_range_over_float32_p50_1thread']:.2f}; "
+        "p50 latency / float32's at 1 thread: " + ", ".join(
+            f"{k[:-len('_over_float32_p50_1thread')]} **{x:.2f}**" for k, x in r.items()
+            if k.endswith("_over_float32_p50_1thread") and not k.startswith(("keras", "dense_only"))) + ".",
         f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
         f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",
         f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
@@ -341,6 +360,7 @@ def run_report_stage(cfg, run):
         f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
         f"at seq_len {benchmark['seq_len']}.",
         *([student_fact(benchmark, compression)] if "student" in benchmark else []),
+        *step_facts(compression),
         "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
                                        for k in v["latency"].get("threads_1", {})) else
                       "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",

@@ -33,6 +33,11 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
     for name in VARIANTS:
         ops = result["variants"][name]["ops"]
         assert ops["xnnpack_partitions"] >= 1 and sum(ops["delegated"].values()) > 0
+        assert result["variants"][name]["matmul_flops"] > 0
+        # int8 with compress.float_ops in float32: as few partitions as float32 itself
+        if name.endswith("int8"):
+            assert ops["xnnpack_partitions"] == result["variants"]["float32"]["ops"]["xnnpack_partitions"], name
+    assert result["variants"]["lowrank_int8"]["matmul_flops"] <= result["variants"]["int8"]["matmul_flops"]
     assert result["forward_flops_per_example"] > 0 and result["params"] > 0
     training = result["training"]
     for key in ("padded", "bucketed"):

@@ -25,7 +25,7 @@ def test_every_variant_exists_loads_and_predicts(compressed):
 
 
 def test_compression_json_lists_every_variant(compressed):
-    _, model_dir, summary = compressed
+    cfg, model_dir, summary = compressed
     on_disk = json.loads((model_dir / "compression.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     keras_accuracy = on_disk["keras"]["accuracy"]
@@ -38,7 +38,8 @@ def test_compression_json_lists_every_variant(compressed):
         assert 0.0 <= v["sparsity"] <= 1.0 and 0.0 <= v["macro_f1"] <= 1.0
         assert v["dev"]["n"] == 80
     variants = on_disk["variants"]
-    assert variants["int8"]["bytes"] < variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert variants["int8"]["bytes"] < variants["float32"]["bytes"] and variants["float16"]["bytes"] < variants["float32"]["bytes"]
+    assert [v["recipe"] for v in variants.values()] == [cfg.compress.variants[n] for n in variants]
     assert list((model_dir.parent.parent / "runs" / "toy" / "compress").glob("events.out.tfevents.*"))
 
 
@@ -54,6 +55,9 @@ def test_pruning_reaches_target_sparsity_and_it_survives_quantization(compressed
     for name in ("float32", "int8", "qat_int8"):
         assert variants[name]["sparsity"] < 0.1, name
     assert variants["pruned_qat_int8"]["gzip_bytes"] < 0.9 * variants["qat_int8"]["gzip_bytes"]  # tiny: headers dominate
+    clusters = summary["step_stats"]["prune+cluster"]  # distinct values per pruned kernel after clustering
+    assert set(clusters) == set(kernels) and all(n <= 16 + 1 for n in clusters.values()), clusters  # + zero
+    assert variants["clustered_qat_int8"]["sparsity"] > 0.7
     assert list((model_dir.parent.parent / "runs" / "toy" / "prune").rglob("events.out.tfevents.*"))
 
 
@@ -73,6 +77,31 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
     assert "resuming" in out and "qat_int8.eval done" in out and "prune done" not in out
     assert {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()} == before
     assert again["variants"] == json.loads(json.dumps(summary["variants"]))
+
+
+def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed, tmp_path, capsys):
+    import copy
+    import shutil
+
+    from pipeline.compress import run_compress_stage
+
+    cfg, model_dir, summary = compressed
+    root = model_dir.parent.parent
+    shutil.copytree(root, tmp_path / "copy")
+    cfg = copy.deepcopy(cfg)
+    for section in ("data", "models", "runs"):
+        setattr(cfg.paths, section, str(tmp_path / "copy" / Path(getattr(cfg.paths, section)).relative_to(root)))
+    model_dir = Path(cfg.paths.models) / "toy"
+    before = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
+    cfg.compress.variants = {"float32": ["float32"], "pruned_int8": ["prune", "int8"], "qat_int8": ["prune", "qat", "int8"]}
+    again = run_compress_stage(cfg, "toy")
+    out = capsys.readouterr().out
+    assert "resuming" in out and "qat_int8 done" in out and "prune done" not in out and "pruned_int8 done" not in out
+    after = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
+    assert set(after) == {"float32.tflite", "pruned_int8.tflite", "qat_int8.tflite"}
+    assert after["pruned_int8.tflite"] == before["pruned_int8.tflite"] != after["qat_int8.tflite"]
+    assert again["variants"]["pruned_int8"] == json.loads(json.dumps(summary["variants"]["pruned_int8"]))
+    assert again["variants"]["qat_int8"]["recipe"] == ["prune", "qat", "int8"]
 
 
 def test_qat_output_stays_close_to_float_and_keeps_zeros():
@@ -103,7 +132,9 @@ def test_parity_check_catches_a_different_model(compressed):
     from pipeline.evaluate import load_predictor
 
     _, model_dir, _ = compressed
-    texts = ["the movie was great", "a dull plot", "it was very funny", "ugly and boring"]
+    # with two texts without a sentiment word: the others' probabilities are 0 and 1 in every variant
+    texts = ["the movie was great", "a dull plot", "it was very funny", "ugly and boring", "the movie was",
+             "a film and the actors"]
     keras = load_predictor(model_dir).predict_proba(texts)
     assert check_parity(keras, load_predictor(model_dir / "tflite" / "float32.tflite").predict_proba(texts),
                         1e-4, "float32.tflite") <= 1e-4
@@ -111,7 +142,7 @@ def test_parity_check_catches_a_different_model(compressed):
     with pytest.raises(PipelineError, match="parity check failed"):
         check_parity(keras, other, 1e-4, "pruned_int8.tflite")
     flipped = keras[:, ::-1]
-    with pytest.raises(PipelineError, match="4 different predictions"):
+    with pytest.raises(PipelineError, match="6 different predictions"):
         check_parity(keras, flipped, 1e-4, "x.tflite")
 
 
