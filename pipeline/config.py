@@ -139,8 +139,8 @@ CHOICES = {
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
     "train.init": ("pretrained", "scratch"),
-    "report.ship": ("smallest", "fastest", "most_accurate", *DEFAULT_VARIANTS),
 }
+GOALS = ("smallest", "fastest", "most_accurate")  # report.ship: one of these, or a variant of compress.variants
 
 
 def _key_lines(text):
@@ -195,6 +195,7 @@ def _apply(cfg, dotted, value, where):
 def load_config(path=None, overrides=()):
     """Defaults, then the YAML file at `path` (if any), then 'section.key=value' overrides."""
     cfg = Config()
+    ship_where = "report.ship"
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -215,6 +216,7 @@ def load_config(path=None, overrides=()):
             for key, value in values.items():
                 dotted = f"{section}.{key}"
                 _apply(cfg, dotted, value, f"{path}:{lines.get(dotted, '?')}")
+                ship_where = f"{path}:{lines.get(dotted, '?')}" if dotted == "report.ship" else ship_where
     for item in overrides:
         dotted, sep, text_value = item.partition("=")
         if not sep:
@@ -226,6 +228,11 @@ def load_config(path=None, overrides=()):
         if value is None:
             value = text_value
         _apply(cfg, dotted.strip(), value, f"--set {item}")
+        ship_where = f"--set {item}" if dotted.strip() == "report.ship" else ship_where
+    # checked last: the variants it may name can be set after it
+    if cfg.report.ship not in GOALS and cfg.report.ship not in cfg.compress.variants:
+        raise PipelineError(f"{ship_where}: 'report.ship' must be one of {', '.join(GOALS + tuple(cfg.compress.variants))}"
+                            f", got {cfg.report.ship!r}")
     return cfg
 
 

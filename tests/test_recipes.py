@@ -56,6 +56,17 @@ def test_recipe_list_is_validated_with_a_one_line_error(variants, message):
     assert cfg.compress.variants["mine"] == ["lowrank", "fine_tune", "prune", "int8"]
 
 
+def test_report_ship_may_name_a_variant_of_the_recipe_list():
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    mine = "compress.variants={float32: [float32], mine: [lowrank, fine_tune, int8]}"
+    assert load_config(None, ["report.ship=mine", mine]).report.ship == "mine"  # in either order
+    with pytest.raises(PipelineError, match="--set report.ship=pruned_int8: 'report.ship' must be one of smallest, "
+                                            "fastest, most_accurate, float32, mine, got 'pruned_int8'"):
+        load_config(None, [mine, "report.ship=pruned_int8"])  # not in this recipe list
+
+
 def test_choose_rank_keeps_the_energy_asked_for():
     from pipeline.lowrank import choose_rank
 
