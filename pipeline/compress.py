@@ -96,14 +96,16 @@ def prune_model(model, cfg, data, steps, log_dir):
     return tfmot.sparsity.keras.strip_pruning(pruned)
 
 
+def per_kernel(model, statistic):
+    """{"layer/weight": statistic(values)} for every prunable kernel of `model`."""
+    return {f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}": statistic(w.numpy())
+            for layer in model.layers if isinstance(layer, tfmot.sparsity.keras.PrunableLayer)
+            for w in layer.get_prunable_weights()}
+
+
 def kernel_sparsity(model):
     """{"layer/weight": fraction of exact zeros} for every prunable kernel of `model`."""
-    out = {}
-    for layer in model.layers:
-        if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
-            for w in layer.get_prunable_weights():
-                out[f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"] = float(np.mean(w.numpy() == 0))
-    return out
+    return per_kernel(model, lambda w: float(np.mean(w == 0)))
 
 
 # Quantization points of our layers next to each op that compress.float_ops can keep in float32: QAT
@@ -181,12 +183,7 @@ def cluster_model(model, cfg, data, steps, log_dir):
 
 def unique_values(model):
     """{"layer/weight": distinct values} of every prunable kernel of `model` (the clusters that ship)."""
-    out = {}
-    for layer in model.layers:
-        if isinstance(layer, tfmot.sparsity.keras.PrunableLayer):
-            for w in layer.get_prunable_weights():
-                out[f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"] = int(np.unique(w.numpy()).size)
-    return out
+    return per_kernel(model, lambda w: int(np.unique(w).size))
 
 
 def configure_converter(converter, mode, representative=None):
@@ -273,8 +270,6 @@ def _table(rows):
                       f"{r['macro_f1']:.4f}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}", f"{r['sparsity']:.3f}",
                       f"{100 * mp['agreement']:.2f}%", f"{mp['accuracy']:.4f}"])
     return table
-
-
 
 
 # ---------------------------------------------------------------- recipe steps
@@ -369,14 +364,17 @@ def run_compress_stage(cfg, run):
     tflite_dir = model_dir / "tflite"
     if manifest.work_dir(state, state_key):
         print(f"resuming compression in {state}")
+
+        def forget(name):  # the variant and its evaluation are made again
+            for done in (f"{name}.done", f"{name}.eval.done"):
+                (state / done).unlink(missing_ok=True)
+
         for name in names:
             if (state / f"{name}.recipe").is_file() and (state / f"{name}.recipe").read_text() != "+".join(recipes[name]):
-                for done in (f"{name}.done", f"{name}.eval.done"):
-                    (state / done).unlink(missing_ok=True)
+                forget(name)
         for path in tflite_dir.glob("*.tflite"):  # variants no longer listed
             if path.stem not in names:
-                for done in (f"{path.stem}.done", f"{path.stem}.eval.done"):
-                    (state / done).unlink(missing_ok=True)
+                forget(path.stem)
                 path.unlink()
     else:  # no variant from an older model or config survives
         shutil.rmtree(tflite_dir, ignore_errors=True)

@@ -452,14 +452,6 @@ def top_words(rec, k=TOP_TOKENS):
     return sorted(words(rec["tokens"], rec["attributions"]), key=lambda p: -p[1])[:k]
 
 
-def read_dev(path):
-    """(texts, labels) of a processed run's dev.jsonl (the data stage writes {"text", "label"} per line)."""
-    if not Path(path).is_file():
-        raise PipelineError(f"{path}: not found; run `make data` first")
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["text"] for r in rows], [str(r["label"]) for r in rows]
-
-
 def error_analysis(predictor, explainer, texts, labels, steps=STEPS):
     """`predictor` (the shipped .tflite) on labelled texts: its most confidently wrong examples with the
     attributions `explainer` (the Keras model it came from) gives toward the wrong class, its accuracy by
@@ -527,7 +519,7 @@ def render_section(analysis, variant):
 def report_section(cfg, run, model_dir, variant):
     """The report's error analysis of the .tflite `variant` (also written to report/error_analysis.json) as
     (Markdown lines, HTML), and TensorBoard examples in runs/<run>/explain."""
-    from pipeline.data import processed_dir
+    from pipeline.data import processed_dir, read_examples
     from pipeline.evaluate import load_predictor
 
     dev = processed_dir(cfg, run) / "dev.jsonl"
@@ -535,7 +527,7 @@ def report_section(cfg, run, model_dir, variant):
         why = f"Error analysis: none, the run's dev split {dev} is missing (`make data` writes it)."
         return (["## Error analysis (dev set)", "", why, ""],
                 f"<h2>Error analysis (dev set)</h2><p>{html.escape(why)}</p>")
-    texts, labels = read_dev(dev)
+    texts, labels = read_examples(dev, cfg.data)
     tflite = Path(model_dir) / "tflite" / f"{variant}.tflite"
     explainer, note = load_explainer(tflite)
     analysis = {"variant": variant, "data": str(dev), "explained_with": note,
