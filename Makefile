@@ -68,14 +68,18 @@ report: benchmark
 tensorboard: | $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
 
+# Most tests run one Python thread at a time: one worker per core (pytest-xdist); tests/conftest.py keeps
+# each module, and everything that uses the shared compressed run, on one worker.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadgroup
+
 test: | $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: | $(STAMP)
-	$(PY) -m pytest -q -m "not e2e"
+	$(PYTEST) -m "not e2e"
 
 test-e2e: | $(STAMP)
-	$(PY) -m pytest -q -m e2e
+	$(PYTEST) -m e2e
 
 clean:
 	rm -rf data/processed saved_models/* saved_models/.current_run runs
