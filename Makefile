@@ -68,9 +68,9 @@ report: benchmark
 tensorboard: | $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
 
-# Most tests run one Python thread at a time: one worker per core (pytest-xdist); tests/conftest.py keeps
-# each module, and everything that uses the shared compressed run, on one worker.
-PYTEST := $(PY) -m pytest -q -n auto --dist loadgroup
+# Most tests run one Python thread at a time: one worker per core (pytest-xdist), a module's tests on one
+# worker so its module fixtures are built once. (--dist loadgroup ignored xdist_group marks here, xdist 3.8.)
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 
 test: | $(STAMP)
 	$(PYTEST)

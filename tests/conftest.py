@@ -20,16 +20,6 @@ TINY = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the groups
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs two workers on this 2-core machine) keep each module on one
-    worker, so its module fixtures are built once, and every test of the session's `compressed` run on
-    one worker, so that costly fixture is built once too."""
-    for item in items:
-        group = "compressed" if "compressed" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def make_toy_split(path, n, seed):
     """Write a separable sentiment TSV: a label-bearing word among filler words."""
     rng = random.Random(seed)
