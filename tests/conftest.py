@@ -57,22 +57,28 @@ COMPRESS = ["compress.prune_epochs=2", "compress.qat_epochs=1", "compress.calibr
             "compress.sparsity=0.75", "compress.learning_rate=0.001"]
 
 
-@pytest.fixture(scope="session")
-def compressed(tmp_path_factory):
-    """(config, model directory, summary) after data, train and compress on the toy task."""
-    from pipeline.compress import run_compress_stage
-    from pipeline.config import load_config
-    from pipeline.data import run_data_stage
-    from pipeline.train import run_train_stage
+ROOT = Path(__file__).resolve().parents[1]
 
-    root = tmp_path_factory.mktemp("compress")
-    data = make_toy_dir(root)
-    params = Path(__file__).resolve().parents[1] / "params.yaml"
-    cfg = load_config(params, tiny_overrides(root, "train.epochs=6", *COMPRESS))
-    run_data_stage(cfg, str(data), "toy")
-    run_train_stage(cfg, "toy")
-    summary = run_compress_stage(cfg, "toy")
-    return cfg, root / "saved_models" / "toy", summary
+
+def sets(overrides):
+    """--set overrides as CLI arguments."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of the CLI run in this process."""
+    from pipeline.__main__ import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
 
 
 def sigkill(proc, too_late):

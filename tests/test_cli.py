@@ -1,20 +1,13 @@
 """The command line in everyday use: the remembered run, a quiet stderr, `make help`."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import make_toy_dir, tiny_overrides
+from conftest import ROOT, make_toy_dir, sets, tiny_overrides
 
 from pipeline.__main__ import build_parser, main, remember_run, resolve_run
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def test_run_is_given_else_named_by_data_else_remembered_else_sst2(tmp_path):

@@ -1,11 +1,35 @@
-"""Compression stage on a tiny trained model: every variant, sparsity, QAT closeness, parity, resume."""
+"""Compression stage on a tiny trained model: every variant, sparsity, QAT closeness, parity, resume, a kill
+mid-step, a damaged file; and the benchmark of it. Every user of the compressed run is here, so it is built once."""
 import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (COMPRESS, ROOT, assert_one_line_error, make_toy_dir, run_cli, sets, sigkill,
+                      tiny_overrides)
 
 from pipeline import manifest
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """(config, model directory, summary) after data, train and compress on the toy task."""
+    from pipeline.compress import run_compress_stage
+    from pipeline.config import load_config
+    from pipeline.data import run_data_stage
+    from pipeline.train import run_train_stage
+
+    root = tmp_path_factory.mktemp("compress")
+    data = make_toy_dir(root)
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(root, "train.epochs=6", *COMPRESS))
+    run_data_stage(cfg, str(data), "toy")
+    run_train_stage(cfg, "toy")
+    summary = run_compress_stage(cfg, "toy")
+    return cfg, root / "saved_models" / "toy", summary
 
 
 def test_every_variant_exists_loads_and_predicts(compressed):
@@ -160,3 +184,96 @@ def test_mediapipe_runs_every_variant_like_litert(compressed, capsys):
     for a, b in zip(litert, mediapipe):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-3)
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+
+def test_damaged_tflite_is_refused_by_predict_and_benchmark(compressed, capsys, tmp_path):
+    cfg, model_dir, _ = compressed
+    root = model_dir.parents[1]
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "saved_models", copy / "saved_models")
+    shutil.copytree(root / "data", copy / "data")
+    tflite = copy / "saved_models" / "toy" / "tflite" / "int8.tflite"
+    content = tflite.read_bytes()
+    tflite.write_bytes(content[: len(content) - 100])
+    code, _, err = run_cli(capsys, "predict", "--model", str(tflite), "good film")
+    assert_one_line_error(code, err, f"{tflite}: truncated since the compress stage wrote it")
+    code, _, err = run_cli(capsys, "benchmark", "--run", "toy", *sets(tiny_overrides(copy, *COMPRESS)))
+    assert_one_line_error(code, err, f"{tflite}: truncated", "make compress")
+
+
+@pytest.mark.e2e
+def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, tmp_path):
+    """With the last fine-tuning step (prune-preserving QAT) and the evaluations left to do, the stage is
+    killed 3 s into its resumed run (while it loads, or inside the step), and a second run finishes it:
+    every file equals the uninterrupted run's, byte for byte."""
+    cfg, model_dir, _ = compressed
+    root = model_dir.parents[1]
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "data", copy / "data")
+    shutil.copytree(model_dir, copy / "saved_models" / "toy",
+                    ignore=shutil.ignore_patterns("compression.json", "benchmark.json", "report*", "mobile",
+                                                  "pruned_qat_int8.*", "*.eval.*"))
+    manifest.begin(copy / "saved_models" / "toy", "compress")  # what a killed run leaves listed
+    overrides = sets(tiny_overrides(copy, "train.epochs=6", *COMPRESS))
+    state = copy / "saved_models" / "toy" / "compress_state"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the step starts right after the stage says it resumes
+        if "resuming compression" in line:
+            break
+    time.sleep(3.0)
+    sigkill(proc, "compress finished before it could be killed")
+    assert not (copy / "saved_models" / "toy" / "compression.json").exists()
+    assert not (state / "pruned_qat_int8.done").exists()
+
+    again = subprocess.run([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "pruned_qat_int8 done" in again.stdout and "] qat_int8 done" not in again.stdout
+    for name in ("float32", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8"):
+        resumed = (copy / "saved_models" / "toy" / "tflite" / f"{name}.tflite").read_bytes()
+        assert resumed == (model_dir / "tflite" / f"{name}.tflite").read_bytes(), name
+    assert manifest.load(copy / "saved_models" / "toy")["stages"]["compress"]
+
+
+@pytest.fixture(scope="module")
+def benchmark(compressed):
+    from pipeline.benchmark import run_benchmark_stage
+
+    cfg, model_dir, _ = compressed
+    result = run_benchmark_stage(cfg, "toy")
+    return model_dir, result
+
+
+def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
+    from pipeline.compress import VARIANTS
+
+    model_dir, result = benchmark
+    assert json.loads((model_dir / "benchmark.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["variants"]) == {"keras", *VARIANTS}
+    for name, v in result["variants"].items():
+        settings = ["threads_all"] if name == "keras" else ["threads_1", "threads_2"]
+        assert sorted(v["latency"]) == settings, name
+        for lat in v["latency"].values():
+            assert lat["runs"] >= 200
+            assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"], name
+            assert any(k.endswith("_per_1000") and x >= 0 for k, x in lat.items())
+        assert v["load_ms"] > 0 and v["throughput_examples_per_s"] > 0 and v["bytes"] > 0
+        assert v["peak_rss_kb"] >= v["rss_before_load_kb"] > 0
+    for name in VARIANTS:
+        ops = result["variants"][name]["ops"]
+        assert ops["xnnpack_partitions"] >= 1 and sum(ops["delegated"].values()) > 0
+        assert result["variants"][name]["matmul_flops"] > 0
+        # int8 with compress.float_ops in float32: as few partitions as float32 itself
+        if name.endswith("int8"):
+            assert ops["xnnpack_partitions"] == result["variants"]["float32"]["ops"]["xnnpack_partitions"], name
+    assert result["variants"]["lowrank_int8"]["matmul_flops"] <= result["variants"]["int8"]["matmul_flops"]
+    assert result["forward_flops_per_example"] > 0 and result["params"] > 0
+    training = result["training"]
+    for key in ("padded", "bucketed"):
+        assert training[key]["examples_per_s"] > 0 and training[key]["epoch_seconds"] > 0
+    assert 0 < training["padded_fraction_of_peak"] < 1
+    assert result["ratios"]["int8_over_float32_p50_1thread"] > 0
+    dense = result["dense_only"]
+    assert all(dense[m]["runs"] >= 200 and dense[m]["p50_ms"] > 0 for m in ("float32", "int8"))
+    assert result["ratios"]["dense_only_int8_over_float32_p50_1thread"] == dense["int8"]["p50_ms"] / dense["float32"]["p50_ms"]

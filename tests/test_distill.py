@@ -1,16 +1,14 @@
 """Distillation: the KD loss on known values, augmentation, and a tiny end-to-end student through export."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import COMPRESS, make_toy_dir, tiny_overrides
+from conftest import COMPRESS, ROOT, make_toy_dir, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
            "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2"]
 

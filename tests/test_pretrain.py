@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FILLER, NEGATIVE, POSITIVE, make_toy_dir, tiny_overrides
+from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, make_toy_dir, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=32"]
 
 

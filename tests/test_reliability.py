@@ -1,41 +1,17 @@
 """Hostile input through the CLI (one line, exit code 2, nothing written), manifest checks (refused
-artifacts, staleness), a disk that fills up mid-write, and a compress stage killed mid-step."""
+artifacts, staleness), a disk that fills up mid-write; the compressed run's own cases live in test_compress."""
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import COMPRESS, make_toy_dir, make_toy_split, sigkill, tiny_overrides
+from conftest import ROOT, assert_one_line_error, make_toy_dir, make_toy_split, run_cli, sets, tiny_overrides
 
-from pipeline import manifest
 from pipeline.__main__ import main
 from pipeline.errors import PipelineError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def run_cli(capsys, *argv):
-    """(exit code, stdout, stderr) of the CLI run in this process."""
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-
 
 GOOD = b"sentence\tlabel\ngood film\t1\nbad film\t0\nfine film\t1\ndull film\t0\n"
 
@@ -204,21 +180,6 @@ def test_damaged_artifacts_are_refused(trained, capsys, tmp_path, damage, word):
     assert_one_line_error(code, err, f"{records}: {word} since the data stage wrote it", "make data")
 
 
-def test_damaged_tflite_is_refused_by_predict_and_benchmark(compressed, capsys, tmp_path):
-    cfg, model_dir, _ = compressed
-    root = model_dir.parents[1]
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "saved_models", copy / "saved_models")
-    shutil.copytree(root / "data", copy / "data")
-    tflite = copy / "saved_models" / "toy" / "tflite" / "int8.tflite"
-    content = tflite.read_bytes()
-    tflite.write_bytes(content[: len(content) - 100])
-    code, _, err = run_cli(capsys, "predict", "--model", str(tflite), "good film")
-    assert_one_line_error(code, err, f"{tflite}: truncated since the compress stage wrote it")
-    code, _, err = run_cli(capsys, "benchmark", "--run", "toy", *sets(tiny_overrides(copy, *COMPRESS)))
-    assert_one_line_error(code, err, f"{tflite}: truncated", "make compress")
-
-
 def test_disk_full_keeps_the_previous_artifacts(trained, tmp_path):
     """The data stage rewritten under a file-size limit (the kernel refuses the write, as on a full
     disk): it fails in one line and the previous processed run stays intact."""
@@ -243,41 +204,6 @@ def test_disk_full_keeps_the_previous_artifacts(trained, tmp_path):
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
     assert not [p for p in processed.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
-
-
-@pytest.mark.e2e
-def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, tmp_path):
-    """With the last fine-tuning step (prune-preserving QAT) and the evaluations left to do, the stage is
-    killed 3 s into its resumed run (while it loads, or inside the step), and a second run finishes it:
-    every file equals the uninterrupted run's, byte for byte."""
-    cfg, model_dir, _ = compressed
-    root = model_dir.parents[1]
-    copy = tmp_path / "copy"
-    shutil.copytree(root / "data", copy / "data")
-    shutil.copytree(model_dir, copy / "saved_models" / "toy",
-                    ignore=shutil.ignore_patterns("compression.json", "benchmark.json", "report*", "mobile",
-                                                  "pruned_qat_int8.*", "*.eval.*"))
-    manifest.begin(copy / "saved_models" / "toy", "compress")  # what a killed run leaves listed
-    overrides = sets(tiny_overrides(copy, "train.epochs=6", *COMPRESS))
-    state = copy / "saved_models" / "toy" / "compress_state"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # the step starts right after the stage says it resumes
-        if "resuming compression" in line:
-            break
-    time.sleep(3.0)
-    sigkill(proc, "compress finished before it could be killed")
-    assert not (copy / "saved_models" / "toy" / "compression.json").exists()
-    assert not (state / "pruned_qat_int8.done").exists()
-
-    again = subprocess.run([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "pruned_qat_int8 done" in again.stdout and "] qat_int8 done" not in again.stdout
-    for name in ("float32", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8"):
-        resumed = (copy / "saved_models" / "toy" / "tflite" / f"{name}.tflite").read_bytes()
-        assert resumed == (model_dir / "tflite" / f"{name}.tflite").read_bytes(), name
-    assert manifest.load(copy / "saved_models" / "toy")["stages"]["compress"]
 
 
 def test_a_model_file_cannot_run_code(tmp_path, capsys):

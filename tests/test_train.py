@@ -4,24 +4,17 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_toy_split, sigkill, tiny_overrides
+from conftest import ROOT, make_toy_split, sets, sigkill, tiny_overrides
 from pipeline.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
                           **kwargs)
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def test_warmup_linear_decay_schedule():
