@@ -2,6 +2,8 @@
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def sets(overrides):
     """--set overrides as CLI arguments."""
     return [a for o in overrides for a in ("--set", o)]
+
+
+def cli(*args, **kwargs):
+    """The CLI in a subprocess, as a user runs it: CompletedProcess with text stdout and stderr."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+                          **kwargs)
 
 
 def run_cli(capsys, *argv):

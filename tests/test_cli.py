@@ -1,9 +1,8 @@
 """The command line in everyday use: the remembered run, a quiet stderr, `make help`."""
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, make_toy_dir, sets, tiny_overrides
+from conftest import ROOT, cli, make_toy_dir, sets, tiny_overrides
 
 from pipeline.__main__ import build_parser, main, remember_run, resolve_run
 from pipeline.config import load_config
@@ -59,8 +58,7 @@ def test_train_without_run_trains_the_remembered_run_and_prints_only_its_own_lin
     overrides = sets(tiny_overrides(tmp_path))
     assert main(["data", "--data", str(make_toy_dir(tmp_path)), *overrides]) == 0
     capsys.readouterr()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "train", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = cli("train", *overrides, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("run: toy (remembered from the last data/train given DATA or RUN")
     assert "trained toy" in done.stdout and (tmp_path / "saved_models" / "toy" / "metrics.json").is_file()
@@ -68,8 +66,7 @@ def test_train_without_run_trains_the_remembered_run_and_prints_only_its_own_lin
 
 
 def test_a_bad_input_prints_one_error_line_and_nothing_else(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--model", str(tmp_path / "nonexistent"),
-                           "--data", str(tmp_path / "x.tsv")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli("evaluate", "--model", str(tmp_path / "nonexistent"), "--data", str(tmp_path / "x.tsv"), timeout=300)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "nonexistent" in done.stderr, done.stderr
     assert done.stdout == ""

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (COMPRESS, ROOT, assert_one_line_error, make_toy_dir, run_cli, sets, sigkill,
+from conftest import (COMPRESS, ROOT, assert_one_line_error, cli, make_toy_dir, run_cli, sets, sigkill,
                       tiny_overrides)
 
 from pipeline import manifest
+
+RUN = ["train.epochs=6", *COMPRESS]  # the compressed run's overrides, beside tiny_overrides' paths
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def compressed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compress")
     data = make_toy_dir(root)
-    cfg = load_config(ROOT / "params.yaml", tiny_overrides(root, "train.epochs=6", *COMPRESS))
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(root, *RUN))
     run_data_stage(cfg, str(data), "toy")
     run_train_stage(cfg, "toy")
     summary = run_compress_stage(cfg, "toy")
@@ -197,7 +199,7 @@ def test_damaged_tflite_is_refused_by_predict_and_benchmark(compressed, capsys, 
     tflite.write_bytes(content[: len(content) - 100])
     code, _, err = run_cli(capsys, "predict", "--model", str(tflite), "good film")
     assert_one_line_error(code, err, f"{tflite}: truncated since the compress stage wrote it")
-    code, _, err = run_cli(capsys, "benchmark", "--run", "toy", *sets(tiny_overrides(copy, *COMPRESS)))
+    code, _, err = run_cli(capsys, "benchmark", "--run", "toy", *sets(tiny_overrides(copy, *RUN)))
     assert_one_line_error(code, err, f"{tflite}: truncated", "make compress")
 
 
@@ -214,7 +216,7 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
                     ignore=shutil.ignore_patterns("compression.json", "benchmark.json", "report*", "mobile",
                                                   "pruned_qat_int8.*", "*.eval.*"))
     manifest.begin(copy / "saved_models" / "toy", "compress")  # what a killed run leaves listed
-    overrides = sets(tiny_overrides(copy, "train.epochs=6", *COMPRESS))
+    overrides = sets(tiny_overrides(copy, *RUN))
     state = copy / "saved_models" / "toy" / "compress_state"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -226,8 +228,7 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
     assert not (copy / "saved_models" / "toy" / "compression.json").exists()
     assert not (state / "pruned_qat_int8.done").exists()
 
-    again = subprocess.run([sys.executable, "-m", "pipeline", "compress", "--run", "toy", *overrides], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+    again = cli("compress", "--run", "toy", *overrides, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "pruned_qat_int8 done" in again.stdout and "] qat_int8 done" not in again.stdout
     for name in ("float32", "int8", "pruned_int8", "qat_int8", "pruned_qat_int8"):

@@ -4,11 +4,9 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, assert_one_line_error, make_toy_dir, make_toy_split, run_cli, sets, tiny_overrides
+from conftest import ROOT, assert_one_line_error, cli, make_toy_dir, make_toy_split, run_cli, sets, tiny_overrides
 
 from pipeline.__main__ import main
 from pipeline.errors import PipelineError
@@ -196,8 +194,7 @@ def test_disk_full_keeps_the_previous_artifacts(trained, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
 
-    done = subprocess.run([sys.executable, "-m", "pipeline", "data", "--data", str(copy / "toy"), "--run", "toy",
-                           *overrides], cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    done = cli("data", "--data", str(copy / "toy"), "--run", "toy", *overrides, preexec_fn=limit, timeout=300)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "File too large" in lines[-1], done.stderr[-2000:]

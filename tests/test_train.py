@@ -8,13 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_toy_split, sets, sigkill, tiny_overrides
+from conftest import ROOT, cli, make_toy_split, sets, sigkill, tiny_overrides
 from pipeline.config import load_config
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
-                          **kwargs)
 
 
 def test_warmup_linear_decay_schedule():
