@@ -287,7 +287,8 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
     tf.keras.utils.set_random_seed(t.seed)
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=bucketing, seed=t.seed, num_classes=len(labels))
-    model = build_model(cfg.model, int(stats["vocab_size"]), len(labels), seq_len)
+    model = build_model(cfg.model, int(stats["vocab_size"]), len(labels), seq_len,
+                        vector_dim=(stats.get("word_vectors") or {}).get("dim", 0))
     model.compile(optimizer=make_optimizer(t.learning_rate, t.weight_decay), loss="categorical_crossentropy")
     times = []
 

@@ -25,7 +25,7 @@ import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
-from pipeline import manifest
+from pipeline import manifest, vectors
 from pipeline import tokenizer as tok
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json, write_text
@@ -34,7 +34,7 @@ FORMATS = (".tsv", ".csv", ".jsonl")
 SPLITS = ("train", "dev", "test")
 IMBALANCE_RATIO = 3.0  # warn when the largest class is this many times the smallest
 # Bump when the data stage's outputs or the way it reads files change, so older runs are rebuilt.
-STAGE_VERSION = 2  # 2: train.jsonl; header rows and columns recognised by content
+STAGE_VERSION = 3  # 2: train.jsonl; header rows and columns recognised by content. 3: word vectors
 
 # GLUE SST-2. Checksum and size from tensorflow/datasets, tensorflow_datasets/url_checksums/glue.txt
 # (SST-2.zip, 7439277 bytes); the same values are listed for this address in the Hugging Face
@@ -520,6 +520,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         raise PipelineError(f"invalid run name {run!r}")
     if dc.max_seq_len < 8:
         raise PipelineError(f"data.max_seq_len must be at least 8, got {dc.max_seq_len}")
+    if dc.vector_words < 0:
+        raise PipelineError(f"data.vector_words must be 0 or more, got {dc.vector_words}")
     if not 0 < dc.length_percentile <= 100:
         raise PipelineError(f"data.length_percentile must be in (0, 100], got {dc.length_percentile}")
     out = processed_dir(cfg, run)
@@ -537,8 +539,10 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
     unlabeled_file = find_unlabeled(src)
+    vector_file = [Path(dc.word_vectors)] if dc.word_vectors not in ("none", vectors.GLOVE) else []
     key = {"config": {"data": dataclasses.asdict(dc), "data_stage": {"version": STAGE_VERSION}},
-           "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else [])])}
+           "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else []),
+                                               *vector_file])}
     if manifest.up_to_date(out, "data", key):
         return load_stats(out)
     parsed = {split: read_table(path, dc) for split, path in files.items()}
@@ -587,6 +591,10 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # split (batched tf ops).
     max_chars = dc.max_seq_len * tok.CHARS_PER_TOKEN
     vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0] + unlabeled], dc.vocab_size)
+    learned = len(vocab)
+    if dc.word_vectors != "none":
+        words, word_vecs = vectors.load_word_vectors(dc.word_vectors, Path(cfg.paths.data) / "raw")
+        vocab = vectors.extend_vocabulary(vocab, words, dc.vector_words)
     tokenizer = tok.make_tokenizer(vocab)
     unk_id, cls_id, sep_id = (tokenizer.token_to_id(t) for t in (tok.UNK, tok.CLS, tok.SEP))
     ids = {s: _tokenize_split(tokenizer, texts, max_chars) for s, (texts, _) in splits.items()}
@@ -614,10 +622,21 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         "seq_len": seq_len,
         "length_percentile": dc.length_percentile,
         "vocab_size": len(vocab),
+        "word_vectors": None,
         "oov_rate": {s: round(v, 6) for s, v in oov.items()},
         "truncated_fraction": {s: round(float((lengths[s] > seq_len).mean()), 6) for s in splits},
         "unlabeled": {"file": unlabeled_file.name, "rows": len(unlabeled)} if unlabeled_file else None,
     }
+
+    if dc.word_vectors != "none":
+        table = vectors.vector_table(vocab, words, word_vecs)
+        texts = [ids["train"]] + ([unlabeled_ids] if unlabeled else [])  # what training can learn from
+        seen = np.bincount(np.concatenate([r.flat_values.numpy() for r in texts]), minlength=len(vocab)) > 0
+        seen[[tokenizer.token_to_id(tok.PAD), cls_id, sep_id]] = True  # in every model input
+        has = table.any(axis=1)
+        stats["word_vectors"] = {"source": dc.word_vectors, "dim": int(table.shape[1]), "learned_tokens": learned,
+                                 "added_words": len(vocab) - learned, "tokens_with_vectors": int(has.sum()),
+                                 "unseen_tokens": {s: _unseen_share(ids[s], seen) for s in ("dev", "test") if s in ids}}
 
     # 4. Write the run directory whole: it appears complete or not at all.
     with atomic_path(out) as tmp:
@@ -629,11 +648,19 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
             _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
         if unlabeled:  # for make pretrain; label -1: no label
             _write_tfrecord(tmp / "unlabeled.tfrecord", unlabeled_ids, [-1] * len(unlabeled), seq_len, cls_id, sep_id)
+        if dc.word_vectors != "none":
+            vectors.save_word_vectors(tmp / vectors.FILE_NAME, table, seen)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
 
     _print_summary(out, stats, time.time() - t0)
     return stats
+
+
+def _unseen_share(ids, seen):
+    """Fraction of a split's wordpieces that no training text has."""
+    flat = ids.flat_values.numpy()
+    return round(float((~seen[flat]).mean()), 6) if flat.size else 0.0
 
 
 def _print_summary(out, stats, seconds):
@@ -647,6 +674,12 @@ def _print_summary(out, stats, seconds):
     print(f"  seq_len: {stats['seq_len']} (p{stats['length_percentile']:g} of train lengths; "
           f"p50 {lens['p50']:g}, max {lens['max']}; {stats['truncated_fraction']['train']:.2%} of train truncated)")
     print(f"  vocab: {stats['vocab_size']:,} tokens; OOV: {oov}")
+    wv = stats.get("word_vectors")
+    if wv:
+        unseen = ", ".join(f"{s} {r:.1%}" for s, r in wv["unseen_tokens"].items())
+        print(f"  word vectors: {wv['source']} ({wv['dim']} dims) for {wv['tokens_with_vectors']:,} tokens, "
+              f"{wv['added_words']:,} of them words added to the {wv['learned_tokens']:,} learned; "
+              f"wordpieces no training text has: {unseen}")
     if stats.get("unlabeled"):
         print(f"  unlabelled: {stats['unlabeled']['rows']:,} texts from {stats['unlabeled']['file']} "
               "(vocabulary and make pretrain)")

@@ -12,7 +12,7 @@ import numpy as np
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest
+from pipeline import files, manifest, vectors
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 
@@ -98,14 +98,17 @@ def sorted_batches(n_rows, lengths, batch_size, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def build_student(cfg, teacher, vocab_size, num_classes, seq_len):
-    """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen."""
-    from pipeline.model import build_model
+def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=None):
+    """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen, the
+    run's word vectors (vectors.load_table) when it has them."""
+    from pipeline.model import build_model, set_word_vectors
 
     d = cfg.distill
     student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
                                       ff_dim=d.student_ff_dim, num_layers=d.student_num_layers)
-    student = build_model(student_cfg, vocab_size, num_classes, seq_len)
+    student = build_model(student_cfg, vocab_size, num_classes, seq_len, vector_dim=vectors.dim(word_vectors))
+    if word_vectors is not None:
+        set_word_vectors(student, *word_vectors)
     if student_cfg.ngram_order:
         student.get_layer("ngrams").set_weights(teacher.get_layer("ngrams").get_weights())
         student.get_layer("ngrams").trainable = False
@@ -211,7 +214,7 @@ def run_distill_stage(cfg, run):
     with np.load(cache) as z:
         data = (z["ids"], z["logits"], z["gold"], z["has_gold"])
 
-    student, student_cfg = build_student(cfg, teacher, len(vocab), len(labels), seq_len)
+    student, student_cfg = build_student(cfg, teacher, len(vocab), len(labels), seq_len, vectors.load_table(processed))
     print(f"distill: student d_model {student_cfg.d_model}, {student_cfg.num_heads} heads, ff {student_cfg.ff_dim}, "
           f"{student_cfg.num_layers} layers ({student.count_params():,} parameters; teacher {teacher.count_params():,}); "
           f"T {d.temperature:g}, alpha {d.alpha:g}")

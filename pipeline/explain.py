@@ -156,9 +156,9 @@ class Explainer:
             raise PipelineError(f"--steps must be at least 1, got {steps}")
         ids = self.token_ids(tf.constant(inputs["input_word_ids"][None]))
         mask = self.padding_mask(tf.constant(inputs["input_mask"][None]))
-        rows = tf.gather(self.embedding.embeddings, ids)  # [1, T, d]
+        rows = self.embedding.token_vectors(ids)  # [1, T, d]
         # baseline: the [PAD] row at every position; padded positions hold it already
-        baseline = tf.broadcast_to(self.embedding.embeddings[0], tf.shape(rows))
+        baseline = self.embedding.token_vectors(tf.zeros_like(ids))
         z_t, attention = self.transformer_logits(rows, mask, attention=True)
         z_n = self.ngram_logits(ids, mask)
         z_model = self.model_logits(inputs)  # as a check of the layer-by-layer pass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest
+from pipeline import files, manifest, vectors
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 
@@ -106,8 +106,7 @@ def make_mlm_dataset(paths, seq_len, batch_size, vocab, mask_rate, *, training, 
 def stage_key(cfg, processed):
     """What the pretrained encoder depends on: the encoder's config, pretrain's, and the processed texts."""
     names = ["train.tfrecord", "dev.tfrecord", "vocab.txt", "stats.json"]
-    if (processed / "unlabeled.tfrecord").is_file():
-        names.append("unlabeled.tfrecord")
+    names += [n for n in ("unlabeled.tfrecord", vectors.FILE_NAME) if (processed / n).is_file()]
     model = cfg.to_dict()["model"]
     return {"config": {"data": cfg.to_dict()["data"], "model": {k: model[k] for k in ENCODER_KEYS},
                        "pretrain": cfg.to_dict()["pretrain"]},
@@ -116,7 +115,7 @@ def stage_key(cfg, processed):
 
 def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     """Fit the encoder with an MLM head on the run's texts; return (MLM model, epoch rows)."""
-    from pipeline.model import build_mlm_model
+    from pipeline.model import build_mlm_model, set_word_vectors
     from pipeline.tokenizer import load_vocabulary
     from pipeline.train import EpochTimer, WarmupLinearDecay, make_optimizer, read_epoch_log
 
@@ -136,7 +135,10 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     print(f"pretraining the encoder: masked language model, {p.mask_rate:.0%} of wordpieces masked, "
           f"{p.epochs} epochs of {steps:,} steps over {', '.join(s.name for s in sources)}")
 
-    model = build_mlm_model(cfg.model, len(vocab), seq_len)
+    word_vectors = vectors.load_table(processed)
+    model = build_mlm_model(cfg.model, len(vocab), seq_len, vector_dim=vectors.dim(word_vectors))
+    if word_vectors is not None:
+        set_word_vectors(model, *word_vectors)
     schedule = WarmupLinearDecay(p.learning_rate, int(p.warmup_fraction * total), total)
     model.compile(optimizer=make_optimizer(schedule, p.weight_decay), loss=masked_lm_loss,
                   metrics=[MaskedAccuracy(), MaskedPerplexity()])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest
+from pipeline import files, manifest, vectors
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 
@@ -148,8 +148,8 @@ def pretrained_encoder(cfg, model_dir):
 def stage_key(cfg, processed, model_dir):
     """What a trained model depends on: the config sections that shape training, the processed data
     (each file verified against the data stage's manifest) and the pretrained encoder it starts from."""
-    scored = ("test.jsonl",) if (processed / "test.jsonl").is_file() else ()  # metrics.json scores it too
-    inputs = manifest.inputs(processed, PROCESSED_INPUTS + scored, "processed")
+    optional = tuple(n for n in ("test.jsonl", vectors.FILE_NAME) if (processed / n).is_file())  # test: scored too
+    inputs = manifest.inputs(processed, PROCESSED_INPUTS + optional, "processed")
     if pretrained_encoder(cfg, model_dir):
         inputs.update(manifest.inputs(model_dir, ["pretrained"], "pretrain"))
     return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")}, "inputs": inputs}
@@ -214,11 +214,12 @@ def train_model(cfg, run, key):
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
     from pipeline.data import make_dataset
-    from pipeline.model import build_model
+    from pipeline.model import build_model, set_word_vectors
     from pipeline.tokenizer import load_vocabulary
 
     processed, stats, labels = load_processed(cfg, run)
     vocab = load_vocabulary(processed / "vocab.txt")
+    word_vectors = vectors.load_table(processed)
     seq_len = int(stats["seq_len"])
     t = cfg.train
     tf.keras.utils.set_random_seed(t.seed)
@@ -238,8 +239,10 @@ def train_model(cfg, run, key):
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
     with make_strategy(t.strategy).scope():
-        model = build_model(cfg.model, len(vocab), len(labels), seq_len)
+        model = build_model(cfg.model, len(vocab), len(labels), seq_len, vector_dim=vectors.dim(word_vectors))
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
+        if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
+            set_word_vectors(model, *word_vectors)
         # Keras keeps dropout's generator states out of checkpoints on purpose; listing them on the
         # model puts them into BackupAndRestore's, so a resumed run continues the same random stream.
         model.dropout_generators = [layer._random_generator._generator for layer in model.submodules

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
@@ -16,7 +17,7 @@ FILLER = ["the", "movie", "film", "a", "was", "is", "plot", "actors", "story", "
 
 # A tiny model and vocabulary: the whole train stage runs in seconds.
 TINY = [
-    "data.vocab_size=120", "model.d_model=16", "model.num_layers=1", "model.num_heads=2",
+    "data.vocab_size=120", "data.word_vectors=none", "model.d_model=16", "model.num_layers=1", "model.num_heads=2",
     "model.ff_dim=32", "model.dropout=0.0", "train.epochs=3", "train.batch_size=16",
     "train.learning_rate=0.005", "train.warmup_fraction=0.0", "train.min_steps=0", "model.ngram_buckets=1024",
 ]
@@ -94,3 +95,20 @@ def sigkill(proc, too_late):
     assert proc.poll() is None, too_late
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# Words the toy data never uses, each with a vector beside the toy words of its sentiment.
+UNSEEN_POSITIVE = ["splendid", "brilliant", "wonderful"]
+UNSEEN_NEGATIVE = ["dreadful", "terrible", "horrible"]
+
+
+def make_vectors_file(path, dim=8, seed=0):
+    """A GloVe-style text file: positive words (toy and unseen) near +v, negative ones near -v, filler words
+    random; plus lines the vocabulary must skip (punctuation, upper case)."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=dim)
+    vectors = {w: rng.normal(size=dim) for w in FILLER + [".", "Great"]}
+    vectors.update({w: v + 0.3 * rng.normal(size=dim) for w in POSITIVE + UNSEEN_POSITIVE})
+    vectors.update({w: -v + 0.3 * rng.normal(size=dim) for w in NEGATIVE + UNSEEN_NEGATIVE})
+    path.write_text("".join(f"{w} {' '.join(f'{x:.5f}' for x in vec)}\n" for w, vec in vectors.items()))
+    return path

@@ -41,7 +41,7 @@ def sample_rows(n_per_class=12, labels=("pos", "neg")):
 def make_cfg(tmp_path, **data):
     cfg = Config()
     cfg.paths.data = str(tmp_path / "out")
-    cfg.data = DataConfig(**{"vocab_size": 300, **data})
+    cfg.data = DataConfig(**{"vocab_size": 300, "word_vectors": "none", **data})
     return cfg
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import COMPRESS, ROOT, make_toy_dir, tiny_overrides
+from conftest import COMPRESS, ROOT, make_toy_dir, make_vectors_file, tiny_overrides
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
@@ -57,11 +57,14 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     from pipeline.data import run_data_stage
     from pipeline.distill import run_distill_stage
     from pipeline.evaluate import load_predictor
+    from pipeline.model import load_model
     from pipeline.train import run_train_stage
 
     data = make_toy_dir(tmp_path)
     (data / "unlabeled.txt").write_text("the film was good\nthe plot was dull and weak\n")
-    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6", *STUDENT, *COMPRESS))
+    vectors = make_vectors_file(tmp_path / "vectors.txt")
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6", *STUDENT, *COMPRESS,
+                                                           f"data.word_vectors={vectors}"))
     run_data_stage(cfg, str(data), "toy")
     run_train_stage(cfg, "toy")
     # 1,202 texts are 76 batches of 16: distill.epochs=2 is 152 steps, so 200 steps need a third epoch
@@ -75,6 +78,10 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     predictor = load_predictor(out)  # a model directory like the teacher's
     assert predictor.predict_proba(["a superb film", "an awful film"]).argmax(1).tolist() == [1, 0]
+    # the student has the run's word vectors, and no embedding for the words train never shows
+    student, teacher = (load_model(d / "model.keras").get_layer("embedding") for d in (out, out.parent))
+    np.testing.assert_array_equal(student.word_vectors.numpy(), teacher.word_vectors.numpy())
+    assert not student.embeddings.numpy()[-6:].any() and student.embeddings.numpy()[:-6].any()
 
     only_student = {"float32": ["float32"], "distilled_float32": ["student", "float32"],
                     "distilled_int8": ["student", "int8"]}  # the other recipes are tested in test_compress.py
