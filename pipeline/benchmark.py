@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import INPUT_NAMES
+from pipeline import INPUT_NAMES, vectors
 
 WARMUP = 20
 RUNS = 300  # timed invokes per setting (at least 200, as the issue asks)
@@ -288,7 +288,7 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=bucketing, seed=t.seed, num_classes=len(labels))
     model = build_model(cfg.model, int(stats["vocab_size"]), len(labels), seq_len,
-                        vector_dim=(stats.get("word_vectors") or {}).get("dim", 0))
+                        **vectors.model_sizes(vectors.load_table(processed)))
     model.compile(optimizer=make_optimizer(t.learning_rate, t.weight_decay), loss="categorical_crossentropy")
     times = []
 

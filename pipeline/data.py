@@ -34,7 +34,7 @@ FORMATS = (".tsv", ".csv", ".jsonl")
 SPLITS = ("train", "dev", "test")
 IMBALANCE_RATIO = 3.0  # warn when the largest class is this many times the smallest
 # Bump when the data stage's outputs or the way it reads files change, so older runs are rebuilt.
-STAGE_VERSION = 3  # 2: train.jsonl; header rows and columns recognised by content. 3: word vectors
+STAGE_VERSION = 4  # 2: train.jsonl; header rows and columns recognised by content. 3: word vectors. 4: their learned-vocabulary size
 
 # GLUE SST-2. Checksum and size from tensorflow/datasets, tensorflow_datasets/url_checksums/glue.txt
 # (SST-2.zip, 7439277 bytes); the same values are listed for this address in the Hugging Face
@@ -649,7 +649,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         if unlabeled:  # for make pretrain; label -1: no label
             _write_tfrecord(tmp / "unlabeled.tfrecord", unlabeled_ids, [-1] * len(unlabeled), seq_len, cls_id, sep_id)
         if dc.word_vectors != "none":
-            vectors.save_word_vectors(tmp / vectors.FILE_NAME, table, seen)
+            vectors.save_word_vectors(tmp / vectors.FILE_NAME, table, seen, learned)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
 

@@ -106,7 +106,7 @@ def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=N
     d = cfg.distill
     student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
                                       ff_dim=d.student_ff_dim, num_layers=d.student_num_layers)
-    student = build_model(student_cfg, vocab_size, num_classes, seq_len, vector_dim=vectors.dim(word_vectors))
+    student = build_model(student_cfg, vocab_size, num_classes, seq_len, **vectors.model_sizes(word_vectors))
     if word_vectors is not None:
         set_word_vectors(student, *word_vectors)
     if student_cfg.ngram_order:

@@ -172,11 +172,12 @@ class TokenAndPositionEmbedding(_Layer):
     token_dropout: in training, the fraction of whole word embeddings zeroed (word dropout), so the
     classifier cannot lean on any single word. T must be <= max_len.
     vector_dim > 0: each token's fixed pretrained vector ([vocab_size, vector_dim], not trained; see
-    pipeline/vectors.py) times a trained projection is added to its embedding.
+    pipeline/vectors.py) times a trained projection is added to its embedding. embedded_tokens: only ids below
+    it have an embedding (the learned vocabulary); the words added for their vectors have the vector alone.
     """
 
     def __init__(self, vocab_size, d_model, max_len, position="sinusoidal", dropout=0.0, token_dropout=0.0,
-                 vector_dim=0, **kwargs):
+                 vector_dim=0, embedded_tokens=0, **kwargs):
         super().__init__(**kwargs)
         if position not in ("sinusoidal", "learned"):
             raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
@@ -187,13 +188,14 @@ class TokenAndPositionEmbedding(_Layer):
         self.dropout = float(dropout)
         self.token_dropout = float(token_dropout)
         self.vector_dim = int(vector_dim)
+        self.embedded_tokens = int(embedded_tokens) or self.vocab_size
         self._dropout = tf.keras.layers.Dropout(self.dropout)
         self._token_dropout = tf.keras.layers.Dropout(self.token_dropout, noise_shape=(None, None, 1))
         self._table = sinusoidal_encoding(self.max_len, self.d_model) if position == "sinusoidal" else None
 
     def build(self, input_shape):
         self.embeddings = self.add_weight(
-            "embeddings", shape=(self.vocab_size, self.d_model),
+            "embeddings", shape=(self.embedded_tokens, self.d_model),
             initializer=tf.keras.initializers.RandomNormal(stddev=self.d_model ** -0.5))
         if self.vector_dim:
             self.word_vectors = self.add_weight("word_vectors", shape=(self.vocab_size, self.vector_dim),
@@ -220,7 +222,12 @@ class TokenAndPositionEmbedding(_Layer):
     def token_vectors(self, ids):
         """ids [B, T] -> each token's row [B, T, d_model]: its embedding (plus its projected word vector)."""
         ids = tf.cast(ids, tf.int32)
-        rows = tf.gather(self._weight("embeddings"), ids)
+        if self.embedded_tokens < self.vocab_size:  # a zero row past the embedded tokens
+            inside = ids < self.embedded_tokens
+            rows = tf.gather(self._weight("embeddings"), tf.where(inside, ids, tf.zeros_like(ids)))
+            rows *= tf.cast(inside, rows.dtype)[..., None]
+        else:
+            rows = tf.gather(self._weight("embeddings"), ids)
         if self.vector_dim:  # one FULLY_CONNECTED over every token in TFLite
             vecs = tf.reshape(tf.gather(self._weight("word_vectors"), ids), [-1, self.vector_dim])
             rows += tf.reshape(tf.matmul(vecs, self._weight("vector_kernel")), tf.shape(rows))
@@ -245,7 +252,8 @@ class TokenAndPositionEmbedding(_Layer):
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "d_model": self.d_model,
                 "max_len": self.max_len, "position": self.position, "dropout": self.dropout,
-                "token_dropout": self.token_dropout, "vector_dim": self.vector_dim}
+                "token_dropout": self.token_dropout, "vector_dim": self.vector_dim,
+                "embedded_tokens": self.embedded_tokens}
 
 
 @_register
@@ -558,7 +566,7 @@ class ClassifierHead(_Layer):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0):
+def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0, embedded_tokens=0):
     """The encoder (the layers `make pretrain` trains and `make train` starts from), applied to symbolic
     inputs: (clipped ids, float mask, final-norm output [B, T, d_model])."""
     if cfg.d_model % cfg.num_heads:
@@ -573,19 +581,20 @@ def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=
     mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
     x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
                                   dropout=cfg.dropout, token_dropout=cfg.token_dropout, vector_dim=vector_dim,
-                                  name="embedding")(ids)
+                                  embedded_tokens=embedded_tokens, name="embedding")(ids)
     for i in range(cfg.num_layers):
         x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout, activation="gelu",
                          conv_width=cfg.conv_width, name=f"encoder_{i}")([x, mask])
     return ids, mask, LayerNorm(name="final_norm")(x)
 
 
-def set_word_vectors(model: tf.keras.Model, table, seen):
-    """Give a model's embedding layer the run's word vectors, and zero the embeddings of tokens no training text
-    has (`seen` False): they would stay random noise, and the word vector alone should speak for such a word."""
+def set_word_vectors(model: tf.keras.Model, table, seen, learned):
+    """Give a model's embedding layer the run's word vectors (vectors.load_table), and zero the embeddings of
+    tokens no training text has (`seen` False): they would stay random noise; the vector alone speaks for them."""
     layer = model.get_layer("embedding")
     layer.word_vectors.assign(table)
-    layer.embeddings.assign(tf.where(tf.constant(seen)[:, None], layer.embeddings, tf.zeros_like(layer.embeddings)))
+    keep = tf.constant(seen[:learned])[:, None]
+    layer.embeddings.assign(tf.where(keep, layer.embeddings, tf.zeros_like(layer.embeddings)))
 
 
 def encoder_layer_names(model: tf.keras.Model) -> list[str]:
@@ -646,20 +655,22 @@ class MaskedLMHead(_Layer):
         return {**super().get_config(), "vocab_size": self.vocab_size, "epsilon": self.epsilon}
 
 
-def build_mlm_model(cfg: ModelConfig, vocab_size: int, max_len: int, vector_dim=0) -> tf.keras.Model:
+def build_mlm_model(cfg: ModelConfig, vocab_size: int, max_len: int, vector_dim=0, embedded_tokens=0) -> tf.keras.Model:
     """The encoder with a masked-language-model head: {input_word_ids, input_mask [B, T], mask_positions
     [B, P]} int32 -> logits [B, P, vocab_size] float32."""
     names = ("input_word_ids", "input_mask", "mask_positions")
     inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in names}
-    _, _, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim)
+    _, _, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim, embedded_tokens)
     logits = MaskedLMHead(vocab_size, name="mlm_head")([x, inputs["mask_positions"]])
     return tf.keras.Model(inputs=inputs, outputs=logits, name="liteformer_mlm")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int, vector_dim=0) -> tf.keras.Model:
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int, vector_dim=0,
+                embedded_tokens=0) -> tf.keras.Model:
     """The functional classifier: dict of int32 inputs [B, T] (T <= max_len, any T) -> probabilities
     [B, num_classes] float32. Layers are created under the current global mixed-precision policy.
-    vector_dim: the width of the run's pretrained word vectors (0: none); set_word_vectors fills them."""
+    vector_dim, embedded_tokens: the run's word vectors' width and its learned vocabulary's size
+    (vectors.model_sizes; 0: none); set_word_vectors fills them."""
     if cfg.pooling not in ("mean", "cls"):
         raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
     if num_classes < 2:
@@ -670,7 +681,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
         raise PipelineError(f"model.ngram_order / model.ngram_buckets: {e}") from None
 
     inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
-    ids, mask, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim)
+    ids, mask, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim, embedded_tokens)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
     if cfg.ngram_order:
         x = [x, NgramLogits(vocab_size, num_classes, cfg.ngram_order, cfg.ngram_buckets, name="ngrams")([ids, mask])]

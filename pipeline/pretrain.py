@@ -136,7 +136,7 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
           f"{p.epochs} epochs of {steps:,} steps over {', '.join(s.name for s in sources)}")
 
     word_vectors = vectors.load_table(processed)
-    model = build_mlm_model(cfg.model, len(vocab), seq_len, vector_dim=vectors.dim(word_vectors))
+    model = build_mlm_model(cfg.model, len(vocab), seq_len, **vectors.model_sizes(word_vectors))
     if word_vectors is not None:
         set_word_vectors(model, *word_vectors)
     schedule = WarmupLinearDecay(p.learning_rate, int(p.warmup_fraction * total), total)

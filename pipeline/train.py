@@ -239,7 +239,7 @@ def train_model(cfg, run, key):
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
     with make_strategy(t.strategy).scope():
-        model = build_model(cfg.model, len(vocab), len(labels), seq_len, vector_dim=vectors.dim(word_vectors))
+        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors))
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
             set_word_vectors(model, *word_vectors)

@@ -1,10 +1,11 @@
 """Pretrained word vectors: what a word means to a model that never saw it in training.
 
-The data stage adds the most frequent words that have a vector to the learned WordPiece vocabulary and
-writes word_vectors.npz beside vocab.txt: one fixed vector per token (zeros for a token without one) and
-whether the token occurs in train or the unlabelled texts. The embedding layer adds each token's vector, through a trained
-projection, to its trained embedding; a token unseen in training keeps a zero embedding, so its vector
-alone speaks for it. Most words of a new sentence that training never saw are such words.
+The data stage adds the most frequent words that have a vector to the learned WordPiece vocabulary and writes
+word_vectors.npz beside vocab.txt: one fixed vector per token (zeros for a token without one), whether the token
+occurs in train or the unlabelled texts, and the learned vocabulary's size. The embedding layer adds each token's
+vector, through a trained projection, to its trained embedding; only learned tokens have one, and those that no
+training text has keep it at zero, so for them and for the added words the vector alone speaks. Most new
+sentences have such words.
 """
 import json
 import re
@@ -101,21 +102,22 @@ def vector_table(vocab, words, vectors) -> np.ndarray:
     return table / max(float(vectors.std()), 1e-12)
 
 
-def save_word_vectors(path, table, seen):
-    """Write the vector table and the seen-in-training-texts mask (one row / entry per token)."""
+def save_word_vectors(path, table, seen, learned):
+    """Write the vector table, the seen-in-training-texts mask (one row / entry per token) and the size of the
+    learned vocabulary (the tokens before the added words)."""
     with open(path, "wb") as f:
-        np.savez(f, vectors=table.astype(np.float32), seen=np.asarray(seen, bool))
+        np.savez(f, vectors=table.astype(np.float32), seen=np.asarray(seen, bool), learned=np.int64(learned))
 
 
-def load_table(processed) -> tuple[np.ndarray, np.ndarray] | None:
-    """(vectors [V, dim], seen [V] bool) of a processed run, or None when it was made without vectors."""
+def load_table(processed) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(vectors [V, dim], seen [V] bool, learned) of a processed run, or None when it was made without vectors."""
     path = Path(processed) / FILE_NAME
     if not path.is_file():
         return None
     with np.load(path) as z:
-        return z["vectors"], z["seen"]
+        return z["vectors"], z["seen"], int(z["learned"])
 
 
-def dim(table) -> int:
-    """The vector width of a load_table result (0 for None)."""
-    return 0 if table is None else int(table[0].shape[1])
+def model_sizes(table) -> dict:
+    """build_model's vector_dim and embedded_tokens for a load_table result (none: no vectors)."""
+    return {} if table is None else {"vector_dim": int(table[0].shape[1]), "embedded_tokens": table[2]}

@@ -108,8 +108,8 @@ def test_data_stage_writes_the_vectors_and_a_new_vectors_file_remakes_it(run):
     vocab = (processed / "vocab.txt").read_text().split("\n")[:-1]
     assert vocab[-6:] == UNSEEN_POSITIVE + UNSEEN_NEGATIVE  # the only words of the file not learned already
     assert "Great" not in vocab
-    table, seen = V.load_table(processed)
-    assert table.shape == (len(vocab), 8) and seen.shape == (len(vocab),)
+    table, seen, learned = V.load_table(processed)
+    assert table.shape == (len(vocab), 8) and seen.shape == (len(vocab),) and learned == len(vocab) - 6
     assert not seen[-6:].any() and seen[vocab.index(POSITIVE[0])] and seen[vocab.index("[CLS]")]
     assert table[vocab.index(POSITIVE[0])].any() and not table[vocab.index("[CLS]")].any()
     stats = json.loads((processed / "stats.json").read_text())["word_vectors"]
@@ -132,13 +132,15 @@ def test_a_trained_model_understands_words_it_only_knows_from_their_vectors(run)
     assert (probs[:3] > 0.8).all() and (probs[3:] < 0.2).all(), probs
 
 
-def test_pretraining_and_training_keep_the_vectors_and_no_embedding_for_unseen_words(run):
+def test_pretraining_and_training_keep_the_vectors_and_no_embedding_for_words_without_training_text(run):
     from pipeline.model import load_model
 
     _, root = run
-    table, seen = V.load_table(root / "data" / "processed" / "toy")
+    table, seen, learned = V.load_table(root / "data" / "processed" / "toy")
     for path in ("pretrained/model.keras", "model.keras"):
         layer = load_model(root / "saved_models" / "toy" / path).get_layer("embedding")
         np.testing.assert_array_equal(layer.word_vectors.numpy(), table)
-    # MLM's random replacement tokens move the unseen words' rows a little; training zeroes them again
-    assert not layer.embeddings.numpy()[~seen].any() and layer.embeddings.numpy()[seen].all(axis=1).any()
+        assert layer.embeddings.shape[0] == learned  # the added words have no embedding, only their vector
+    # MLM's random replacement tokens move unseen tokens' rows a little; training zeroes them again
+    embedded = layer.embeddings.numpy()
+    assert not embedded[~seen[:learned]].any() and embedded[seen[:learned]].all(axis=1).any()
