@@ -21,7 +21,7 @@ ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
 RUN_ARG   = $(if $(RUN),--run $(RUN),)
 
-.PHONY: venv help data pretrain train distill evaluate compress benchmark report tensorboard test test-fast test-e2e clean
+.PHONY: venv help data pretrain train distill evaluate compress benchmark report tensorboard test test-e2e clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 help:
 	@echo 'make data | pretrain | train | distill | evaluate | compress | benchmark | report'
 	@echo '                                       each runs the stages it needs first (pretrain, distill: optional)'
-	@echo 'make tensorboard | test | test-fast | test-e2e | clean          (clean: processed data, models, logs)'
+	@echo 'make tensorboard | test | test-e2e | clean                     (clean: processed data, models, logs)'
 	@echo 'DATA=DIR     a data directory (train.* and optionally dev.*, test.*); the run is named after it'
 	@echo 'RUN=NAME     the run to work on; default: the last one given DATA or RUN, else SST-2 (downloaded)'
 	@echo 'SET="k=v .." config overrides, e.g. SET="train.epochs=3 report.ship=fastest"'
@@ -72,10 +72,8 @@ tensorboard: | $(STAMP)
 # worker so its module fixtures are built once. (--dist loadgroup ignored xdist_group marks here, xdist 3.8.)
 PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 
+# test: the suite (under 10 minutes here); test-e2e: the slower end-to-end tests. CI runs both.
 test: | $(STAMP)
-	$(PYTEST)
-
-test-fast: | $(STAMP)
 	$(PYTEST) -m "not e2e"
 
 test-e2e: | $(STAMP)
