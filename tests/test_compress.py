@@ -113,6 +113,7 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
     assert again["variants"] == json.loads(json.dumps(summary["variants"]))
 
 
+@pytest.mark.e2e  # copies the compressed run and rebuilds a variant: ~40 s
 def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed, tmp_path, capsys):
     import copy
     import shutil
@@ -254,6 +255,7 @@ def benchmark(compressed):
     return model_dir, result
 
 
+@pytest.mark.e2e  # at least 200 timed runs of every variant at two thread counts: ~60 s
 def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
     from pipeline.compress import VARIANTS
 
