@@ -47,12 +47,19 @@ PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruni
 # ---------------------------------------------------------------- fine-tuning
 
 
-def _fine_tune_data(cfg, processed, seq_len, num_classes):
+def _fine_tune_data(cfg, processed, seq_len, stats, labels):
+    """The training batches, each row weighted by its class as train.class_weight weighs it in training:
+    unweighted fine-tuning on imbalanced data undoes that weighting for the rare classes."""
     from pipeline.data import make_dataset
+    from pipeline.train import class_weights
 
     t = cfg.train
-    return make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
-                        bucketing=t.bucketing, seed=t.seed, num_classes=num_classes)
+    data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
+                        bucketing=t.bucketing, seed=t.seed, num_classes=len(labels))
+    if t.class_weight != "balanced":
+        return data
+    weights = tf.constant(list(class_weights(stats["class_counts"]["train"], labels).values()), tf.float32)
+    return data.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
 
 
 def _steps(cfg, train_rows, epochs):
@@ -420,7 +427,7 @@ def run_compress_stage(cfg, run):
     ctx = SimpleNamespace(
         cfg=cfg, model_dir=model_dir, seq_len=seq_len, steps=lambda epochs: _steps(cfg, train_rows, epochs),
         # a new dataset per step: its shuffle order then depends only on the seed, resumed or not
-        data=lambda: _fine_tune_data(cfg, processed, seq_len, len(labels)),
+        data=lambda: _fine_tune_data(cfg, processed, seq_len, stats, labels),
         representative=representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed))
     trained = load_model(model_dir / "model.keras")
     loaded = {}

@@ -139,6 +139,30 @@ def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed,
     assert again["variants"]["qat_int8"]["recipe"] == ["prune", "qat", "int8"]
 
 
+def test_fine_tuning_weighs_each_row_by_its_class_as_training_does(tmp_path):
+    from pipeline.compress import _fine_tune_data
+    from pipeline.config import load_config
+    from pipeline.data import run_data_stage
+    from pipeline.train import load_processed
+
+    data = make_toy_dir(tmp_path)
+    rows = (data / "train.tsv").read_text().splitlines()
+    kept = [r for i, r in enumerate(rows[1:]) if r.endswith("\t1") or i % 6 == 0]  # 200 positives, 67 negatives
+    (data / "train.tsv").write_text("\n".join([rows[0], *kept]) + "\n")
+    for setting, expected in (("balanced", None), ("none", 1.0)):
+        cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path / setting, f"train.class_weight={setting}"))
+        run_data_stage(cfg, str(data), "toy")
+        processed, stats, labels = load_processed(cfg, "toy")
+        counts = [stats["class_counts"]["train"][label] for label in labels]
+        assert counts == [67, 200]
+        for batch in _fine_tune_data(cfg, processed, int(stats["seq_len"]), stats, labels).take(3):
+            y = batch[1].numpy().argmax(1)
+            weights = batch[2].numpy() if len(batch) == 3 else np.ones(len(y))
+            # each class weighs n / (classes * its count) in the loss, as in training
+            want = np.where(y == 0, 267 / 134, 267 / 400) if expected is None else np.full(len(y), expected)
+            assert np.allclose(weights, want), setting
+
+
 def test_qat_output_stays_close_to_float_and_keeps_zeros():
     import tensorflow as tf
 
