@@ -51,14 +51,15 @@ def _fine_tune_data(cfg, processed, seq_len, stats, labels):
     """The training batches, each row weighted by its class as train.class_weight weighs it in training:
     unweighted fine-tuning on imbalanced data undoes that weighting for the rare classes."""
     from pipeline.data import make_dataset
-    from pipeline.train import class_weights
+    from pipeline.train import loss_class_weights
 
     t = cfg.train
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=t.bucketing, seed=t.seed, num_classes=len(labels))
-    if t.class_weight != "balanced":
+    weights = loss_class_weights(t, stats, labels)
+    if weights is None:
         return data
-    weights = tf.constant(list(class_weights(stats["class_counts"]["train"], labels).values()), tf.float32)
+    weights = tf.constant(list(weights.values()), tf.float32)
     return data.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
 
 

@@ -209,6 +209,11 @@ def class_weights(counts, labels):
     return {i: n / (len(labels) * counts[label]) for i, label in enumerate(labels)}
 
 
+def loss_class_weights(t, stats, labels):
+    """class_weights of the train split when train.class_weight is balanced, else None (every row 1)."""
+    return class_weights(stats["class_counts"]["train"], labels) if t.class_weight == "balanced" else None
+
+
 def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
@@ -233,7 +238,7 @@ def train_model(cfg, run, key):
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
     epochs = epochs_for(t, int(train_ds.cardinality()))
     total_steps = int(train_ds.cardinality()) * epochs
-    weights = class_weights(stats["class_counts"]["train"], labels) if t.class_weight == "balanced" else None
+    weights = loss_class_weights(t, stats, labels)
     print(f"training {epochs} epochs at most ({total_steps:,} steps; train.epochs {t.epochs}, train.min_steps "
           f"{t.min_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
