@@ -26,6 +26,8 @@ from pipeline.errors import PipelineError
 from pipeline.recipes import DEFAULT_VARIANTS, EXPORT_STEPS, MODEL_STEPS
 from pipeline.report import markdown_table
 
+# Bump when what the variants are made of changes, so runs compressed by an older pipeline are rebuilt.
+STAGE_VERSION = 2  # 2: fine-tuning weighs rows by class, as training does
 VARIANTS = tuple(n for n, steps in DEFAULT_VARIANTS.items() if steps[0] != "student")  # built for every run
 
 
@@ -262,6 +264,7 @@ def stage_key(cfg, model_dir, processed):
 
     key = train_key(cfg, processed, model_dir)
     key["config"]["compress"] = cfg.to_dict()["compress"]
+    key["config"]["compress_stage"] = {"version": STAGE_VERSION}
     key["inputs"].update(manifest.inputs(model_dir, manifest.MODEL_FILES, "model"))
     if has_student(model_dir):
         key["inputs"].update(manifest.inputs(model_dir, ["distilled"], "distill"))

@@ -113,6 +113,18 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
     assert again["variants"] == json.loads(json.dumps(summary["variants"]))
 
 
+def test_a_run_compressed_by_an_older_stage_is_not_up_to_date(compressed, monkeypatch, capsys):
+    from pipeline import compress
+    from pipeline.train import load_processed
+
+    cfg, model_dir, _ = compressed
+    processed = load_processed(cfg, "toy")[0]
+    assert manifest.up_to_date(model_dir, "compress", compress.stage_key(cfg, model_dir, processed))
+    monkeypatch.setattr(compress, "STAGE_VERSION", compress.STAGE_VERSION + 1)
+    assert not manifest.up_to_date(model_dir, "compress", compress.stage_key(cfg, model_dir, processed))
+    assert f"compress_stage.version {compress.STAGE_VERSION - 1} -> {compress.STAGE_VERSION}" in capsys.readouterr().out
+
+
 @pytest.mark.e2e  # copies the compressed run and rebuilds a variant: ~40 s
 def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed, tmp_path, capsys):
     import copy
