@@ -50,19 +50,14 @@ PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruni
 
 
 def _fine_tune_data(cfg, processed, seq_len, stats, labels):
-    """The training batches, each row weighted by its class as train.class_weight weighs it in training:
-    unweighted fine-tuning on imbalanced data undoes that weighting for the rare classes."""
+    """The training batches, each row weighted by its class as in training (train.weigh_by_class)."""
     from pipeline.data import make_dataset
-    from pipeline.train import loss_class_weights
+    from pipeline.train import loss_class_weights, weigh_by_class
 
     t = cfg.train
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=t.bucketing, seed=t.seed, num_classes=len(labels))
-    weights = loss_class_weights(t, stats, labels)
-    if weights is None:
-        return data
-    weights = tf.constant(list(weights.values()), tf.float32)
-    return data.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+    return weigh_by_class(data, loss_class_weights(t, stats, labels))
 
 
 def _steps(cfg, train_rows, epochs):

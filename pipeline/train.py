@@ -214,6 +214,15 @@ def loss_class_weights(t, stats, labels):
     return class_weights(stats["class_counts"]["train"], labels) if t.class_weight == "balanced" else None
 
 
+def weigh_by_class(data, weights):
+    """(x, one-hot y) batches -> (x, y, each row's class weight); unchanged when weights is None. Training
+    and compress's fine-tuning both weigh rows here: fine-tuning unweighted undoes training's weighting."""
+    if weights is None:
+        return data
+    table = tf.constant(list(weights.values()), tf.float32)
+    return data.map(lambda x, y: (x, y, tf.gather(table, tf.argmax(y, axis=-1))))
+
+
 def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
@@ -239,6 +248,7 @@ def train_model(cfg, run, key):
     epochs = epochs_for(t, int(train_ds.cardinality()))
     total_steps = int(train_ds.cardinality()) * epochs
     weights = loss_class_weights(t, stats, labels)
+    train_ds = weigh_by_class(train_ds, weights)
     print(f"training {epochs} epochs at most ({total_steps:,} steps; train.epochs {t.epochs}, train.min_steps "
           f"{t.min_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
@@ -265,7 +275,7 @@ def train_model(cfg, run, key):
     logdir = Path(cfg.paths.runs) / run / "train"
     _log_hparams(cfg, logdir)
     model.fit(train_ds, validation_data=dev_ds, epochs=epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
-              class_weight=weights, verbose=1 if sys.stdout.isatty() else 2)
+              verbose=1 if sys.stdout.isatty() else 2)
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
