@@ -295,9 +295,10 @@ def _split_arrays(path, seq_len):
     return inputs, np.concatenate([b[1] for b in batches])
 
 
-def fit_ngram_term(cfg, model, processed, seq_len, labels):
-    """Fit the model's n-gram logistic regression on train (closed form), then the weights of the two
-    logit terms on dev; fold them into the model. Returns dev accuracy and macro-F1 of each part."""
+def fit_ngram_term(cfg, model, processed, stats, labels):
+    """Fit the model's n-gram logistic regression on train (closed form, classes weighted as in training), then
+    the weights of the two logit terms on dev; fold them into the model. Returns dev accuracy and macro-F1 of
+    each part."""
     import numpy as np
 
     from pipeline import ngram
@@ -306,10 +307,11 @@ def fit_ngram_term(cfg, model, processed, seq_len, labels):
     t0 = time.time()
     layer = model.get_layer("ngrams")
     sizes = dict(vocab_size=layer.vocab_size, order=layer.order, buckets=layer.buckets)
+    seq_len = int(stats["seq_len"])
     train_x, train_y = _split_arrays(processed / "train.tfrecord", seq_len)
     table, idf, nbias = ngram.fit_ngram_logits(
         train_x["input_word_ids"], train_x["input_mask"], train_y, len(labels), c=cfg.train.ngram_c,
-        class_weight="balanced" if cfg.train.class_weight == "balanced" else None, seed=cfg.train.seed, **sizes)
+        class_weight=loss_class_weights(cfg.train, stats, labels), seed=cfg.train.seed, **sizes)
 
     dev_x, dev_y = _split_arrays(processed / "dev.tfrecord", seq_len)
     head = model.get_layer("probabilities")
@@ -349,7 +351,7 @@ def run_train_stage(cfg, run):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
     model, rows, stats, labels, init = train_model(cfg, run, key)
-    mix = fit_ngram_term(cfg, model, processed, int(stats["seq_len"]), labels) if cfg.model.ngram_order else None
+    mix = fit_ngram_term(cfg, model, processed, stats, labels) if cfg.model.ngram_order else None
 
     # Keras format and SavedModel; each lands at its final path only when complete.
     with files.atomic_path(model_dir / "model.keras") as tmp:
