@@ -216,26 +216,28 @@ def matmul_flops(path):
     return total
 
 
-def dense_only_files(model_cfg, seq_len, directory):
-    """float32 and int8 .tflite files of the model's dense layers alone: the same shapes (the convolution's
-    matmul, four attention projections and the feed-forward pair per block) and residual adds, but no
-    attention scores, norms, softmax or GELU. Their int8/float32 latency is the most int8 can gain for
+def dense_only_files(trained, seq_len, directory):
+    """float32 and int8 .tflite files of the dense layers of `trained`'s encoder blocks alone: the same shapes
+    (the convolution's matmul, four attention projections and the feed-forward pair per block) and residual adds,
+    but no attention scores, norms, softmax or GELU. Their int8/float32 latency is the most int8 can gain for
     this model on this CPU."""
     import tensorflow as tf
 
     from pipeline.compress import configure_converter
+    from pipeline.model import EncoderBlock
 
-    d = model_cfg.d_model
+    blocks = [layer for layer in trained.layers if isinstance(layer, EncoderBlock)]
+    d = blocks[0].d_model
     x = inputs = tf.keras.Input(shape=(seq_len, d), batch_size=1)
-    for _ in range(model_cfg.num_layers):
-        if model_cfg.conv_width:  # [T, w*d] @ [w*d, d], as the block computes it
-            window = tf.keras.layers.Concatenate()([x] * model_cfg.conv_width)
+    for block in blocks:
+        if block.conv_width:  # [T, w*d] @ [w*d, d], as the block computes it
+            window = tf.keras.layers.Concatenate()([x] * block.conv_width)
             x = tf.keras.layers.Add()([x, tf.keras.layers.Dense(d, activation="relu")(window)])
         h = x
         for _ in range(4):
             h = tf.keras.layers.Dense(d)(h)
         x = tf.keras.layers.Add()([x, h])
-        h = tf.keras.layers.Dense(model_cfg.ff_dim, activation="relu")(x)
+        h = tf.keras.layers.Dense(block.ff_dim, activation="relu")(x)
         x = tf.keras.layers.Add()([x, tf.keras.layers.Dense(d)(h)])
     model = tf.keras.Model(inputs, x)
     rng = np.random.default_rng(0)
@@ -280,7 +282,7 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
 
     from pipeline.data import make_dataset
     from pipeline.model import build_model
-    from pipeline.train import load_processed, make_optimizer
+    from pipeline.train import backbone_spec, load_processed, make_optimizer
 
     processed, stats, labels = load_processed(cfg, run)
     seq_len, t = int(stats["seq_len"]), cfg.train
@@ -288,7 +290,7 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15):
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                         bucketing=bucketing, seed=t.seed, num_classes=len(labels))
     model = build_model(cfg.model, int(stats["vocab_size"]), len(labels), seq_len,
-                        **vectors.model_sizes(vectors.load_table(processed)))
+                        **vectors.model_sizes(vectors.load_table(processed)), backbone=backbone_spec(cfg))
     model.compile(optimizer=make_optimizer(t.learning_rate, t.weight_decay), loss="categorical_crossentropy")
     times = []
 
@@ -385,7 +387,7 @@ def run_benchmark_stage(cfg, run):
                             ops=op_placement(path), matmul_flops=matmul_flops(path))
             result["variants"][name] = measured
             progress(f"{name}: p50 {measured['latency']['threads_1']['p50_ms']:.3f} ms at 1 thread")
-        dense_f32, dense_i8 = _fresh_process("pair", *dense_only_files(cfg.model, seq_len, tmp))
+        dense_f32, dense_i8 = _fresh_process("pair", *dense_only_files(model, seq_len, tmp))
         progress(f"dense layers alone: p50 {dense_f32['p50_ms']:.3f} ms float32, {dense_i8['p50_ms']:.3f} ms int8")
         result["dense_only"] = {"float32": dense_f32, "int8": dense_i8,
                                 "note": "the model's dense layers alone (same shapes, residual adds; no attention "

@@ -61,8 +61,10 @@ def _fine_tune_data(cfg, processed, seq_len, stats, labels):
 
 
 def _steps(cfg, train_rows, epochs):
-    """Whole batches in `epochs` (a float) of the training set; at least one."""
-    return max(1, round(math.ceil(train_rows / cfg.train.batch_size) * epochs))
+    """Whole batches in `epochs` (a float) of the training set; at least one, at most train.max_steps (when > 0):
+    no fine-tuning step runs longer than training may."""
+    steps = max(1, round(math.ceil(train_rows / cfg.train.batch_size) * epochs))
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def _compile(model, cfg, total_steps):

@@ -40,23 +40,28 @@ class ModelConfig:
     token_dropout: float = 0.0  # fraction of word embeddings zeroed in training (word dropout)
     position: str = "sinusoidal"  # or "learned"
     pooling: str = "mean"  # masked mean over tokens, or "cls"
-    ngram_order: int = 3  # bag-of-n-grams logits added to the Transformer's (1-3); 0: none
+    ngram_order: int = 0  # bag-of-n-grams logits added to the Transformer's (1-3; 3 from scratch); 0: none
     ngram_buckets: int = 131072  # hash buckets for each of bigrams and trigrams
+    # a pretrained BERT to fine-tune (pipeline/backbone.py): a known name, or a directory with config.json,
+    # vocab.txt and model.safetensors; it sets the vocabulary, the encoder's shape and dropout (d_model ..
+    # position above are then unused). none: the encoder above, from scratch
+    backbone: str = "all-minilm-l6-v2"
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 3  # at least; more when that is fewer than min_steps optimizer steps
-    min_steps: int = 1500  # small data sets train for more epochs (early stopping still ends them)
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    min_steps: int = 500  # small data sets train for more epochs (early stopping still ends them)
+    max_steps: int = 600  # > 0: training stops after this many steps, mid-epoch if need be (large data sets)
+    batch_size: int = 32
+    learning_rate: float = 5e-5  # fine-tuning a backbone; from scratch (model.backbone none): 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero
-    weight_decay: float = 0.05
+    weight_decay: float = 0.01
     label_smoothing: float = 0.1
     patience: int = 2  # early stopping, in epochs without improvement of `monitor`
     monitor: str = "val_loss"  # or "val_accuracy"
     seed: int = 42
-    mixed_precision: str = "float32"  # "mixed_float16" or "mixed_bfloat16"
+    mixed_precision: str = "mixed_bfloat16"  # "float32", or "mixed_float16" (GPU); bfloat16 needs a CPU with bfloat16 units
     strategy: str = "default"  # "mirrored" or "multi_worker"
     bucketing: bool = True  # batch by similar length; False pads every batch to the max length
     class_weight: str = "balanced"  # loss weight n / (classes * count) per class; "none": every row 1
@@ -97,7 +102,7 @@ class CompressConfig:
     sparsity: float = 0.8  # final fraction of zeros in every pruned kernel
     prune_epochs: float = 2.0  # fine-tuning while pruning; sparsity ramps up over the first 60%
     qat_epochs: float = 1.0  # quantization-aware fine-tuning (the qat, prune_qat and cluster_qat steps)
-    learning_rate: float = 1e-4  # peak of the fine-tuning schedule (warmup then linear decay)
+    learning_rate: float = 2e-5  # peak of the fine-tuning schedule (warmup then linear decay); from scratch: 1e-4
     pruning_frequency: int = 50  # steps between mask updates
     calibration_samples: int = 500  # training sentences for int8 post-training calibration
     parity_tolerance: float = 1e-4  # max |p_keras - p_float32.tflite| on dev
@@ -167,6 +172,11 @@ def _coerce(value, default, where):
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind is int:

@@ -25,7 +25,7 @@ import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
-from pipeline import manifest, vectors
+from pipeline import backbone, manifest, vectors
 from pipeline import tokenizer as tok
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json, write_text
@@ -539,10 +539,15 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
     unlabeled_file = find_unlabeled(src)
-    vector_file = [Path(dc.word_vectors)] if dc.word_vectors not in ("none", vectors.GLOVE) else []
-    key = {"config": {"data": dataclasses.asdict(dc), "data_stage": {"version": STAGE_VERSION}},
+    pretrained = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    word_vectors = "none" if pretrained else dc.word_vectors  # a backbone's embeddings already know the words
+    vector_file = [Path(word_vectors)] if word_vectors not in ("none", vectors.GLOVE) else []
+    key = {"config": {"data": {**dataclasses.asdict(dc), "word_vectors": word_vectors},
+                      "data_stage": {"version": STAGE_VERSION}},
            "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else []),
                                                *vector_file])}
+    if pretrained:
+        key["inputs"]["backbone vocab.txt"] = manifest.sha256(pretrained / "vocab.txt")
     if manifest.up_to_date(out, "data", key):
         return load_stats(out)
     parsed = {split: read_table(path, dc) for split, path in files.items()}
@@ -590,10 +595,14 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # 2. Vocabulary from train and the unlabelled texts (never dev or test), then wordpieces of every
     # split (batched tf ops).
     max_chars = dc.max_seq_len * tok.CHARS_PER_TOKEN
-    vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0] + unlabeled], dc.vocab_size)
+    if pretrained:
+        vocab = tok.load_vocabulary(pretrained / "vocab.txt")
+        print(f"vocabulary: the backbone's ({pretrained / 'vocab.txt'}, {len(vocab):,} tokens); no word vectors")
+    else:
+        vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0] + unlabeled], dc.vocab_size)
     learned = len(vocab)
-    if dc.word_vectors != "none":
-        words, word_vecs = vectors.load_word_vectors(dc.word_vectors, Path(cfg.paths.data) / "raw")
+    if word_vectors != "none":
+        words, word_vecs = vectors.load_word_vectors(word_vectors, Path(cfg.paths.data) / "raw")
         vocab = vectors.extend_vocabulary(vocab, words, dc.vector_words)
     tokenizer = tok.make_tokenizer(vocab)
     unk_id, cls_id, sep_id = (tokenizer.token_to_id(t) for t in (tok.UNK, tok.CLS, tok.SEP))
@@ -606,7 +615,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
 
     # 3. Sequence length: a percentile of train lengths ([CLS] and [SEP] included), capped.
     pct = float(np.percentile(lengths["train"], dc.length_percentile))
-    seq_len = int(max(8, min(dc.max_seq_len, math.ceil(pct))))
+    cap = min(dc.max_seq_len, backbone.read_spec(pretrained).max_positions) if pretrained else dc.max_seq_len
+    seq_len = int(max(8, min(cap, math.ceil(pct))))
 
     stats = {
         "source": str(src.resolve()),
@@ -623,18 +633,19 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         "length_percentile": dc.length_percentile,
         "vocab_size": len(vocab),
         "word_vectors": None,
+        "backbone": cfg.model.backbone if pretrained else None,
         "oov_rate": {s: round(v, 6) for s, v in oov.items()},
         "truncated_fraction": {s: round(float((lengths[s] > seq_len).mean()), 6) for s in splits},
         "unlabeled": {"file": unlabeled_file.name, "rows": len(unlabeled)} if unlabeled_file else None,
     }
 
-    if dc.word_vectors != "none":
+    if word_vectors != "none":
         table = vectors.vector_table(vocab, words, word_vecs)
         texts = [ids["train"]] + ([unlabeled_ids] if unlabeled else [])  # what training can learn from
         seen = np.bincount(np.concatenate([r.flat_values.numpy() for r in texts]), minlength=len(vocab)) > 0
         seen[[tokenizer.token_to_id(tok.PAD), cls_id, sep_id]] = True  # in every model input
         has = table.any(axis=1)
-        stats["word_vectors"] = {"source": dc.word_vectors, "dim": int(table.shape[1]), "learned_tokens": learned,
+        stats["word_vectors"] = {"source": word_vectors, "dim": int(table.shape[1]), "learned_tokens": learned,
                                  "added_words": len(vocab) - learned, "tokens_with_vectors": int(has.sum()),
                                  "unseen_tokens": {s: _unseen_share(ids[s], seen) for s in ("dev", "test") if s in ids}}
 
@@ -648,7 +659,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
             _write_jsonl(tmp / f"{s}.jsonl", texts, labs)
         if unlabeled:  # for make pretrain; label -1: no label
             _write_tfrecord(tmp / "unlabeled.tfrecord", unlabeled_ids, [-1] * len(unlabeled), seq_len, cls_id, sep_id)
-        if dc.word_vectors != "none":
+        if word_vectors != "none":
             vectors.save_word_vectors(tmp / vectors.FILE_NAME, table, seen, learned)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))

@@ -55,6 +55,9 @@ from pipeline.errors import PipelineError
 PACKAGE = "liteformer"
 _SCORE_LIMIT = 8.0  # attention scores are clipped to [-8, 8] ...
 _PAD_LOGIT = -24.0  # ... and padded keys get -24 (see "Masking" above)
+# A pretrained BERT's blocks clip far wider: all-MiniLM-L6-v2's first layer has scores up to 67 on SST-2
+# sentences, and a clip at 8 moves its pooled output by up to 0.14 (at 100: < 1e-6 from the reference).
+BERT_SCORE_LIMIT = 100.0
 
 _register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
 _quant = tfmot.quantization.keras.quantizers
@@ -174,10 +177,11 @@ class TokenAndPositionEmbedding(_Layer):
     vector_dim > 0: each token's fixed pretrained vector ([vocab_size, vector_dim], not trained; see
     pipeline/vectors.py) times a trained projection is added to its embedding. embedded_tokens: only ids below
     it have an embedding (the learned vocabulary); the words added for their vectors have the vector alone.
+    scale=False, norm_epsilon > 0: BERT's embedding (no sqrt(d_model) factor, a LayerNorm after the sum).
     """
 
     def __init__(self, vocab_size, d_model, max_len, position="sinusoidal", dropout=0.0, token_dropout=0.0,
-                 vector_dim=0, embedded_tokens=0, **kwargs):
+                 vector_dim=0, embedded_tokens=0, scale=True, norm_epsilon=0.0, **kwargs):
         super().__init__(**kwargs)
         if position not in ("sinusoidal", "learned"):
             raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
@@ -189,6 +193,8 @@ class TokenAndPositionEmbedding(_Layer):
         self.token_dropout = float(token_dropout)
         self.vector_dim = int(vector_dim)
         self.embedded_tokens = int(embedded_tokens) or self.vocab_size
+        self.scale = bool(scale)
+        self.norm_epsilon = float(norm_epsilon)
         self._dropout = tf.keras.layers.Dropout(self.dropout)
         self._token_dropout = tf.keras.layers.Dropout(self.token_dropout, noise_shape=(None, None, 1))
         self._table = sinusoidal_encoding(self.max_len, self.d_model) if position == "sinusoidal" else None
@@ -208,6 +214,9 @@ class TokenAndPositionEmbedding(_Layer):
             self.position_embeddings = self.add_weight(
                 "position_embeddings", shape=(self.max_len, self.d_model),
                 initializer=tf.keras.initializers.RandomNormal(stddev=0.02))
+        if self.norm_epsilon:
+            self.ln_gamma = self.add_weight("ln_gamma", shape=(self.d_model,), initializer="ones")
+            self.ln_beta = self.add_weight("ln_beta", shape=(self.d_model,), initializer="zeros")
         super().build(input_shape)
 
     def get_prunable_weights(self):
@@ -236,7 +245,9 @@ class TokenAndPositionEmbedding(_Layer):
     def from_token_vectors(self, vectors, training=None):
         """Token rows [B, T, d_model] (as token_vectors gives them) -> the layer's output; explain
         calls it with interpolated rows for integrated gradients."""
-        x = tf.cast(vectors, self.compute_dtype) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
+        x = tf.cast(vectors, self.compute_dtype)
+        if self.scale:
+            x = x * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
         x = self._token_dropout(x, training=training)
         length = tf.shape(vectors)[1]
         if self.position == "learned":
@@ -244,6 +255,8 @@ class TokenAndPositionEmbedding(_Layer):
         else:
             pos = tf.constant(self._table)[:length]
         x = x + tf.cast(pos, self.compute_dtype)  # [T, d] broadcasts over the batch
+        if self.norm_epsilon:
+            x = _layer_norm(x, self._weight("ln_gamma"), self._weight("ln_beta"), self.norm_epsilon)
         return self._dropout(x, training=training)
 
     def compute_output_shape(self, input_shape):
@@ -253,13 +266,14 @@ class TokenAndPositionEmbedding(_Layer):
         return {**super().get_config(), "vocab_size": self.vocab_size, "d_model": self.d_model,
                 "max_len": self.max_len, "position": self.position, "dropout": self.dropout,
                 "token_dropout": self.token_dropout, "vector_dim": self.vector_dim,
-                "embedded_tokens": self.embedded_tokens}
+                "embedded_tokens": self.embedded_tokens, "scale": self.scale, "norm_epsilon": self.norm_epsilon}
 
 
 @_register
 class EncoderBlock(_Layer):
     """Pre-LN Transformer encoder block: x + Conv(LN(x)) when conv_width > 0, then x + MHA(LN(x)),
-    then x + FFN(LN(x)).
+    then x + FFN(LN(x)); norm="post": BERT's block, LN(x + MHA(x)) then LN(x + FFN(x)), no convolution.
+    score_limit: attention scores are clipped to [-score_limit, score_limit], padded keys get -3 * score_limit.
 
     inputs: [x [B, T, d_model], mask [B, T] (1 = token, 0 = padding)] -> [B, T, d_model].
     conv_width: tokens seen by a convolution (d_model -> d_model, then the activation) centred on
@@ -267,7 +281,7 @@ class EncoderBlock(_Layer):
     """
 
     def __init__(self, d_model, num_heads, ff_dim, dropout=0.0, activation="gelu", epsilon=1e-6, conv_width=0,
-                 **kwargs):
+                 norm="pre", score_limit=_SCORE_LIMIT, **kwargs):
         super().__init__(**kwargs)
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -275,6 +289,8 @@ class EncoderBlock(_Layer):
             raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
         if conv_width < 0 or conv_width % 2 == 0 and conv_width:
             raise ValueError(f"conv_width must be 0 or odd (a window centred on each token), got {conv_width}")
+        if norm not in ("pre", "post") or norm == "post" and conv_width:
+            raise ValueError(f"norm must be 'pre' or 'post' (post: without convolution), got {norm!r}")
         self.d_model = int(d_model)
         self.num_heads = int(num_heads)
         self.ff_dim = int(ff_dim)
@@ -282,6 +298,8 @@ class EncoderBlock(_Layer):
         self.activation = activation
         self.epsilon = float(epsilon)
         self.conv_width = int(conv_width)
+        self.norm = norm
+        self.score_limit = float(score_limit)
         self._head_dim = self.d_model // self.num_heads
         if self.conv_width:  # a Dropout never called has no random generator for train's checkpoints
             self._conv_dropout = tf.keras.layers.Dropout(self.dropout)
@@ -360,8 +378,9 @@ class EncoderBlock(_Layer):
             y = self._point("conv_hidden", self._dense(window, "conv"))
             x = x + self._conv_dropout(tf.reshape(y, shape), training=training)
 
-        # Self-attention on LN(x).
-        y = _layer_norm(x, self._weight("ln1_gamma"), self._weight("ln1_beta"), self.epsilon)
+        # Self-attention on LN(x) (pre) or on x (post).
+        pre = self.norm == "pre"
+        y = _layer_norm(x, self._weight("ln1_gamma"), self._weight("ln1_beta"), self.epsilon) if pre else x
         y = tf.reshape(self._point("attn_input", y), [-1, self.d_model])
 
         def heads(t):  # [B*T, d] -> [B, H, T, d_head]
@@ -370,24 +389,30 @@ class EncoderBlock(_Layer):
         q = heads(self._point("query", self._dense(y, "q") * tf.cast(d ** -0.5, self.compute_dtype)))
         k = heads(self._point("key", self._dense(y, "k")))
         v = heads(self._point("value", self._dense(y, "v")))
-        scores = tf.clip_by_value(tf.matmul(q, k, transpose_b=True), -_SCORE_LIMIT, _SCORE_LIMIT)  # [B, H, T, T]
+        limit = self.score_limit
+        scores = tf.clip_by_value(tf.matmul(q, k, transpose_b=True), -limit, limit)  # [B, H, T, T]
         # keys mask [B, 1, 1, T]. reshape, not [:, None]: a new-axis strided slice on a dynamic shape
         # needs Flex ops in TFLite.
         keys = tf.reshape(tf.cast(mask, self.compute_dtype), [batch, 1, 1, length])
-        scores = self._point("scores", scores * keys + (1.0 - keys) * tf.cast(_PAD_LOGIT, self.compute_dtype))
+        pad = _PAD_LOGIT / _SCORE_LIMIT * limit
+        scores = self._point("scores", scores * keys + (1.0 - keys) * tf.cast(pad, self.compute_dtype))
         probs = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)
         attention = probs = self._point("probs", tf.cast(probs, self.compute_dtype))
         probs = self._attn_dropout(probs, training=training)
         ctx = tf.reshape(tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3]), [-1, self.d_model])
         out = self._dense(self._point("context", ctx), "o")
         x = x + self._out_dropout(tf.reshape(out, shape), training=training)
+        if not pre:
+            x = _layer_norm(x, self._weight("ln1_gamma"), self._weight("ln1_beta"), self.epsilon)
 
-        # Feed-forward on LN(x).
-        y = _layer_norm(x, self._weight("ln2_gamma"), self._weight("ln2_beta"), self.epsilon)
+        # Feed-forward on LN(x) (pre) or on x (post).
+        y = _layer_norm(x, self._weight("ln2_gamma"), self._weight("ln2_beta"), self.epsilon) if pre else x
         y = tf.reshape(self._point("ffn_input", y), [-1, self.d_model])
         y = self._point("ffn_hidden", self._dense(y, "ff1"))
         y = self._dense(y, "ff2")
         out = x + self._ffn_dropout(tf.reshape(y, shape), training=training)
+        if not pre:
+            out = _layer_norm(out, self._weight("ln2_gamma"), self._weight("ln2_beta"), self.epsilon)
         return (out, attention) if return_attention else out
 
     def compute_output_shape(self, input_shape):
@@ -396,7 +421,8 @@ class EncoderBlock(_Layer):
     def get_config(self):
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads,
                 "ff_dim": self.ff_dim, "dropout": self.dropout, "activation": self.activation,
-                "epsilon": self.epsilon, "conv_width": self.conv_width}
+                "epsilon": self.epsilon, "conv_width": self.conv_width, "norm": self.norm,
+                "score_limit": self.score_limit}
 
 
 @_register
@@ -566,9 +592,12 @@ class ClassifierHead(_Layer):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0, embedded_tokens=0):
+def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0, embedded_tokens=0, backbone=None):
     """The encoder (the layers `make pretrain` trains and `make train` starts from), applied to symbolic
-    inputs: (clipped ids, float mask, final-norm output [B, T, d_model])."""
+    inputs: (clipped ids, float mask, final-norm output [B, T, d_model]). backbone: a BackboneSpec
+    (pipeline/backbone.py): BERT's encoder of that shape instead of model.*'s."""
+    if backbone is not None:
+        return _encode_bert(backbone, vocab_size, max_len, inputs)
     if cfg.d_model % cfg.num_heads:
         raise PipelineError(f"model.d_model ({cfg.d_model}) must be divisible by model.num_heads ({cfg.num_heads})")
     if cfg.position not in ("sinusoidal", "learned"):
@@ -586,6 +615,21 @@ def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=
         x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout, activation="gelu",
                          conv_width=cfg.conv_width, name=f"encoder_{i}")([x, mask])
     return ids, mask, LayerNorm(name="final_norm")(x)
+
+
+def _encode_bert(spec, vocab_size: int, max_len: int, inputs):
+    """BERT's encoder from our layers: LN(word + position + type-0 embedding), then post-LN blocks (no final norm)."""
+    if vocab_size != spec.vocab_size or max_len > spec.max_positions:
+        raise PipelineError(f"the backbone has {spec.vocab_size} tokens and {spec.max_positions} positions; the run "
+                            f"{vocab_size} and {max_len}: its data stage used another vocabulary or data.max_seq_len")
+    ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
+    mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
+    x = TokenAndPositionEmbedding(vocab_size, spec.d_model, max_len, position="learned", dropout=spec.dropout,
+                                  scale=False, norm_epsilon=spec.epsilon, name="embedding")(ids)
+    for i in range(spec.num_layers):
+        x = EncoderBlock(spec.d_model, spec.num_heads, spec.ff_dim, dropout=spec.dropout, epsilon=spec.epsilon,
+                         norm="post", score_limit=BERT_SCORE_LIMIT, name=f"encoder_{i}")([x, mask])
+    return ids, mask, x
 
 
 def set_word_vectors(model: tf.keras.Model, table, seen, learned):
@@ -666,11 +710,11 @@ def build_mlm_model(cfg: ModelConfig, vocab_size: int, max_len: int, vector_dim=
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: int, vector_dim=0,
-                embedded_tokens=0) -> tf.keras.Model:
+                embedded_tokens=0, backbone=None) -> tf.keras.Model:
     """The functional classifier: dict of int32 inputs [B, T] (T <= max_len, any T) -> probabilities
     [B, num_classes] float32. Layers are created under the current global mixed-precision policy.
     vector_dim, embedded_tokens: the run's word vectors' width and its learned vocabulary's size
-    (vectors.model_sizes; 0: none); set_word_vectors fills them."""
+    (vectors.model_sizes; 0: none); set_word_vectors fills them. backbone: see _encode."""
     if cfg.pooling not in ("mean", "cls"):
         raise PipelineError(f"model.pooling must be mean or cls, got {cfg.pooling!r}")
     if num_classes < 2:
@@ -681,7 +725,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
         raise PipelineError(f"model.ngram_order / model.ngram_buckets: {e}") from None
 
     inputs = {name: tf.keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
-    ids, mask, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim, embedded_tokens)
+    ids, mask, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim, embedded_tokens, backbone)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
     if cfg.ngram_order:
         x = [x, NgramLogits(vocab_size, num_classes, cfg.ngram_order, cfg.ngram_buckets, name="ngrams")([ids, mask])]

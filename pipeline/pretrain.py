@@ -161,6 +161,8 @@ def run_pretrain_stage(cfg, run):
     """`python -m pipeline pretrain`: write saved_models/<run>/pretrained/ (MLM model, config, history)."""
     from pipeline.train import load_processed
 
+    if cfg.model.backbone != "none":
+        raise PipelineError(f"pretrain: model.backbone is {cfg.model.backbone}, already pretrained; train fine-tunes it")
     processed, stats, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
     key = stage_key(cfg, processed)

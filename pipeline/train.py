@@ -10,7 +10,7 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest, vectors
+from pipeline import backbone, files, manifest, vectors
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 
@@ -100,6 +100,22 @@ class SetEpoch(tf.keras.callbacks.Callback):
         self.variable.assign(epoch)
 
 
+class StepBudget(tf.keras.callbacks.Callback):
+    """Stop training, mid-epoch if need be, once the optimizer has taken `total_steps` steps (train.max_steps);
+    the epoch still ends with its dev evaluation and checkpoint. Counted by the optimizer, so a resumed run
+    stops where an uninterrupted one would."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = int(total_steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) >= self.total_steps and not self.model.stop_training:
+            self.model.stop_training = True
+            # Keras' epoch line still shows the whole epoch's step count
+            print(f"train.max_steps: stopped after {self.total_steps:,} steps, {batch + 1:,} of this epoch's")
+
+
 class EpochTimer(tf.keras.callbacks.Callback):
     """Adds `epoch_seconds` to the epoch logs, so the total training time survives a resume."""
 
@@ -152,13 +168,28 @@ def stage_key(cfg, processed, model_dir):
     inputs = manifest.inputs(processed, PROCESSED_INPUTS + optional, "processed")
     if pretrained_encoder(cfg, model_dir):
         inputs.update(manifest.inputs(model_dir, ["pretrained"], "pretrain"))
+    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    if directory:
+        inputs.update({f"backbone {name}": sha for name, sha in backbone.checksums(directory).items()})
     return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")}, "inputs": inputs}
 
 
+def backbone_spec(cfg):
+    """The BackboneSpec of model.backbone, or None."""
+    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    return backbone.read_spec(directory) if directory else None
+
+
 def initialize_encoder(cfg, model, model_dir):
-    """Copy the pretrained encoder into `model` when there is one to use; return "pretrained" or "scratch"."""
+    """Copy the backbone's or the pretrained encoder's weights into `model` when there is one to use; return
+    "backbone <name>", "pretrained" or "scratch"."""
     from pipeline.model import copy_encoder_weights, load_model
 
+    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    if directory:
+        backbone.load_backbone_weights(model, directory)
+        print(f"init: backbone {cfg.model.backbone} ({directory}); model.d_model .. model.dropout unused")
+        return f"backbone {cfg.model.backbone}"
     source = pretrained_encoder(cfg, model_dir)
     if source is None:
         why = "train.init is scratch" if cfg.train.init == "scratch" else "no pretrained encoder; `make pretrain` makes one"
@@ -199,8 +230,15 @@ def build_callbacks(cfg, state, logdir, epoch):
 
 def epochs_for(t, steps_per_epoch):
     """train.epochs, or more when that is fewer than train.min_steps optimizer steps: 3 epochs of a few
-    thousand rows are ~100 steps, far from converged."""
-    return max(t.epochs, math.ceil(t.min_steps / max(1, steps_per_epoch)))
+    thousand rows are ~100 steps, far from converged. Fewer when train.max_steps ends training sooner."""
+    epochs = max(t.epochs, math.ceil(t.min_steps / max(1, steps_per_epoch)))
+    return min(epochs, math.ceil(t.max_steps / max(1, steps_per_epoch))) if t.max_steps else epochs
+
+
+def steps_for(t, steps_per_epoch):
+    """Optimizer steps of the whole run: epochs_for's epochs, cut at train.max_steps (when > 0)."""
+    total = steps_per_epoch * epochs_for(t, steps_per_epoch)
+    return min(total, t.max_steps) if t.max_steps else total
 
 
 def class_weights(counts, labels):
@@ -246,15 +284,16 @@ def train_model(cfg, run, key):
                             bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
     epochs = epochs_for(t, int(train_ds.cardinality()))
-    total_steps = int(train_ds.cardinality()) * epochs
+    total_steps = steps_for(t, int(train_ds.cardinality()))
     weights = loss_class_weights(t, stats, labels)
     train_ds = weigh_by_class(train_ds, weights)
     print(f"training {epochs} epochs at most ({total_steps:,} steps; train.epochs {t.epochs}, train.min_steps "
-          f"{t.min_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
+          f"{t.min_steps:,}, train.max_steps {t.max_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
     with make_strategy(t.strategy).scope():
-        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors))
+        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
+                            backbone=backbone_spec(cfg))
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
             set_word_vectors(model, *word_vectors)
@@ -274,13 +313,22 @@ def train_model(cfg, run, key):
         print(f"resuming the interrupted run in {state}")
     logdir = Path(cfg.paths.runs) / run / "train"
     _log_hparams(cfg, logdir)
-    model.fit(train_ds, validation_data=dev_ds, epochs=epochs, callbacks=build_callbacks(cfg, state, logdir, epoch),
+    callbacks = build_callbacks(cfg, state, logdir, epoch) + [StepBudget(total_steps)]
+    model.fit(train_ds, validation_data=dev_ds, epochs=epochs, callbacks=callbacks,
               verbose=1 if sys.stdout.isatty() else 2)
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
     # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
     model.load_weights(str(state / "best" / "weights")).expect_partial()
+    if t.mixed_precision != "float32":
+        # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
+        # no bfloat16 kernel) and the float32 export then compute what they load, in float32.
+        tf.keras.mixed_precision.set_global_policy("float32")
+        trained = model
+        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
+                            backbone=backbone_spec(cfg))
+        model.set_weights(trained.get_weights())
     return model, rows, stats, labels, init
 
 

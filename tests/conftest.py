@@ -20,6 +20,8 @@ TINY = [
     "data.vocab_size=120", "data.word_vectors=none", "model.d_model=16", "model.num_layers=1", "model.num_heads=2",
     "model.ff_dim=32", "model.dropout=0.0", "train.epochs=3", "train.batch_size=16",
     "train.learning_rate=0.005", "train.warmup_fraction=0.0", "train.min_steps=0", "model.ngram_buckets=1024",
+    "model.backbone=none", "train.mixed_precision=float32",  # tests download nothing; bfloat16: its own test
+    "model.ngram_order=3",
 ]
 
 

@@ -183,7 +183,7 @@ def test_qat_output_stays_close_to_float_and_keeps_zeros():
     from pipeline.model import build_model, quantize_model
 
     tf.keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0), 1000, 2, 16)
+    model = build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0, ngram_order=3), 1000, 2, 16)
     rng = np.random.default_rng(0)
     weights = [np.where(rng.random(w.shape) < 0.8, 0.0, w).astype(w.dtype) if w.ndim == 2 else w
                for w in model.get_weights()]
@@ -324,3 +324,13 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
     dense = result["dense_only"]
     assert all(dense[m]["runs"] >= 200 and dense[m]["p50_ms"] > 0 for m in ("float32", "int8"))
     assert result["ratios"]["dense_only_int8_over_float32_p50_1thread"] == dense["int8"]["p50_ms"] / dense["float32"]["p50_ms"]
+
+
+def test_fine_tuning_steps_are_capped_by_train_max_steps():
+    from pipeline.compress import _steps
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=0"])
+    assert _steps(cfg, 64_000, 2.0) == 4000 and _steps(cfg, 10, 0.1) == 1
+    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=1000"])
+    assert _steps(cfg, 64_000, 2.0) == 1000 and _steps(cfg, 3200, 2.0) == 200

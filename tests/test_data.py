@@ -41,6 +41,7 @@ def sample_rows(n_per_class=12, labels=("pos", "neg")):
 def make_cfg(tmp_path, **data):
     cfg = Config()
     cfg.paths.data = str(tmp_path / "out")
+    cfg.model.backbone = "none"  # a learned vocabulary (the backbone's is tested in test_backbone.py)
     cfg.data = DataConfig(**{"vocab_size": 300, "word_vectors": "none", **data})
     return cfg
 

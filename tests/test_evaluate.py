@@ -217,7 +217,7 @@ def test_predictors_on_the_pipeline_transformer(tmp_path):
     from pipeline.model import build_model, serving_function
 
     tf.keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0),
+    model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3),
                         len(VOCAB), 3, SEQ_LEN)
     model.save(tmp_path / "model.keras")
     (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
@@ -231,6 +231,25 @@ def test_predictors_on_the_pipeline_transformer(tmp_path):
     assert p_keras.shape == (len(TEXTS), 3)
     np.testing.assert_allclose(load_predictor(tmp_path / "tflite" / "float.tflite").predict_proba(TEXTS), p_keras,
                                atol=1e-4)
+
+
+def test_keras_predictor_cuts_padding_without_changing_predictions(tmp_path):
+    """Batches of short texts are cut to their longest text; the probabilities stay those of full-length inputs."""
+    import tensorflow as tf
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+    from pipeline.tokenizer import encode
+
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0), len(VOCAB), 2, 40)
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (tmp_path / "labels.txt").write_text("a\nb\n", encoding="utf-8")
+    (tmp_path / "preprocess.json").write_text(json.dumps({"seq_len": 40}), encoding="utf-8")
+    texts = TEXTS + ["good " * 30, "bad plot " * 9]
+    expected = model.predict(encode(VOCAB, texts, 40), verbose=0)
+    np.testing.assert_allclose(load_predictor(tmp_path).predict_proba(texts), expected, atol=1e-5)
 
 
 def test_tflite_reads_vocab_and_labels_from_embedded_metadata(model_dir, keras_probs, tmp_path):

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
     from pipeline.model import build_model
 
     tf.keras.utils.set_random_seed(3)
-    model = build_model(ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0,
+    model = build_model(ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3,
                                     ngram_buckets=64), len(VOCAB), len(LABELS), SEQ_LEN)
     rng = np.random.default_rng(0)
     table, idf, bias = model.get_layer("ngrams").get_weights()

@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
     save_vocabulary(vocab, root / "vocab.txt")
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     tf.keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0),
+    model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3),
                         len(vocab), len(LABELS), SEQ_LEN)
     sample = encode(vocab, SENTENCES + TRICKY, SEQ_LEN)
 

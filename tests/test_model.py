@@ -17,7 +17,7 @@ CLS_ID, PAD_ID = 2, 0
 
 
 def tiny_cfg(**kw):
-    base = dict(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_buckets=64)
+    base = dict(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3, ngram_buckets=64)
     base.update(kw)
     return ModelConfig(**base)
 

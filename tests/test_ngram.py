@@ -153,7 +153,7 @@ def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     from pipeline.compress import export_tflite
 
     seq = 12
-    cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_buckets=BUCKETS)
+    cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3, ngram_buckets=BUCKETS)
     model = M.build_model(cfg, V, C, seq)
     # large idf and full-length calibration texts: norm2 spans hundreds, so in int8 a norm of 1 rounds to 0
     model.get_layer("ngrams").set_weights(list(_random_weights(3, idf_range=(6.0, 8.0))))

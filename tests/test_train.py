@@ -67,13 +67,56 @@ def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
 
 def test_small_data_gets_enough_steps_and_rare_classes_weigh_more():
     from pipeline.config import TrainConfig
-    from pipeline.train import class_weights, epochs_for
+    from pipeline.train import class_weights, epochs_for, steps_for
 
-    assert epochs_for(TrainConfig(epochs=3, min_steps=1500), 50) == 30  # 3 epochs of 50 steps is too few
-    assert epochs_for(TrainConfig(epochs=3, min_steps=1500), 800) == 3
+    assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 50) == 30  # 3 epochs of 50 steps: too few
+    assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 800) == 3
+    # train.max_steps ends a large data set's training mid-epoch
+    assert (epochs_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 800),
+            steps_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 800)) == (2, 1000)
+    assert steps_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 200) == 600
     weights = class_weights({"a": 60, "b": 30, "c": 10}, ["a", "b", "c"])
     assert weights == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
     assert sum(weights[i] * n for i, n in enumerate((60, 30, 10))) == pytest.approx(100)  # same total weight
+
+
+def test_max_steps_stops_training_mid_epoch(toy_data, tmp_path, capsys):
+    from pipeline.data import run_data_stage
+    from pipeline.train import run_train_stage
+
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6", "train.max_steps=30"))
+    run_data_stage(cfg, str(toy_data), "toy")  # 400 rows: 25 steps per epoch
+    metrics = run_train_stage(cfg, "toy")
+    assert "training 2 epochs at most (30 steps;" in capsys.readouterr().out
+    assert metrics["epochs"] == 2  # the second epoch stopped after 5 of its steps, then was evaluated
+    history = json.loads((tmp_path / "saved_models" / "toy" / "history.json").read_text())
+    assert len(history) == 2 and "val_loss" in history[1]
+
+
+def test_step_budget_stops_mid_epoch():
+    import tensorflow as tf
+
+    from pipeline.train import StepBudget
+
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(3,))])
+    model.compile("adam", "mse")
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((100, 3)), np.zeros(100))).batch(4)  # 25 steps per epoch
+    model.fit(data, epochs=3, callbacks=[StepBudget(32)], verbose=0)
+    assert int(model.optimizer.iterations) == 32
+
+
+def test_a_model_trained_in_mixed_precision_is_saved_in_float32(toy_data, tmp_path):
+    from pipeline.data import run_data_stage
+    from pipeline.model import load_model
+    from pipeline.train import run_train_stage
+
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.mixed_precision=mixed_bfloat16",
+                                                           "train.epochs=6"))
+    run_data_stage(cfg, str(toy_data), "toy")
+    metrics = run_train_stage(cfg, "toy")
+    assert metrics["dev"]["accuracy"] > 0.9
+    model = load_model(tmp_path / "saved_models" / "toy" / "model.keras")
+    assert {layer.compute_dtype for layer in model.layers if layer.weights} == {"float32"}
 
 
 def test_same_seed_gives_same_metrics(toy_data, tmp_path):
