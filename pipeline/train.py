@@ -110,7 +110,8 @@ class StepBudget(tf.keras.callbacks.Callback):
         self.total_steps = int(total_steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) >= self.total_steps and not self.model.stop_training:
+        steps = int(tf.keras.backend.get_value(self.model.optimizer.iterations))  # a MirroredVariable too
+        if steps >= self.total_steps and not self.model.stop_training:
             self.model.stop_training = True
             # Keras' epoch line still shows the whole epoch's step count
             print(f"train.max_steps: stopped after {self.total_steps:,} steps, {batch + 1:,} of this epoch's")
