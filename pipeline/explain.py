@@ -102,13 +102,14 @@ class Explainer:
         self.vocab = load_vocabulary(self.path / "vocab.txt")
         model = self.predictor.model
         layers = {layer.name: layer for layer in model.layers}
-        missing = [n for n in ("token_ids", "padding_mask", "embedding", "final_norm", "pooling", "probabilities")
+        missing = [n for n in ("token_ids", "padding_mask", "embedding", "pooling", "probabilities")
                    if n not in layers]
         if missing:
             raise PipelineError(f"{self.path / 'model.keras'}: no layer {', '.join(missing)}; explain works on "
                                 "liteformer's Transformer classifier")
         self.token_ids, self.padding_mask = layers["token_ids"], layers["padding_mask"]
-        self.embedding, self.final_norm = layers["embedding"], layers["final_norm"]
+        # a pre-LN encoder ends with a final LayerNorm; a backbone's post-LN blocks end normalised
+        self.embedding, self.final_norm = layers["embedding"], layers.get("final_norm", lambda x: x)
         self.pooling, self.head = layers["pooling"], layers["probabilities"]
         self.blocks = [layer for layer in model.layers if isinstance(layer, EncoderBlock)]
         self.ngrams = layers.get("ngrams")

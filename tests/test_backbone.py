@@ -113,6 +113,16 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
     start = tensors["embeddings.word_embeddings.weight"]
     assert emb.shape == start.shape and 0 < np.abs(emb - start).max() < 1  # started from it, then fine-tuned
 
+    # explain (and the report's error analysis) work on it: its layer-by-layer pass matches the model (explain
+    # checks that itself) and integrated gradients account for the logit's change from the baseline
+    from pipeline.explain import load_explainer
+
+    explainer, _ = load_explainer(tmp_path / "saved_models" / "toy")
+    inputs = {k: v[0] for k, v in explainer.encode(["the movie was great"]).items()}
+    r = explainer.explain(inputs, steps=64)
+    change = r["transformer_logit"] - r["transformer_baseline_logit"]
+    assert abs(r["ig"].sum() - change) <= 0.05 * abs(change) + 1e-3
+
     # a changed checkpoint makes the trained model out of date
     cfg_again = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}",
                                                                  "train.epochs=4", "train.learning_rate=0.003"))
