@@ -6,6 +6,7 @@ any other) and model.safetensors (its weights). Its encoder is rebuilt from our 
 (pipeline/model.py, post-LN blocks), so pruning, QAT, clustering and the TFLite export treat it like the
 model trained from scratch.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,16 @@ class BackboneSpec:
     dropout: float
 
 
+def configured_dir(cfg) -> Path | None:
+    """backbone_dir of model.backbone under <paths.data>/raw."""
+    return backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+
+
+@functools.lru_cache(maxsize=None)
 def backbone_dir(name, raw_dir) -> Path | None:
     """model.backbone -> the directory holding its FILES: None for "none"; a KNOWN name is downloaded into
-    raw_dir/backbones/<name> once and checked; anything else is a directory the user made."""
+    raw_dir/backbones/<name> once and checked; anything else is a directory the user made. Cached: stages ask
+    several times, and checking a known checkpoint hashes its 91 MB."""
     if name == "none":
         return None
     if name in KNOWN:

@@ -539,7 +539,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     files = find_splits(src)
     unlabeled_file = find_unlabeled(src)
-    pretrained = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    pretrained = backbone.configured_dir(cfg)
     word_vectors = "none" if pretrained else dc.word_vectors  # a backbone's embeddings already know the words
     vector_file = [Path(word_vectors)] if word_vectors not in ("none", vectors.GLOVE) else []
     key = {"config": {"data": {**dataclasses.asdict(dc), "word_vectors": word_vectors},

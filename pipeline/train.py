@@ -169,7 +169,7 @@ def stage_key(cfg, processed, model_dir):
     inputs = manifest.inputs(processed, PROCESSED_INPUTS + optional, "processed")
     if pretrained_encoder(cfg, model_dir):
         inputs.update(manifest.inputs(model_dir, ["pretrained"], "pretrain"))
-    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    directory = backbone.configured_dir(cfg)
     if directory:
         inputs.update({f"backbone {name}": sha for name, sha in backbone.checksums(directory).items()})
     return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")}, "inputs": inputs}
@@ -177,7 +177,7 @@ def stage_key(cfg, processed, model_dir):
 
 def backbone_spec(cfg):
     """The BackboneSpec of model.backbone, or None."""
-    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    directory = backbone.configured_dir(cfg)
     return backbone.read_spec(directory) if directory else None
 
 
@@ -186,7 +186,7 @@ def initialize_encoder(cfg, model, model_dir):
     "backbone <name>", "pretrained" or "scratch"."""
     from pipeline.model import copy_encoder_weights, load_model
 
-    directory = backbone.backbone_dir(cfg.model.backbone, Path(cfg.paths.data) / "raw")
+    directory = backbone.configured_dir(cfg)
     if directory:
         backbone.load_backbone_weights(model, directory)
         print(f"init: backbone {cfg.model.backbone} ({directory}); model.d_model .. model.dropout unused")
@@ -292,9 +292,12 @@ def train_model(cfg, run, key):
           f"{t.min_steps:,}, train.max_steps {t.max_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
+    def build():
+        return build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
+                           backbone=backbone_spec(cfg))
+
     with make_strategy(t.strategy).scope():
-        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
-                            backbone=backbone_spec(cfg))
+        model = build()
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
             set_word_vectors(model, *word_vectors)
@@ -327,8 +330,7 @@ def train_model(cfg, run, key):
         # no bfloat16 kernel) and the float32 export then compute what they load, in float32.
         tf.keras.mixed_precision.set_global_policy("float32")
         trained = model
-        model = build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
-                            backbone=backbone_spec(cfg))
+        model = build()
         model.set_weights(trained.get_weights())
     return model, rows, stats, labels, init
 
