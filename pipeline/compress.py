@@ -60,11 +60,14 @@ def _fine_tune_data(cfg, processed, seq_len, stats, labels):
     return weigh_by_class(data, loss_class_weights(t, stats, labels))
 
 
-def _steps(cfg, train_rows, epochs):
-    """Whole batches in `epochs` (a float) of the training set; at least one, at most train.max_steps (when > 0):
-    no fine-tuning step runs longer than training may."""
+def _steps(cfg, train_rows, mean_len, epochs):
+    """Whole batches in `epochs` (a float) of the training set; at least one, at most train.step_limit's (when
+    > 0; texts of mean_len wordpieces): no fine-tuning step runs longer than training may."""
+    from pipeline.train import step_limit
+
     steps = max(1, round(math.ceil(train_rows / cfg.train.batch_size) * epochs))
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+    limit = step_limit(cfg.train, mean_len)
+    return min(steps, limit) if limit else steps
 
 
 def _compile(model, cfg, total_steps):
@@ -347,7 +350,7 @@ def run_compress_stage(cfg, run):
     from collections import Counter
     from types import SimpleNamespace
 
-    from pipeline.data import read_examples
+    from pipeline.data import mean_length, read_examples
     from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
     from pipeline.metadata import MediaPipeClassifier
     from pipeline.model import load_model
@@ -361,6 +364,7 @@ def run_compress_stage(cfg, run):
     key = stage_key(cfg, model_dir, processed)
     if manifest.up_to_date(model_dir, "compress", key):
         return json.loads((model_dir / "compression.json").read_text())
+    mean_len = mean_length(processed / "train.tfrecord", int(stats.get("encoder_len", seq_len)))
     manifest.begin(model_dir, "compress")
     state = model_dir / "compress_state"
     names = variant_names(cfg, model_dir)
@@ -426,7 +430,7 @@ def run_compress_stage(cfg, run):
 
     tf.keras.utils.set_random_seed(cfg.train.seed)  # the calibration sample, whatever ran before in this process
     ctx = SimpleNamespace(
-        cfg=cfg, model_dir=model_dir, seq_len=seq_len, steps=lambda epochs: _steps(cfg, train_rows, epochs),
+        cfg=cfg, model_dir=model_dir, seq_len=seq_len, steps=lambda epochs: _steps(cfg, train_rows, mean_len, epochs),
         # a new dataset per step: its shuffle order then depends only on the seed, resumed or not
         data=lambda: _fine_tune_data(cfg, processed, seq_len, stats, labels),
         representative=representative_data(processed, seq_len, c.calibration_samples, cfg.train.seed))

@@ -21,7 +21,7 @@ class DataConfig:
     text_column: str = "sentence"  # "text" is accepted when this column is absent
     label_column: str = "label"
     vocab_size: int = 8000
-    max_seq_len: int = 512  # cap on the sequence length, [CLS] and [SEP] included
+    max_seq_len: int = 1024  # cap on the sequence length, [CLS] and [SEP] included (model.max_encoder_len: the encoder's)
     length_percentile: float = 100.0  # sequence length = this percentile of train token lengths (100: longest)
     dev_fraction: float = 0.1  # held out of train (stratified) when the data has no dev split
     seed: int = 1234
@@ -40,7 +40,10 @@ class ModelConfig:
     token_dropout: float = 0.0  # fraction of word embeddings zeroed in training (word dropout)
     position: str = "sinusoidal"  # or "learned"
     pooling: str = "mean"  # masked mean over tokens, or "cls"
-    ngram_order: int = 0  # bag-of-n-grams logits added to the Transformer's (1-3; 3 from scratch); 0: none
+    max_encoder_len: int = 512  # the encoder reads a text's first this many wordpieces (a backbone: at most its
+    # positions); the n-gram term reads all data.max_seq_len
+    ngram_order: int = 3  # bag-of-n-grams logits added to the Transformer's (1-3); 0: none
+    ngram_max_rows: int = 20000  # ... only when the train split has at most this many rows; 0: any number
     ngram_buckets: int = 131072  # hash buckets for each of bigrams and trigrams
     # a pretrained BERT to fine-tune (pipeline/backbone.py): a known name, or a directory with config.json,
     # vocab.txt and model.safetensors; it sets the vocabulary, the encoder's shape and dropout (d_model ..
@@ -53,6 +56,7 @@ class TrainConfig:
     epochs: int = 3  # at least; more when that is fewer than min_steps optimizer steps
     min_steps: int = 500  # small data sets train for more epochs (early stopping still ends them)
     max_steps: int = 600  # > 0: training stops after this many steps, mid-epoch if need be (large data sets)
+    max_tokens: int = 800_000  # > 0: ... or after about this many wordpieces (long texts: a step costs more)
     batch_size: int = 32
     learning_rate: float = 5e-5  # fine-tuning a backbone; from scratch (model.backbone none): 1e-3
     warmup_fraction: float = 0.1  # of all steps, then linear decay to zero

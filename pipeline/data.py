@@ -542,7 +542,9 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     pretrained = backbone.configured_dir(cfg)
     word_vectors = "none" if pretrained else dc.word_vectors  # a backbone's embeddings already know the words
     vector_file = [Path(word_vectors)] if word_vectors not in ("none", vectors.GLOVE) else []
+    m = cfg.model  # what the encoder and the n-gram term read decides seq_len
     key = {"config": {"data": {**dataclasses.asdict(dc), "word_vectors": word_vectors},
+                      "model": {k: getattr(m, k) for k in ("max_encoder_len", "ngram_order", "ngram_max_rows")},
                       "data_stage": {"version": STAGE_VERSION}},
            "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else []),
                                                *vector_file])}
@@ -613,9 +615,14 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     oov = {s: float((r.flat_values.numpy() == unk_id).sum()) / max(1, r.flat_values.shape[0])
            for s, r in ids.items()}
 
-    # 3. Sequence length: a percentile of train lengths ([CLS] and [SEP] included), capped.
+    # 3. Sequence length: a percentile of train lengths ([CLS] and [SEP] included), capped at data.max_seq_len
+    # when the n-gram term reads it, else at what the encoder reads.
+    from pipeline.model import encoder_length
+    from pipeline.ngram import term_used
+
     pct = float(np.percentile(lengths["train"], dc.length_percentile))
-    cap = min(dc.max_seq_len, backbone.read_spec(pretrained).max_positions) if pretrained else dc.max_seq_len
+    reach = encoder_length(m, dc.max_seq_len, backbone.read_spec(pretrained) if pretrained else None)
+    cap = dc.max_seq_len if term_used(m, len(splits["train"][0])) else reach
     seq_len = int(max(8, min(cap, math.ceil(pct))))
 
     stats = {
@@ -630,6 +637,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         "train_token_lengths": {**{f"p{q}": float(np.percentile(lengths["train"], q)) for q in (50, 90, 95, 99)},
                                 "max": int(lengths["train"].max())},
         "seq_len": seq_len,
+        "encoder_len": min(seq_len, reach),
         "length_percentile": dc.length_percentile,
         "vocab_size": len(vocab),
         "word_vectors": None,
@@ -684,6 +692,9 @@ def _print_summary(out, stats, seconds):
     print(f"  classes: {len(stats['labels'])} (train {counts})")
     print(f"  seq_len: {stats['seq_len']} (p{stats['length_percentile']:g} of train lengths; "
           f"p50 {lens['p50']:g}, max {lens['max']}; {stats['truncated_fraction']['train']:.2%} of train truncated)")
+    if stats.get("encoder_len", stats["seq_len"]) < stats["seq_len"]:
+        print(f"  the encoder reads the first {stats['encoder_len']} wordpieces of a text, the n-gram term all "
+              f"{stats['seq_len']} (model.max_encoder_len)")
     print(f"  vocab: {stats['vocab_size']:,} tokens; OOV: {oov}")
     wv = stats.get("word_vectors")
     if wv:
@@ -723,6 +734,15 @@ def parse_record(record, seq_len):
     ids = tf.cast(ex["input_word_ids"], tf.int32)
     n = tf.minimum(tf.shape(ids)[0], seq_len)
     return tf.concat([ids[: n - 1], ids[-1:]], axis=0), tf.cast(ex["label"], tf.int32)
+
+
+def mean_length(tfrecord_path, seq_len) -> float:
+    """Mean wordpieces a text of a processed split gives the model (cut to seq_len, [CLS] and [SEP] included)."""
+    ds = tf.data.TFRecordDataset(str(tfrecord_path)).map(lambda r: tf.shape(parse_record(r, seq_len)[0])[0])
+    total = count = 0
+    for n in ds.batch(4096).as_numpy_iterator():
+        total, count = total + int(n.sum()), count + len(n)
+    return total / max(1, count)
 
 
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,

@@ -104,8 +104,11 @@ def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=N
     from pipeline.model import build_model, set_word_vectors
 
     d = cfg.distill
+    ngrams = [layer for layer in teacher.layers if layer.name == "ngrams"]
     student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
-                                      ff_dim=d.student_ff_dim, num_layers=d.student_num_layers)
+                                      ff_dim=d.student_ff_dim, num_layers=d.student_num_layers,
+                                      ngram_order=ngrams[0].order if ngrams else 0,
+                                      ngram_buckets=ngrams[0].buckets if ngrams else cfg.model.ngram_buckets)
     student = build_model(student_cfg, vocab_size, num_classes, seq_len, **vectors.model_sizes(word_vectors))
     if word_vectors is not None:
         set_word_vectors(student, *word_vectors)

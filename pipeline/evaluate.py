@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.tokenizer import encode, load_vocabulary, make_tokenizer
 
+BATCH_ELEMENTS = 1 << 23  # rows x width^2 of a predict batch: 32 texts of 512 wordpieces, 8 of 1024
 BATCH_SIZE = 256
 ECE_BINS = 15
 EXPECTED = "expected a trained model directory (with model.keras) or a .tflite file"
@@ -49,16 +50,24 @@ class KerasPredictor:
         if not texts:
             return np.zeros((0, len(self.labels)), np.float32)
         inputs = encode(self.tokenizer, list(texts), self.seq_len)
-        size = min(BATCH_SIZE, len(texts))
         # Texts in order of length, each batch cut to its longest (rounded up to 8: few traced shapes): padding
         # changes no prediction (pipeline/model.py, "Masking"), and most texts are far shorter than seq_len.
+        # Attention and the n-gram counts hold [rows, width, width] tensors: long texts go in fewer rows.
         lengths = inputs["input_mask"].sum(axis=1)
         order = np.argsort(lengths, kind="stable")
         out = np.zeros((len(texts), len(self.labels)), np.float32)
-        for start in range(0, len(texts), size):
+
+        def width_of(rows):
+            return (min(self.seq_len, 8 * math.ceil(max(int(lengths[rows].max()), 1) / 8)) if self._any_length
+                    else self.seq_len)
+
+        start = 0
+        while start < len(texts):
+            width = width_of(order[start:start + BATCH_SIZE])
+            size = max(1, min(BATCH_SIZE, len(texts), BATCH_ELEMENTS // (width * width)))
             rows = order[start:start + size]
-            width = min(self.seq_len, 8 * math.ceil(max(int(lengths[rows].max()), 1) / 8)) if self._any_length \
-                else self.seq_len
+            start += size
+            width = width_of(rows)
             batch = {k: v[rows, :width] for k, v in inputs.items()}
             m = len(rows)
             # the last batch is padded (repeating its last row) to the batch size: fewer traced shapes

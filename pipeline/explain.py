@@ -113,6 +113,9 @@ class Explainer:
         self.pooling, self.head = layers["pooling"], layers["probabilities"]
         self.blocks = [layer for layer in model.layers if isinstance(layer, EncoderBlock)]
         self.ngrams = layers.get("ngrams")
+        # the n-gram term's own (uncut) ids and mask when the encoder reads only a text's first wordpieces
+        self.ngram_ids = layers.get("ngram_token_ids", self.token_ids)
+        self.ngram_mask = layers.get("ngram_padding_mask", self.padding_mask)
         self._logits_model = None  # the model's own logits, built on first use
 
     def model_logits(self, inputs):
@@ -161,7 +164,8 @@ class Explainer:
         # baseline: the [PAD] row at every position; padded positions hold it already
         baseline = self.embedding.token_vectors(tf.zeros_like(ids))
         z_t, attention = self.transformer_logits(rows, mask, attention=True)
-        z_n = self.ngram_logits(ids, mask)
+        z_n = self.ngram_logits(self.ngram_ids(tf.constant(inputs["input_word_ids"][None])),
+                                self.ngram_mask(tf.constant(inputs["input_mask"][None])))
         z_model = self.model_logits(inputs)  # as a check of the layer-by-layer pass
         difference = float(np.max(np.abs((z_t + z_n).numpy() - z_model)))
         if difference > CONSISTENCY_TOLERANCE:
@@ -189,6 +193,7 @@ class Explainer:
             if start == 0:
                 z_base = float(out[0])
         ig = tf.reduce_sum((rows[0] - baseline[0]) * grad, axis=-1).numpy().astype(np.float64)
+        ig = np.pad(ig, (0, len(inputs["input_word_ids"]) - len(ig)))  # wordpieces past the encoder's reach: 0
         ig_ngrams = (self.ngram_attributions(inputs["input_word_ids"], inputs["input_mask"], target)
                      if self.ngrams is not None else None)
         return {"probs": probs, "logits": logits, "target": target, "ids": inputs["input_word_ids"],
@@ -258,7 +263,9 @@ def record(explainer, text, result, steps, note=None, attention_digits=4):
     rec["baseline_logit"] = rec["logit"] - (result["transformer_logit"] - result["transformer_baseline_logit"]) - (
         result["ngram_logit"] - (rec["ngrams"]["bias"] if rec["ngrams"] else 0.0))
     rec["completeness_gap"] = float(total.sum() - (rec["logit"] - rec["baseline_logit"]))
-    rec["attention"] = [np.round(w[:, real][:, :, real], attention_digits).tolist() for w in result["attention"]]
+    # over the wordpieces the encoder reads (a long text's first model.max_encoder_len)
+    rec["attention"] = [np.round(w[:, seen][:, :, seen], attention_digits).tolist()
+                        for w in result["attention"] for seen in [real[real < w.shape[-1]]]]
     if note:
         rec["note"] = note
     return rec
@@ -291,7 +298,8 @@ def attention_figure(weights, tokens, block):
     """Heatmaps of one block's attention [H, L, L] (rows: queries, columns: keys), one panel per head."""
     from matplotlib.figure import Figure
 
-    heads, length = weights.shape[0], len(tokens)
+    heads, length = weights.shape[0], weights.shape[-1]  # the first `length` tokens: what the encoder reads
+    tokens = tokens[:length]
     cols = min(heads, 2)
     rows = -(-heads // cols)
     side = max(3.0, 0.16 * length + 1.0)

@@ -139,32 +139,49 @@ _linear = tf.keras.activations.linear
 @_register
 class ClipTokenIds(_Layer):
     """int32 ids -> ids clipped into [0, vocab_size): no out-of-range gather, and the int input stays
-    away from QAT-annotated layers (see module docstring)."""
+    away from QAT-annotated layers (see module docstring). keep > 0: only the first `keep` positions."""
 
-    def __init__(self, vocab_size, **kwargs):
+    def __init__(self, vocab_size, keep=0, **kwargs):
         kwargs.setdefault("dtype", "int32")
         super().__init__(**kwargs)
-        self.vocab_size = int(vocab_size)
+        self.vocab_size, self.keep = int(vocab_size), int(keep)
 
     def call(self, inputs):
-        return tf.clip_by_value(tf.cast(inputs, tf.int32), 0, self.vocab_size - 1)
+        ids = inputs[:, :self.keep] if self.keep else inputs
+        return tf.clip_by_value(tf.cast(ids, tf.int32), 0, self.vocab_size - 1)
 
     def compute_output_shape(self, input_shape):
-        return tf.TensorShape(input_shape)
+        return _first_positions(input_shape, self.keep)
 
     def get_config(self):
-        return {**super().get_config(), "vocab_size": self.vocab_size}
+        return {**super().get_config(), "vocab_size": self.vocab_size, "keep": self.keep}
 
 
 @_register
 class PaddingMask(_Layer):
-    """input_mask (1 = token, 0 = padding; any int or float dtype) -> float mask [B, T] in compute dtype."""
+    """input_mask (1 = token, 0 = padding; any int or float dtype) -> float mask [B, T] in compute dtype.
+    keep > 0: only the first `keep` positions."""
+
+    def __init__(self, keep=0, **kwargs):
+        super().__init__(**kwargs)
+        self.keep = int(keep)
 
     def call(self, inputs):
-        return tf.cast(tf.not_equal(inputs, 0), self.compute_dtype)
+        mask = inputs[:, :self.keep] if self.keep else inputs
+        return tf.cast(tf.not_equal(mask, 0), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
-        return tf.TensorShape(input_shape)
+        return _first_positions(input_shape, self.keep)
+
+    def get_config(self):
+        return {**super().get_config(), "keep": self.keep}
+
+
+def _first_positions(input_shape, keep):
+    shape = tf.TensorShape(input_shape)
+    if not keep or shape[1] is None:
+        return shape if not keep else tf.TensorShape([shape[0], None])
+    return tf.TensorShape([shape[0], min(keep, shape[1])])
 
 
 @_register
@@ -592,12 +609,21 @@ class ClassifierHead(_Layer):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+def encoder_length(cfg: ModelConfig, seq_len: int, backbone=None) -> int:
+    """Wordpieces of a text the encoder reads (its first ones): seq_len, at most model.max_encoder_len and the
+    backbone's positions. The n-gram term reads all seq_len: attention's cost grows with the square of it."""
+    return max(1, min(seq_len, cfg.max_encoder_len or seq_len, backbone.max_positions if backbone else seq_len))
+
+
 def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0, embedded_tokens=0, backbone=None):
     """The encoder (the layers `make pretrain` trains and `make train` starts from), applied to symbolic
-    inputs: (clipped ids, float mask, final-norm output [B, T, d_model]). backbone: a BackboneSpec
-    (pipeline/backbone.py): BERT's encoder of that shape instead of model.*'s."""
+    inputs of up to max_len positions: (clipped ids, float mask, final-norm output [B, T, d_model]), cut to the
+    first encoder_length positions. backbone: a BackboneSpec (pipeline/backbone.py): BERT's encoder of that
+    shape instead of model.*'s."""
+    length = encoder_length(cfg, max_len, backbone)
+    keep = length if length < max_len else 0
     if backbone is not None:
-        return _encode_bert(backbone, vocab_size, max_len, inputs)
+        return _encode_bert(backbone, vocab_size, length, inputs, keep)
     if cfg.d_model % cfg.num_heads:
         raise PipelineError(f"model.d_model ({cfg.d_model}) must be divisible by model.num_heads ({cfg.num_heads})")
     if cfg.position not in ("sinusoidal", "learned"):
@@ -606,9 +632,9 @@ def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=
         raise PipelineError(f"model.conv_width must be 0 or odd, got {cfg.conv_width}")
     if vocab_size < 1 or max_len < 1:
         raise PipelineError(f"vocab_size and max_len must be positive, got {vocab_size} and {max_len}")
-    ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
-    mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
-    x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, max_len, position=cfg.position,
+    ids = ClipTokenIds(vocab_size, keep, name="token_ids")(inputs["input_word_ids"])
+    mask = PaddingMask(keep, name="padding_mask")(inputs["input_mask"])
+    x = TokenAndPositionEmbedding(vocab_size, cfg.d_model, length, position=cfg.position,
                                   dropout=cfg.dropout, token_dropout=cfg.token_dropout, vector_dim=vector_dim,
                                   embedded_tokens=embedded_tokens, name="embedding")(ids)
     for i in range(cfg.num_layers):
@@ -617,13 +643,13 @@ def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=
     return ids, mask, LayerNorm(name="final_norm")(x)
 
 
-def _encode_bert(spec, vocab_size: int, max_len: int, inputs):
+def _encode_bert(spec, vocab_size: int, max_len: int, inputs, keep=0):
     """BERT's encoder from our layers: LN(word + position + type-0 embedding), then post-LN blocks (no final norm)."""
-    if vocab_size != spec.vocab_size or max_len > spec.max_positions:
-        raise PipelineError(f"the backbone has {spec.vocab_size} tokens and {spec.max_positions} positions; the run "
-                            f"{vocab_size} and {max_len}: its data stage used another vocabulary or data.max_seq_len")
-    ids = ClipTokenIds(vocab_size, name="token_ids")(inputs["input_word_ids"])
-    mask = PaddingMask(name="padding_mask")(inputs["input_mask"])
+    if vocab_size != spec.vocab_size:
+        raise PipelineError(f"the backbone has {spec.vocab_size} tokens, the run {vocab_size}: its data stage "
+                            "used another vocabulary")
+    ids = ClipTokenIds(vocab_size, keep, name="token_ids")(inputs["input_word_ids"])
+    mask = PaddingMask(keep, name="padding_mask")(inputs["input_mask"])
     x = TokenAndPositionEmbedding(vocab_size, spec.d_model, max_len, position="learned", dropout=spec.dropout,
                                   scale=False, norm_epsilon=spec.epsilon, name="embedding")(ids)
     for i in range(spec.num_layers):
@@ -728,6 +754,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, max_len: in
     ids, mask, x = _encode(cfg, vocab_size, max_len, inputs, vector_dim, embedded_tokens, backbone)
     x = SequencePooling(cfg.pooling, name="pooling")([x, mask])
     if cfg.ngram_order:
+        if encoder_length(cfg, max_len, backbone) < max_len:  # the n-gram term reads the whole text
+            ids = ClipTokenIds(vocab_size, name="ngram_token_ids")(inputs["input_word_ids"])
+            mask = PaddingMask(name="ngram_padding_mask")(inputs["input_mask"])
         x = [x, NgramLogits(vocab_size, num_classes, cfg.ngram_order, cfg.ngram_buckets, name="ngrams")([ids, mask])]
     probs = ClassifierHead(num_classes, name="probabilities")(x)
     return tf.keras.Model(inputs=inputs, outputs=probs, name="liteformer")

@@ -20,6 +20,11 @@ PRIME = 7919  # hash multiplier: vocab_size * PRIME and buckets * PRIME must sta
 INT32_MAX = 2**31 - 1
 
 
+def term_used(model_cfg, train_rows) -> bool:
+    """Whether a model gets the n-gram term: model.ngram_order > 0 and at most model.ngram_max_rows train rows."""
+    return bool(model_cfg.ngram_order) and (not model_cfg.ngram_max_rows or train_rows <= model_cfg.ngram_max_rows)
+
+
 def num_rows(vocab_size, order, buckets):
     """Rows of the feature table: one per unigram, `buckets` per higher order."""
     return vocab_size + max(0, order - 1) * buckets

@@ -170,7 +170,7 @@ def run_pretrain_stage(cfg, run):
         return json.loads((model_dir / "pretrained" / "summary.json").read_text())
     manifest.begin(model_dir, "pretrain")
     state = model_dir / "pretrain_state"
-    model, rows = pretrain_encoder(cfg, processed, int(stats["seq_len"]), state,
+    model, rows = pretrain_encoder(cfg, processed, int(stats.get("encoder_len", stats["seq_len"])), state,
                                    Path(cfg.paths.runs) / run / "pretrain", key)
     last = rows[-1]
     unlabeled = (stats.get("unlabeled") or {}).get("rows", 0)

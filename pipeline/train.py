@@ -1,5 +1,6 @@
 """Training stage: fit the Transformer on a processed run, keep the best epoch, save everything."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -101,7 +102,7 @@ class SetEpoch(tf.keras.callbacks.Callback):
 
 
 class StepBudget(tf.keras.callbacks.Callback):
-    """Stop training, mid-epoch if need be, once the optimizer has taken `total_steps` steps (train.max_steps);
+    """Stop training, mid-epoch if need be, once the optimizer has taken `total_steps` steps (step_limit);
     the epoch still ends with its dev evaluation and checkpoint. Counted by the optimizer, so a resumed run
     stops where an uninterrupted one would."""
 
@@ -114,7 +115,7 @@ class StepBudget(tf.keras.callbacks.Callback):
         if steps >= self.total_steps and not self.model.stop_training:
             self.model.stop_training = True
             # Keras' epoch line still shows the whole epoch's step count
-            print(f"train.max_steps: stopped after {self.total_steps:,} steps, {batch + 1:,} of this epoch's")
+            print(f"step limit: stopped after {self.total_steps:,} steps, {batch + 1:,} of this epoch's")
 
 
 class EpochTimer(tf.keras.callbacks.Callback):
@@ -173,6 +174,18 @@ def stage_key(cfg, processed, model_dir):
     if directory:
         inputs.update({f"backbone {name}": sha for name, sha in backbone.checksums(directory).items()})
     return {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")}, "inputs": inputs}
+
+
+def model_config(cfg, stats):
+    """model.*, with the n-gram term off when the train split has more than model.ngram_max_rows rows."""
+    from pipeline.ngram import term_used
+
+    m = cfg.model
+    rows = int(stats["rows"]["train"])
+    if m.ngram_order and not term_used(m, rows):
+        print(f"n-gram term: off (train has {rows:,} rows, more than model.ngram_max_rows {m.ngram_max_rows:,})")
+        return dataclasses.replace(m, ngram_order=0)
+    return m
 
 
 def backbone_spec(cfg):
@@ -236,6 +249,13 @@ def epochs_for(t, steps_per_epoch):
     return min(epochs, math.ceil(t.max_steps / max(1, steps_per_epoch))) if t.max_steps else epochs
 
 
+def step_limit(t, mean_length):
+    """train.max_steps, or fewer when train.max_tokens wordpieces (batch_size texts of mean_length a step) run
+    out first: a step's time grows with its texts' length, so long documents would otherwise train for hours."""
+    by_tokens = max(1, int(t.max_tokens / (t.batch_size * max(1.0, mean_length)))) if t.max_tokens else 0
+    return min((s for s in (t.max_steps, by_tokens) if s), default=0)
+
+
 def steps_for(t, steps_per_epoch):
     """Optimizer steps of the whole run: epochs_for's epochs, cut at train.max_steps (when > 0)."""
     total = steps_per_epoch * epochs_for(t, steps_per_epoch)
@@ -266,7 +286,7 @@ def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
-    from pipeline.data import make_dataset
+    from pipeline.data import make_dataset, mean_length
     from pipeline.model import build_model, set_word_vectors
     from pipeline.tokenizer import load_vocabulary
 
@@ -284,16 +304,21 @@ def train_model(cfg, run, key):
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                             bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
+    mean_len = mean_length(processed / "train.tfrecord", int(stats.get("encoder_len", seq_len)))  # what attention reads
+    t = dataclasses.replace(t, max_steps=step_limit(t, mean_len))
     epochs = epochs_for(t, int(train_ds.cardinality()))
     total_steps = steps_for(t, int(train_ds.cardinality()))
     weights = loss_class_weights(t, stats, labels)
     train_ds = weigh_by_class(train_ds, weights)
     print(f"training {epochs} epochs at most ({total_steps:,} steps; train.epochs {t.epochs}, train.min_steps "
-          f"{t.min_steps:,}, train.max_steps {t.max_steps:,}), early stopping on {t.monitor} after {t.patience}; class weights "
+          f"{t.min_steps:,}, step limit {t.max_steps:,}: train.max_steps {cfg.train.max_steps:,}, train.max_tokens "
+          f"{cfg.train.max_tokens:,} at {mean_len:.0f} wordpieces a text), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
+    model_cfg = model_config(cfg, stats)
+
     def build():
-        return build_model(cfg.model, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
+        return build_model(model_cfg, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
                            backbone=backbone_spec(cfg))
 
     with make_strategy(t.strategy).scope():
@@ -335,6 +360,10 @@ def train_model(cfg, run, key):
     return model, rows, stats, labels, init
 
 
+def has_layer(model, name):
+    return any(layer.name == name for layer in model.layers)
+
+
 def _split_arrays(path, seq_len):
     """(input dict of int32 [n, seq_len] arrays, labels [n]) of a processed split, in file order."""
     import numpy as np
@@ -366,7 +395,7 @@ def fit_ngram_term(cfg, model, processed, stats, labels):
 
     dev_x, dev_y = _split_arrays(processed / "dev.tfrecord", seq_len)
     head = model.get_layer("probabilities")
-    pooled = tf.keras.Model(model.inputs, model.get_layer("pooling").output).predict(dev_x, batch_size=256, verbose=0)
+    pooled = tf.keras.Model(model.inputs, model.get_layer("pooling").output).predict(dev_x, batch_size=32, verbose=0)
     kernel, hbias = head.kernel.numpy(), head.bias.numpy()
     zt = pooled.astype(np.float64) @ kernel + hbias
     zn = ngram.ngram_logits(dev_x["input_word_ids"], dev_x["input_mask"], table, idf, nbias, **sizes)
@@ -402,7 +431,7 @@ def run_train_stage(cfg, run):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
     model, rows, stats, labels, init = train_model(cfg, run, key)
-    mix = fit_ngram_term(cfg, model, processed, stats, labels) if cfg.model.ngram_order else None
+    mix = fit_ngram_term(cfg, model, processed, stats, labels) if has_layer(model, "ngrams") else None
 
     # Keras format and SavedModel; each lands at its final path only when complete.
     with files.atomic_path(model_dir / "model.keras") as tmp:

@@ -326,11 +326,14 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
     assert result["ratios"]["dense_only_int8_over_float32_p50_1thread"] == dense["int8"]["p50_ms"] / dense["float32"]["p50_ms"]
 
 
-def test_fine_tuning_steps_are_capped_by_train_max_steps():
+def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
     from pipeline.compress import _steps
     from pipeline.config import load_config
 
-    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=0"])
-    assert _steps(cfg, 64_000, 2.0) == 4000 and _steps(cfg, 10, 0.1) == 1
-    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=1000"])
-    assert _steps(cfg, 64_000, 2.0) == 1000 and _steps(cfg, 3200, 2.0) == 200
+    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=0", "train.max_tokens=0"])
+    assert _steps(cfg, 64_000, 20.0, 2.0) == 4000 and _steps(cfg, 10, 20.0, 0.1) == 1
+    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=1000", "train.max_tokens=0"])
+    assert _steps(cfg, 64_000, 20.0, 2.0) == 1000 and _steps(cfg, 3200, 20.0, 2.0) == 200
+    # long texts: 320,000 wordpieces are 100 steps of 32 texts of 100
+    cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=1000", "train.max_tokens=320000"])
+    assert _steps(cfg, 3200, 100.0, 2.0) == 100 and _steps(cfg, 3200, 10.0, 2.0) == 200

@@ -362,6 +362,26 @@ def check_batch(features, labels, seq_len):
     return ids, mask
 
 
+def test_seq_len_reaches_past_the_encoder_only_for_the_ngram_term(tmp_path):
+    src = tmp_path / "d"
+    rows = sample_rows(20) + [("great movie " * 30, "pos")]
+    write(src / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    cfg = make_cfg(tmp_path, max_seq_len=48)
+    cfg.model.max_encoder_len = 16
+    stats = D.run_data_stage(cfg, str(src), "r")  # 31 rows: the n-gram term reads all 48
+    assert (stats["seq_len"], stats["encoder_len"]) == (48, 16)
+    cfg.model.ngram_max_rows = 10  # no n-gram term for 31 rows: nothing reads past the encoder
+    stats = D.run_data_stage(cfg, str(src), "r")
+    assert (stats["seq_len"], stats["encoder_len"]) == (16, 16)
+
+
+def test_mean_length_counts_what_the_model_sees(tmp_path):
+    path = tmp_path / "t.tfrecord"
+    write_records(path, [4, 10, 100])  # the last is cut to seq_len
+    assert D.mean_length(path, 32) == pytest.approx((4 + 10 + 32) / 3)
+    assert D.mean_length(path, 512) == pytest.approx(38.0)
+
+
 def test_make_dataset_bucketed_training(tmp_path):
     lengths = list(range(3, 60)) * 2  # some longer than seq_len
     path = tmp_path / "t.tfrecord"

@@ -233,9 +233,15 @@ def test_predictors_on_the_pipeline_transformer(tmp_path):
                                atol=1e-4)
 
 
-def test_keras_predictor_cuts_padding_without_changing_predictions(tmp_path):
-    """Batches of short texts are cut to their longest text; the probabilities stay those of full-length inputs."""
+@pytest.mark.parametrize("elements", [1 << 23, 40 * 40 * 2])
+def test_keras_predictor_cuts_padding_without_changing_predictions(tmp_path, monkeypatch, elements):
+    """Batches of short texts are cut to their longest text, and long texts go in fewer rows (BATCH_ELEMENTS);
+    the probabilities stay those of full-length inputs."""
     import tensorflow as tf
+
+    from pipeline import evaluate
+
+    monkeypatch.setattr(evaluate, "BATCH_ELEMENTS", elements)  # the second: 2 rows of the longest texts a batch
 
     from pipeline.config import ModelConfig
     from pipeline.model import build_model

@@ -145,6 +145,33 @@ def test_model_with_fitted_ngrams_saves_reloads_and_converts(tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_encoder_reads_the_first_wordpieces_and_the_ngram_term_all(tmp_path):
+    """model.max_encoder_len < seq_len: a change past the encoder's reach moves only the n-gram term's logits,
+    in Keras, after reloading, and in the .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    seq, reach = 24, 8
+    cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=2,
+                      ngram_buckets=BUCKETS, max_encoder_len=reach)
+    model = M.build_model(cfg, V, C, seq)
+    assert M.encoder_length(cfg, seq) == reach and model.get_layer("embedding").max_len == reach
+    ids = np.repeat(np.random.default_rng(3).integers(3, V, (1, seq)).astype(np.int32), 2, axis=0)
+    ids[1, reach:] = (ids[0, reach:] + 1) % (V - 3) + 3  # the two texts differ only past the reach
+    x = {"input_word_ids": ids, "input_mask": np.ones_like(ids), "input_type_ids": np.zeros_like(ids)}
+    logits = M.logits_model(model)
+    without = logits(x).numpy()
+    np.testing.assert_allclose(without[0], without[1], atol=1e-6)  # the n-gram term is still all zero
+    model.get_layer("ngrams").set_weights(list(_random_weights(2)))
+    ref = model.predict(x, verbose=0)
+    assert np.abs(logits(x).numpy()[0] - logits(x).numpy()[1]).max() > 1e-3
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_allclose(M.load_model(tmp_path / "model.keras").predict(x, verbose=0), ref, atol=1e-6)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([M.serving_function(model, seq)], model)
+    runner = Interpreter(model_content=converter.convert()).get_signature_runner()
+    got = np.concatenate([next(iter(runner(**{k: v[i:i + 1] for k, v in x.items()}).values())) for i in range(2)])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     """A text of [CLS] [SEP] alone has no seen bigram or trigram: their norm is zero, which full-int8
     division refused ('data[i] != zero_point') before the term multiplied by RSQRT instead."""

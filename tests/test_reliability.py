@@ -67,7 +67,7 @@ def test_crlf_bom_and_a_5_mb_line_are_accepted(tmp_path, capsys):
     stats = json.loads((tmp_path / "data" / "processed" / "r" / "stats.json").read_text())
     assert stats["rows"]["train"] + stats["rows"]["dev"] == 201 and stats["text_column"] == "sentence"
     # Cut to max_seq_len x CHARS_PER_TOKEN characters before WordPiece (not 500,000 pieces), then to seq_len.
-    assert stats["seq_len"] == 512 and stats["train_token_lengths"]["max"] < 4000  # the cap, not 500,000
+    assert stats["seq_len"] == 1024 and stats["train_token_lengths"]["max"] < 8000  # the cap, not 500,000
 
 
 @pytest.mark.parametrize("yaml_text, argv, needles", [

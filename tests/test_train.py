@@ -67,7 +67,7 @@ def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
 
 def test_small_data_gets_enough_steps_and_rare_classes_weigh_more():
     from pipeline.config import TrainConfig
-    from pipeline.train import class_weights, epochs_for, steps_for
+    from pipeline.train import class_weights, epochs_for, step_limit, steps_for
 
     assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 50) == 30  # 3 epochs of 50 steps: too few
     assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 800) == 3
@@ -75,6 +75,12 @@ def test_small_data_gets_enough_steps_and_rare_classes_weigh_more():
     assert (epochs_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 800),
             steps_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 800)) == (2, 1000)
     assert steps_for(TrainConfig(epochs=3, min_steps=0, max_steps=1000), 200) == 600
+    # train.max_tokens: long texts get fewer steps, short ones are held by max_steps
+    assert step_limit(TrainConfig(max_steps=600, max_tokens=800_000), 500.0) == 50
+    assert step_limit(TrainConfig(max_steps=600, max_tokens=800_000), 12.0) == 600
+    assert step_limit(TrainConfig(max_steps=0, max_tokens=800_000), 12.0) == 2083
+    assert step_limit(TrainConfig(max_steps=0, max_tokens=0), 500.0) == 0
+    assert step_limit(TrainConfig(max_steps=600, max_tokens=1), 500.0) == 1
     weights = class_weights({"a": 60, "b": 30, "c": 10}, ["a", "b", "c"])
     assert weights == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
     assert sum(weights[i] * n for i, n in enumerate((60, 30, 10))) == pytest.approx(100)  # same total weight
