@@ -23,12 +23,11 @@ import tensorflow_model_optimization as tfmot
 
 from pipeline import files, manifest
 from pipeline.errors import PipelineError
-from pipeline.recipes import DEFAULT_VARIANTS, EXPORT_STEPS, MODEL_STEPS
+from pipeline.recipes import EXPORT_STEPS, MODEL_STEPS
 from pipeline.report import markdown_table
 
 # Bump when what the variants are made of changes, so runs compressed by an older pipeline are rebuilt.
 STAGE_VERSION = 2  # 2: fine-tuning weighs rows by class, as training does
-VARIANTS = tuple(n for n, steps in DEFAULT_VARIANTS.items() if steps[0] != "student")  # built for every run
 
 
 def has_student(model_dir):
@@ -350,7 +349,7 @@ def run_compress_stage(cfg, run):
     from collections import Counter
     from types import SimpleNamespace
 
-    from pipeline.data import mean_length, read_examples
+    from pipeline.data import read_examples
     from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
     from pipeline.metadata import MediaPipeClassifier
     from pipeline.model import load_model
@@ -364,7 +363,7 @@ def run_compress_stage(cfg, run):
     key = stage_key(cfg, model_dir, processed)
     if manifest.up_to_date(model_dir, "compress", key):
         return json.loads((model_dir / "compression.json").read_text())
-    mean_len = mean_length(processed / "train.tfrecord", int(stats.get("encoder_len", seq_len)))
+    mean_len = stats["train_encoder_mean_len"]
     manifest.begin(model_dir, "compress")
     state = model_dir / "compress_state"
     names = variant_names(cfg, model_dir)

@@ -34,7 +34,7 @@ FORMATS = (".tsv", ".csv", ".jsonl")
 SPLITS = ("train", "dev", "test")
 IMBALANCE_RATIO = 3.0  # warn when the largest class is this many times the smallest
 # Bump when the data stage's outputs or the way it reads files change, so older runs are rebuilt.
-STAGE_VERSION = 4  # 2: train.jsonl; header rows and columns recognised by content. 3: word vectors. 4: their learned-vocabulary size
+STAGE_VERSION = 5  # 2: train.jsonl; header rows and columns recognised by content. 3: word vectors. 4: their learned-vocabulary size. 5: train_encoder_mean_len
 
 # GLUE SST-2. Checksum and size from tensorflow/datasets, tensorflow_datasets/url_checksums/glue.txt
 # (SST-2.zip, 7439277 bytes); the same values are listed for this address in the Hugging Face
@@ -638,6 +638,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
                                 "max": int(lengths["train"].max())},
         "seq_len": seq_len,
         "encoder_len": min(seq_len, reach),
+        # wordpieces a train text gives the encoder, on average: train.max_tokens divides by it
+        "train_encoder_mean_len": round(float(np.minimum(lengths["train"], min(seq_len, reach)).mean()), 3),
         "length_percentile": dc.length_percentile,
         "vocab_size": len(vocab),
         "word_vectors": None,
@@ -734,15 +736,6 @@ def parse_record(record, seq_len):
     ids = tf.cast(ex["input_word_ids"], tf.int32)
     n = tf.minimum(tf.shape(ids)[0], seq_len)
     return tf.concat([ids[: n - 1], ids[-1:]], axis=0), tf.cast(ex["label"], tf.int32)
-
-
-def mean_length(tfrecord_path, seq_len) -> float:
-    """Mean wordpieces a text of a processed split gives the model (cut to seq_len, [CLS] and [SEP] included)."""
-    ds = tf.data.TFRecordDataset(str(tfrecord_path)).map(lambda r: tf.shape(parse_record(r, seq_len)[0])[0])
-    total = count = 0
-    for n in ds.batch(4096).as_numpy_iterator():
-        total, count = total + int(n.sum()), count + len(n)
-    return total / max(1, count)
 
 
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,

@@ -147,12 +147,16 @@ def make_strategy(name):
 
 def load_processed(cfg, run):
     """(directory, stats, labels) of data/processed/<run>, or a PipelineError saying to run the data stage."""
-    from pipeline.data import load_labels
+    from pipeline.data import STAGE_VERSION, load_labels
 
     processed = Path(cfg.paths.data) / "processed" / run
     stats_path = processed / "stats.json"
     if not stats_path.exists():
         raise PipelineError(f"{processed}: no processed data for run '{run}'; run `python -m pipeline data` first")
+    made_by = manifest.load(processed)["stages"].get("data", {}).get("config", {}).get("data_stage", {}).get("version")
+    if made_by != STAGE_VERSION:
+        raise PipelineError(f"{processed}: made by an older data stage (version {made_by}, now {STAGE_VERSION}); run "
+                            f"`python -m pipeline data --run {run}` again")
     return processed, json.loads(stats_path.read_text()), load_labels(processed)
 
 
@@ -286,7 +290,7 @@ def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
-    from pipeline.data import make_dataset, mean_length
+    from pipeline.data import make_dataset
     from pipeline.model import build_model, set_word_vectors
     from pipeline.tokenizer import load_vocabulary
 
@@ -304,7 +308,7 @@ def train_model(cfg, run, key):
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
                             bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
-    mean_len = mean_length(processed / "train.tfrecord", int(stats.get("encoder_len", seq_len)))  # what attention reads
+    mean_len = stats["train_encoder_mean_len"]
     t = dataclasses.replace(t, max_steps=step_limit(t, mean_len))
     epochs = epochs_for(t, int(train_ds.cardinality()))
     total_steps = steps_for(t, int(train_ds.cardinality()))

@@ -13,8 +13,12 @@ from conftest import (COMPRESS, ROOT, assert_one_line_error, cli, make_toy_dir, 
                       sigkill, tiny_overrides)
 
 from pipeline import manifest
+from pipeline.recipes import DEFAULT_VARIANTS, FINE_TUNED_VARIANTS
 
-RUN = ["train.epochs=6", *COMPRESS]  # the compressed run's overrides, beside tiny_overrides' paths
+# Every recipe: the defaults and those that fine-tune while compressing
+ALL_VARIANTS = {**DEFAULT_VARIANTS, **FINE_TUNED_VARIANTS}
+BUILT = [n for n, steps in ALL_VARIANTS.items() if steps[0] != "student"]  # the toy run has no student
+RUN = ["train.epochs=6", *COMPRESS, f"compress.variants={json.dumps(ALL_VARIANTS)}"]  # beside tiny_overrides' paths
 
 
 def run_overrides(root, cfg):
@@ -41,20 +45,19 @@ def compressed(tmp_path_factory):
 
 
 def test_every_variant_exists_loads_and_predicts(compressed):
-    from pipeline.compress import VARIANTS
     from pipeline.evaluate import load_predictor
 
     _, model_dir, summary = compressed
     # the last two words are not in the toy data: only their word vectors say what they mean
     texts = ["the movie was great", "the movie was awful", "the movie was splendid", "the movie was dreadful"]
-    for name in VARIANTS:
+    for name in BUILT:
         predictor = load_predictor(model_dir / "tflite" / f"{name}.tflite")  # LiteRT
         probs = predictor.predict_proba(texts)
         assert probs.shape == (4, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=0.02), name
         assert [predictor.labels[i] for i in probs.argmax(1)] == ["1", "0", "1", "0"], name
         assert set(predictor.inputs) == {"input_word_ids", "input_mask", "input_type_ids"}
         assert all(d["dtype"] == np.int32 for d in predictor.inputs.values())
-    assert list(summary["variants"]) == list(VARIANTS)
+    assert list(summary["variants"]) == list(BUILT)
 
 
 def test_compression_json_lists_every_variant(compressed):
@@ -293,11 +296,10 @@ def benchmark(compressed):
 
 @pytest.mark.e2e  # at least 200 timed runs of every variant at two thread counts: ~60 s
 def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
-    from pipeline.compress import VARIANTS
 
     model_dir, result = benchmark
     assert json.loads((model_dir / "benchmark.json").read_text()) == json.loads(json.dumps(result))
-    assert set(result["variants"]) == {"keras", *VARIANTS}
+    assert set(result["variants"]) == {"keras", *BUILT}
     for name, v in result["variants"].items():
         settings = ["threads_all"] if name == "keras" else ["threads_1", "threads_2"]
         assert sorted(v["latency"]) == settings, name
@@ -307,7 +309,7 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
             assert any(k.endswith("_per_1000") and x >= 0 for k, x in lat.items())
         assert v["load_ms"] > 0 and v["throughput_examples_per_s"] > 0 and v["bytes"] > 0
         assert v["peak_rss_kb"] >= v["rss_before_load_kb"] > 0
-    for name in VARIANTS:
+    for name in BUILT:
         ops = result["variants"][name]["ops"]
         assert ops["xnnpack_partitions"] >= 1 and sum(ops["delegated"].values()) > 0
         assert result["variants"][name]["matmul_flops"] > 0

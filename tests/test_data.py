@@ -362,24 +362,45 @@ def check_batch(features, labels, seq_len):
     return ids, mask
 
 
+def test_data_made_by_an_older_stage_is_refused_until_remade(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.train import load_processed
+
+    src = tmp_path / "d"
+    write(src / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in sample_rows(20)))
+    cfg = make_cfg(tmp_path)
+    D.run_data_stage(cfg, str(src), "r")
+    path = Path(cfg.paths.data) / "processed" / "r" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["stages"]["data"]["config"]["data_stage"]["version"] = D.STAGE_VERSION - 1  # stats without newer fields
+    path.write_text(json.dumps(m))
+    with pytest.raises(PipelineError, match=r"made by an older data stage .*`python -m pipeline data --run r` again"):
+        load_processed(cfg, "r")
+    D.run_data_stage(cfg, None, "r")  # remade from the source it recorded
+    assert load_processed(cfg, "r")[1]["train_encoder_mean_len"] > 2
+
+
+def encoder_lengths(processed, encoder_len):
+    """Wordpieces of each train record as the encoder reads it (cut to encoder_len, [CLS] and [SEP] included)."""
+    ds = tf.data.TFRecordDataset(str(processed / "train.tfrecord"))
+    return [int(tf.shape(D.parse_record(r, encoder_len)[0])[0]) for r in ds]
+
+
 def test_seq_len_reaches_past_the_encoder_only_for_the_ngram_term(tmp_path):
     src = tmp_path / "d"
     rows = sample_rows(20) + [("great movie " * 30, "pos")]
     write(src / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
     cfg = make_cfg(tmp_path, max_seq_len=48)
     cfg.model.max_encoder_len = 16
+    out = Path(cfg.paths.data) / "processed" / "r"
     stats = D.run_data_stage(cfg, str(src), "r")  # 31 rows: the n-gram term reads all 48
     assert (stats["seq_len"], stats["encoder_len"]) == (48, 16)
+    lengths = encoder_lengths(out, 16)
+    assert max(lengths) == 16 and stats["train_encoder_mean_len"] == pytest.approx(np.mean(lengths), abs=1e-3)
     cfg.model.ngram_max_rows = 10  # no n-gram term for 31 rows: nothing reads past the encoder
     stats = D.run_data_stage(cfg, str(src), "r")
     assert (stats["seq_len"], stats["encoder_len"]) == (16, 16)
-
-
-def test_mean_length_counts_what_the_model_sees(tmp_path):
-    path = tmp_path / "t.tfrecord"
-    write_records(path, [4, 10, 100])  # the last is cut to seq_len
-    assert D.mean_length(path, 32) == pytest.approx((4 + 10 + 32) / 3)
-    assert D.mean_length(path, 512) == pytest.approx(38.0)
+    assert stats["train_encoder_mean_len"] == pytest.approx(np.mean(encoder_lengths(out, 16)), abs=1e-3)
 
 
 def test_make_dataset_bucketed_training(tmp_path):
