@@ -121,8 +121,9 @@ def test_report_gives_each_goal_its_numbers_and_ships_what_report_ship_says(tmp_
     assert "Best accuracy: **float32**: 90.00% dev accuracy, 3.53 MB gzipped, p50 0.400 ms at 1 thread" in md
     assert (d / "mobile" / "model.tflite").read_bytes() == b"int8"
 
+    listed = "compress.variants={float32: [float32], int8: [int8], pruned_qat_int8: [prune, prune_qat, int8]}"
     for ship, shipped in (("most_accurate", b"float32"), ("pruned_qat_int8", b"pruned_qat_int8")):
-        result = run_report_stage(load_config(None, tiny_overrides(tmp_path, f"report.ship={ship}")), "fx")
+        result = run_report_stage(load_config(None, tiny_overrides(tmp_path, listed, f"report.ship={ship}")), "fx")
         assert result["recommended"] == shipped.decode() and (d / "mobile" / "model.tflite").read_bytes() == shipped
         assert f"report.ship {ship}" in (d / "mobile" / "model_card.md").read_text()
     with pytest.raises(PipelineError, match="report.ship: run 'fx' has no variant 'float16'"):
