@@ -198,3 +198,30 @@ def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     out = next(iter(runner(input_word_ids=short, input_mask=(short > 0).astype(np.int32),
                            input_type_ids=np.zeros_like(short)).values()))
     assert out.shape == (1, C) and np.all(np.isfinite(out)) and abs(float(out.sum()) - 1.0) < 0.05
+
+
+def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text():
+    """Long texts (data.max_seq_len 1024) must not cost seq^2 memory on a phone: no tensor of the converted
+    term holds a value per pair of positions."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    seq = 256
+    ids_in, mask_in = tf.keras.Input((seq,), dtype=tf.int32), tf.keras.Input((seq,), dtype=tf.int32)
+    layer = M.NgramLogits(V, C, 3, BUCKETS)
+    model = tf.keras.Model([ids_in, mask_in], layer([ids_in, mask_in]))
+    layer.set_weights(list(_random_weights(3)))
+    fn = tf.function(lambda i, m: model([i, m]), input_signature=[tf.TensorSpec([1, seq], tf.int32)] * 2)
+    interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_concrete_functions(
+        [fn.get_concrete_function()], model).convert())
+    interpreter.allocate_tensors()
+    rows = ngram.num_rows(V, 3, BUCKETS)  # the fitted table and idf: one entry per n-gram row, not per position
+    largest = max(int(np.prod(d["shape"])) for d in interpreter.get_tensor_details()
+                  if not (len(d["shape"]) and d["shape"][0] == rows))
+    assert largest <= 3 * seq * C, largest  # the gathered weights of every position's n-grams
+    ids, mask = _padded(n=1, length=seq)
+    inputs = interpreter.get_input_details()
+    for d, v in zip(sorted(inputs, key=lambda d: d["index"]), (ids, mask)):
+        interpreter.set_tensor(d["index"], v)
+    interpreter.invoke()
+    want = ngram.ngram_logits(ids, mask, *_random_weights(3), vocab_size=V, order=3, buckets=BUCKETS)
+    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), want, atol=1e-5)
