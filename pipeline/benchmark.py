@@ -192,7 +192,7 @@ def op_placement(path):
     for op in ops:
         if op["op_name"] == "DELEGATE":
             continue
-        key = f"{op['op_name']}:{dtypes.get(op['outputs'][0], '?') if op['outputs'] else '?'}"
+        key = f"{op['op_name']}:{dtypes.get(op['outputs'][0], '?') if len(op['outputs']) else '?'}"  # UNIQUE has two
         (placed if op["index"] in delegated else fallback)[key] += 1
     return {"xnnpack_partitions": len(partitions), "delegated": dict(sorted(placed.items())),
             "builtin_fallback": dict(sorted(fallback.items()))}

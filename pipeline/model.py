@@ -497,13 +497,13 @@ class SequencePooling(_Layer):
 
 
 def _count_in_text(rows, valid):
-    """[B, L] int32 rows, [B, L] 0/1 -> [B, L] float32: how many valid positions of the same text hold each
+    """[B, L] int32 rows, [B, L] int32 0/1 -> [B, L] float32: how many valid positions of the same text hold each
     position's row. UNIQUE over (text, row) keys, then a segment sum: linear in L, where comparing every pair
     of positions took L^2 memory (4 MB a text per order at 1,024 wordpieces) and 3 ms per order in LiteRT."""
     batch = tf.shape(rows, out_type=tf.int64)[0]
     keys = tf.cast(rows, tf.int64) + tf.expand_dims(tf.range(batch) * (1 << 32), 1)  # rows < 2^31
     _, index = tf.unique(tf.reshape(keys, [-1]))
-    counts = tf.math.unsorted_segment_sum(tf.reshape(tf.cast(valid, tf.int32), [-1]), index, tf.size(index))
+    counts = tf.math.unsorted_segment_sum(tf.reshape(valid, [-1]), index, tf.size(index))
     return tf.cast(tf.reshape(tf.gather(counts, index), tf.shape(rows)), tf.float32)
 
 
@@ -536,15 +536,18 @@ class NgramLogits(_Layer):
     def call(self, inputs):
         ids, mask = inputs
         ids = tf.cast(ids, tf.int32)
-        real = tf.cast(tf.not_equal(mask, 0), tf.float32)
-        rows, valid, h = ids, real, ids
+        # 0/1 in int32: the counts (UNIQUE, segment sum) run on LiteRT's builtin kernels, and an input computed
+        # by XNNPACK in float would split the graph into two delegate partitions around them
+        real = tf.cast(tf.not_equal(mask, 0), tf.int32)
+        rows, valid_int, h = ids, real, ids
         per_order = []  # (rows, share, sublinear tf) of each order's positions
         for n in range(1, self.order + 1):
             if n > 1:
                 h = tf.math.floormod(h[:, :-1] * ngram.PRIME + ids[:, n - 1:], self.buckets)
                 rows = h + (self.vocab_size + (n - 2) * self.buckets)
-                valid = valid[:, :-1] * real[:, n - 1:]
-            count = tf.maximum(_count_in_text(rows, valid), 1.0)
+                valid_int = valid_int[:, :-1] * real[:, n - 1:]
+            valid = tf.cast(valid_int, tf.float32)
+            count = tf.maximum(_count_in_text(rows, valid_int), 1.0)
             sublinear = 1.0 + tf.math.log(count)
             # each of a feature's `count` positions carries 1/count of its sublinear tf, 1 + ln(count)
             per_order.append((rows, valid * sublinear / count, sublinear))

@@ -200,10 +200,12 @@ def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     assert out.shape == (1, C) and np.all(np.isfinite(out)) and abs(float(out.sum()) - 1.0) < 0.05
 
 
-def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text():
+def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text(tmp_path):
     """Long texts (data.max_seq_len 1024) must not cost seq^2 memory on a phone: no tensor of the converted
-    term holds a value per pair of positions."""
+    term holds a value per pair of positions; and the counts do not split XNNPACK's graph in two."""
     from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.benchmark import op_placement
 
     seq = 256
     ids_in, mask_in = tf.keras.Input((seq,), dtype=tf.int32), tf.keras.Input((seq,), dtype=tf.int32)
@@ -211,8 +213,10 @@ def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text():
     model = tf.keras.Model([ids_in, mask_in], layer([ids_in, mask_in]))
     layer.set_weights(list(_random_weights(3)))
     fn = tf.function(lambda i, m: model([i, m]), input_signature=[tf.TensorSpec([1, seq], tf.int32)] * 2)
-    interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_concrete_functions(
-        [fn.get_concrete_function()], model).convert())
+    path = tmp_path / "ngrams.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model).convert())
+    assert op_placement(path)["xnnpack_partitions"] == 1
+    interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     rows = ngram.num_rows(V, 3, BUCKETS)  # the fitted table and idf: one entry per n-gram row, not per position
     largest = max(int(np.prod(d["shape"])) for d in interpreter.get_tensor_details()
