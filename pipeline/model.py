@@ -512,9 +512,9 @@ class NgramLogits(_Layer):
     """[ids [B, T] int32, mask [B, T]] -> logits [B, num_classes] of a logistic regression on the TF-IDF
     features of the text's hashed wordpiece n-grams (pipeline/ngram.py has the arithmetic and the fit).
 
-    Builtin TFLite ops only (MUL/FLOOR_MOD on int32, UNIQUE, UNSORTED_SEGMENT_SUM, GATHER, LOG, RSQRT). The weights are fitted in
-    closed form after the Transformer is trained, so they are not trainable; zeros (the initial value)
-    make the term a no-op.
+    Builtin TFLite ops only (MUL/FLOOR_MOD on int32, UNIQUE, UNSORTED_SEGMENT_SUM, GATHER, LOG, RSQRT). The
+    weights are fitted in closed form after the Transformer is trained, so they are not trainable; zeros (the
+    initial value) make the term a no-op.
     """
 
     def __init__(self, vocab_size, num_classes, order=3, buckets=131072, **kwargs):
