@@ -148,3 +148,19 @@ def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     ticks = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
     assert {"0.3", "1", "2"} <= set(ticks) and all(t.replace(".", "").isdigit() for t in ticks), ticks
+
+
+def test_training_speed_times_slow_steps_for_its_budget_only(toy_data, tmp_path):
+    """A long-text backbone run takes ~14 s a step: benchmark times about budget_s of steps, not 115 of them."""
+    from conftest import tiny_overrides
+    from pipeline.benchmark import training_speed
+    from pipeline.config import load_config
+    from pipeline.data import run_data_stage
+
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    run_data_stage(cfg, str(toy_data), "toy")
+    full = training_speed(cfg, "toy", bucketing=False, steps=6, warmup=2)
+    assert full["steps_timed"] == 6 and full["ms_per_step"] > 0
+    capped = training_speed(cfg, "toy", bucketing=True, steps=6, warmup=2, budget_s=0.0)  # every step too slow
+    assert capped["steps_timed"] == 3 and capped["epoch_seconds"] > 0
+    assert "mean of 3 timed steps" in capped["note"]
