@@ -313,10 +313,9 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15, budget_s=120.0):
     model.fit(data.repeat(), steps_per_epoch=warmup + steps, epochs=1, callbacks=[Timer()], verbose=0)
     step = float(np.mean(timed))
     batches = math.ceil(stats["rows"]["train"] / t.batch_size)
-    steps = len(timed)
-    return {"bucketing": bucketing, "ms_per_step": step * 1000.0, "steps_timed": steps,
+    return {"bucketing": bucketing, "ms_per_step": step * 1000.0, "steps_timed": len(timed),
             "examples_per_s": t.batch_size / step, "epoch_seconds": step * batches,
-            "note": f"epoch time = mean of {steps} timed steps x {batches} batches per epoch"}
+            "note": f"epoch time = mean of {len(timed)} timed steps x {batches} batches per epoch"}
 
 
 def _fresh_process(kind, path, *args):

@@ -101,14 +101,14 @@ def sorted_batches(n_rows, lengths, batch_size, rng):
 def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=None):
     """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen, the
     run's word vectors (vectors.load_table) when it has them."""
-    from pipeline.model import build_model, set_word_vectors
+    from pipeline.model import build_model, find_layer, set_word_vectors
 
     d = cfg.distill
-    ngrams = [layer for layer in teacher.layers if layer.name == "ngrams"]
+    ngrams = find_layer(teacher, "ngrams")
     student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
                                       ff_dim=d.student_ff_dim, num_layers=d.student_num_layers,
-                                      ngram_order=ngrams[0].order if ngrams else 0,
-                                      ngram_buckets=ngrams[0].buckets if ngrams else cfg.model.ngram_buckets)
+                                      ngram_order=ngrams.order if ngrams else 0,
+                                      ngram_buckets=ngrams.buckets if ngrams else cfg.model.ngram_buckets)
     student = build_model(student_cfg, vocab_size, num_classes, seq_len, **vectors.model_sizes(word_vectors))
     if word_vectors is not None:
         set_word_vectors(student, *word_vectors)

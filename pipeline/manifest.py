@@ -131,6 +131,12 @@ def up_to_date(run_dir, stage, key) -> bool:
     return True
 
 
+def stage_version(run_dir, stage):
+    """The code version that made `stage`'s record (its key's config.<stage>_stage.version), or None."""
+    record = load(run_dir)["stages"].get(stage, {})
+    return record.get("config", {}).get(f"{stage}_stage", {}).get("version")
+
+
 def _write(run_dir, m):
     files.write_json(Path(run_dir) / NAME, m)
 

@@ -679,6 +679,11 @@ def set_word_vectors(model: tf.keras.Model, table, seen, learned):
     layer.embeddings.assign(tf.where(keep, layer.embeddings, tf.zeros_like(layer.embeddings)))
 
 
+def find_layer(model: tf.keras.Model, name: str):
+    """The model's layer called `name`, or None (get_layer raises instead)."""
+    return next((layer for layer in model.layers if layer.name == name), None)
+
+
 def encoder_layer_names(model: tf.keras.Model) -> list[str]:
     """Names of the layers with encoder weights (embedding, blocks, final norm), in model order."""
     return [l.name for l in model.layers

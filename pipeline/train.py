@@ -153,7 +153,7 @@ def load_processed(cfg, run):
     stats_path = processed / "stats.json"
     if not stats_path.exists():
         raise PipelineError(f"{processed}: no processed data for run '{run}'; run `python -m pipeline data` first")
-    made_by = manifest.load(processed)["stages"].get("data", {}).get("config", {}).get("data_stage", {}).get("version")
+    made_by = manifest.stage_version(processed, "data")
     if made_by != STAGE_VERSION:
         raise PipelineError(f"{processed}: made by an older data stage (version {made_by}, now {STAGE_VERSION}); run "
                             f"`python -m pipeline data --run {run}` again")
@@ -364,10 +364,6 @@ def train_model(cfg, run, key):
     return model, rows, stats, labels, init
 
 
-def has_layer(model, name):
-    return any(layer.name == name for layer in model.layers)
-
-
 def _split_arrays(path, seq_len):
     """(input dict of int32 [n, seq_len] arrays, labels [n]) of a processed split, in file order."""
     import numpy as np
@@ -427,6 +423,7 @@ def run_train_stage(cfg, run):
     from pipeline.baseline import comparison_table, run_baseline
     from pipeline.data import read_examples
     from pipeline.evaluate import classification_metrics, load_predictor
+    from pipeline.model import find_layer
 
     processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
@@ -435,7 +432,7 @@ def run_train_stage(cfg, run):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
     model, rows, stats, labels, init = train_model(cfg, run, key)
-    mix = fit_ngram_term(cfg, model, processed, stats, labels) if has_layer(model, "ngrams") else None
+    mix = fit_ngram_term(cfg, model, processed, stats, labels) if find_layer(model, "ngrams") else None
 
     # Keras format and SavedModel; each lands at its final path only when complete.
     with files.atomic_path(model_dir / "model.keras") as tmp:
