@@ -295,7 +295,8 @@ def run_report_stage(cfg, run):
     history = _load(model_dir / "history.json", "train")
     # metrics.json holds the baseline's scores; runs trained before it existed have neither
     has_metrics = (model_dir / "metrics.json").is_file()
-    baseline = _load(model_dir / "metrics.json", "train").get("baseline") if has_metrics else None
+    metrics = _load(model_dir / "metrics.json", "train") if has_metrics else {}
+    baseline = metrics.get("baseline")
     key = {"config": {"report": cfg.to_dict()["report"]}, "inputs": manifest.inputs(model_dir, [
         "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
         *(["metrics.json"] if has_metrics else []),
@@ -331,6 +332,8 @@ def run_report_stage(cfg, run):
         from pipeline.baseline import verdict
 
         sentence = verdict(compression["keras"], baseline["dev"])  # the keras row against the baseline row
+        if "test" in metrics and "test" in baseline:  # the train stage scored both on the run's test split
+            sentence += "; " + verdict(metrics["test"], baseline["test"], "test")
         versus = (sentence[0].upper() + sentence[1:] + ". The baseline row is TF-IDF word and character "
                   "n-grams with a logistic regression, fitted on the same train split.")
     r, t = benchmark["ratios"], benchmark["training"]

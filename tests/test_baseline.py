@@ -158,11 +158,13 @@ def test_comparison_table_signs_deltas_and_names_the_winner():
     worse = comparison_table({"dev": scores(0.80, 0.79), "test": scores(0.81, 0.80)},
                              {"dev": scores(0.85, 0.84), "test": scores(0.78, 0.775)})
     lines = worse.splitlines()
-    assert lines[0].split()[0] == "split" and len(lines) == 4
+    assert lines[0].split()[0] == "split" and len(lines) == 5
     assert lines[1].split() == ["dev", "80.00", "85.00", "-5.00", "0.7900", "0.8400", "-0.0500"]
     assert lines[2].split() == ["test", "81.00", "78.00", "+3.00", "0.8000", "0.7750", "+0.0250"]
     assert len({len(line) for line in lines[:3]}) == 1  # aligned
     assert lines[3].startswith("the bag-of-words baseline is better on dev (") and "80.00%" in lines[3]
+    # a verdict per split: dev can flatter either side, so test speaks too
+    assert lines[4].startswith("the Transformer beats the bag-of-words baseline on test (") and "81.00%" in lines[4]
 
     # better accuracy but worse macro F1 is still worse; only dev in both: one row
     mixed = comparison_table({"dev": scores(0.90, 0.70)}, {"dev": scores(0.85, 0.80), "test": scores(0.8, 0.8)})
@@ -185,9 +187,10 @@ def test_report_has_a_baseline_row_and_says_who_wins(tmp_path, baseline_accuracy
     from pipeline.report import run_report_stage
 
     d = fixture_run(tmp_path)
-    baseline = {"dev": scores(baseline_accuracy, baseline_accuracy - 0.005), "bytes": 3 * 1024 * 1024,
-                "gzip_bytes": 1024 * 1024, "fit_seconds": 2.0, "path": str(d / "baseline")}
-    (d / "metrics.json").write_text(json.dumps({"dev": scores(0.9, 0.9), "baseline": baseline}))
+    baseline = {"dev": scores(baseline_accuracy, baseline_accuracy - 0.005), "test": scores(0.85, 0.845),
+                "bytes": 3 * 1024 * 1024, "gzip_bytes": 1024 * 1024, "fit_seconds": 2.0, "path": str(d / "baseline")}
+    metrics = {"dev": scores(0.9, 0.9), "test": scores(0.88, 0.88), "baseline": baseline}
+    (d / "metrics.json").write_text(json.dumps(metrics))
     manifest.record(d, "train", {"config": {}, "inputs": {}}, ["labels.txt", "vocab.txt", "history.json",
                                                                "metrics.json"])
     result = run_report_stage(load_config(None, tiny_overrides(tmp_path)), "fx")
@@ -196,6 +199,9 @@ def test_report_has_a_baseline_row_and_says_who_wins(tmp_path, baseline_accuracy
     row = f"| baseline | {100 * baseline_accuracy:.2f} | {baseline_accuracy - 0.005:.4f} | 3.00 | 1.000 | – |"
     assert row in md and "| keras | 90.00 |" in md
     assert md.index(sentence) < md.index("| variant |")  # above the table
+    # the run's test split speaks too (dev picked the epoch)
+    assert (f"{sentence}; the Transformer beats the bag-of-words baseline on test (accuracy: Transformer 88.00%, "
+            "baseline 85.00%; macro F1: Transformer 0.8800, baseline 0.8450)") in md
     html = (d / "report.html").read_text()
     assert "<td>baseline</td>" in html and sentence in html
     assert "model/metrics.json" in manifest.load(d)["stages"]["report"]["inputs"]
