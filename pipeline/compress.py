@@ -263,7 +263,7 @@ def stage_key(cfg, model_dir, processed):
 
     key = train_key(cfg, processed, model_dir)
     key["config"]["compress"] = cfg.to_dict()["compress"]
-    key["config"]["compress_stage"] = {"version": STAGE_VERSION}
+    key["config"].update(manifest.version_config("compress", STAGE_VERSION))
     key["inputs"].update(manifest.inputs(model_dir, manifest.MODEL_FILES, "model"))
     if has_student(model_dir):
         key["inputs"].update(manifest.inputs(model_dir, ["distilled"], "distill"))

@@ -545,7 +545,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     m = cfg.model  # what the encoder and the n-gram term read decides seq_len
     key = {"config": {"data": {**dataclasses.asdict(dc), "word_vectors": word_vectors},
                       "model": {k: getattr(m, k) for k in ("max_encoder_len", "ngram_order", "ngram_max_rows")},
-                      "data_stage": {"version": STAGE_VERSION}},
+                      **manifest.version_config("data", STAGE_VERSION)},
            "inputs": manifest.files_checksums([*files.values(), *([unlabeled_file] if unlabeled_file else []),
                                                *vector_file])}
     if pretrained:

@@ -131,8 +131,13 @@ def up_to_date(run_dir, stage, key) -> bool:
     return True
 
 
+def version_config(stage, version) -> dict:
+    """The config section a stage's key carries for its code version: a bumped version reruns the stage."""
+    return {f"{stage}_stage": {"version": version}}
+
+
 def stage_version(run_dir, stage):
-    """The code version that made `stage`'s record (its key's config.<stage>_stage.version), or None."""
+    """The code version that made `stage`'s record (what version_config put in its key), or None."""
     record = load(run_dir)["stages"].get(stage, {})
     return record.get("config", {}).get(f"{stage}_stage", {}).get("version")
 
