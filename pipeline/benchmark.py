@@ -347,7 +347,8 @@ def run_benchmark_stage(cfg, run):
     if not compression.is_file():
         raise PipelineError(f"{model_dir}: no compression.json; run `python -m pipeline compress` first")
     processed = Path(cfg.paths.data) / "processed" / run
-    names = list(json.loads(compression.read_text())["variants"])  # what the compress stage built
+    variants = json.loads(compression.read_text())["variants"]
+    names = list(variants)  # what the compress stage built
     key = {"config": {s: cfg.to_dict()[s] for s in ("data", "model", "train")},  # train: the training-speed runs
            "inputs": {**manifest.inputs(model_dir, [*manifest.MODEL_FILES, "history.json", "compression.json",
                                                     *(f"tflite/{n}.tflite" for n in names)], "model"),
@@ -370,7 +371,7 @@ def run_benchmark_stage(cfg, run):
     peak = cpu_peak_flops()
     result = {"run": run, "seq_len": seq_len, "params": int(model.count_params()),
               "forward_flops_per_example": flops, "cpu": peak, "variants": {}}
-    if "distilled_float32" in names:  # the distilled student beside its teacher (the Keras model above)
+    if any(v["recipe"][0] == "student" for v in variants.values()):  # the student beside its teacher (Keras, above)
         student = load_model(model_dir / "distilled" / "model.keras")
         result["student"] = {"params": int(student.count_params()),
                              "forward_flops_per_example": forward_flops(student, seq_len)}

@@ -8,6 +8,7 @@ Tasks as apps run it. A chain prefix shared by several recipes (e.g. prune) is s
 compress_state/; every variant and evaluation is written atomically and skipped when a re-run finds it
 (compress_state/ remembers the config and model it was made from), so a killed stage resumes.
 """
+import dataclasses
 import json
 import math
 import shutil
@@ -22,6 +23,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from pipeline import files, manifest
+from pipeline.distill import run_distill_stage
 from pipeline.errors import PipelineError
 from pipeline.recipes import EXPORT_STEPS, MODEL_STEPS
 from pipeline.report import markdown_table
@@ -35,11 +37,27 @@ def has_student(model_dir):
     return "distilled" in manifest.load(model_dir)["artifacts"]
 
 
+def distils(cfg):
+    """True when compress distils the student itself (a backbone run: its teacher is too big to ship);
+    otherwise the variants that start from the student are built only after `make distill`."""
+    return cfg.model.backbone != "none"
+
+
 def variant_names(cfg, model_dir):
     """The variants `make compress` builds for this run: compress.variants, those that start from the
-    student only when the run has one."""
-    student = has_student(model_dir)
+    student only when the run has one or compress distils it."""
+    student = has_student(model_dir) or distils(cfg)
     return [n for n, steps in cfg.compress.variants.items() if student or steps[0] != "student"]
+
+
+def chain_config(cfg, chain):
+    """The config a recipe's steps see: a chain that starts from the student (a small model trained from scratch,
+    its embedding most of its weights) prunes to compress.student_sparsity at compress.student_learning_rate."""
+    if chain[0] != "student":
+        return cfg
+    c = cfg.compress
+    return dataclasses.replace(cfg, compress=dataclasses.replace(c, learning_rate=c.student_learning_rate,
+                                                                 sparsity=c.student_sparsity))
 
 
 PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps
@@ -78,9 +96,12 @@ def _compile(model, cfg, total_steps):
                   metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
-def _fit(model, data, steps, callbacks=()):
-    """Train for exactly `steps` batches (the dataset repeats): a progress bar on a terminal, else one log line."""
-    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=list(callbacks),
+def _fit(model, data, steps, log_dir, callbacks=()):
+    """Train for exactly `steps` batches (the dataset repeats): a progress bar on a terminal, else one log line;
+    loss, accuracy and learning rate every few dozen steps in TensorBoard (log_dir/steps)."""
+    from pipeline.train import StepLog
+
+    model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[*callbacks, StepLog(log_dir)],
               verbose=1 if sys.stdout.isatty() else 2)
 
 
@@ -100,7 +121,7 @@ def prune_model(model, cfg, data, steps, log_dir):
         end_step=max(1, int(PRUNE_RAMP * steps)), frequency=max(1, min(c.pruning_frequency, steps // 4)))
     pruned = tfmot.sparsity.keras.prune_low_magnitude(clone(model), pruning_schedule=schedule)
     _compile(pruned, cfg, steps)
-    _fit(pruned, data, steps, [tfmot.sparsity.keras.UpdatePruningStep(),
+    _fit(pruned, data, steps, log_dir, [tfmot.sparsity.keras.UpdatePruningStep(),
                                tfmot.sparsity.keras.PruningSummaries(log_dir=str(log_dir))])
     return tfmot.sparsity.keras.strip_pruning(pruned)
 
@@ -123,7 +144,7 @@ OP_POINTS = {"BATCH_MATMUL": ("query", "key", "value", "probs"), "SOFTMAX": ("sc
              "GELU": ("conv_hidden", "ffn_hidden")}
 
 
-def qat_model(model, cfg, data, steps, preserve_sparsity=False, preserve_clusters=False):
+def qat_model(model, cfg, data, steps, log_dir, preserve_sparsity=False, preserve_clusters=False):
     """Quantization-aware fine-tuning of a copy of `model` (float32) for `steps`; with preserve_sparsity
     (preserve_clusters), TFMOT's prune-preserving (cluster-preserving) quantizer keeps zeros (centroids)."""
     from pipeline.model import quantize_model
@@ -132,7 +153,7 @@ def qat_model(model, cfg, data, steps, preserve_sparsity=False, preserve_cluster
     qat = quantize_model(model, preserve_sparsity=preserve_sparsity, float_points=float_points,
                          preserve_clusters=preserve_clusters)
     _compile(qat, cfg, steps)
-    _fit(qat, data, steps)
+    _fit(qat, data, steps, log_dir)
     return qat
 
 
@@ -186,7 +207,7 @@ def cluster_model(model, cfg, data, steps, log_dir):
     with c.cluster_scope():
         clustered = tf.keras.models.clone_model(copy, clone_function=wrap)
     _compile(clustered, cfg, steps)
-    _fit(clustered, data, steps, [tf.keras.callbacks.TensorBoard(log_dir=str(log_dir))])
+    _fit(clustered, data, steps, log_dir, [tf.keras.callbacks.TensorBoard(log_dir=str(log_dir))])
     return c.strip_clustering(clustered)
 
 
@@ -315,12 +336,12 @@ def _cluster(model, ctx):
 def _fine_tune(model, ctx):
     tuned, steps = clone(model), ctx.steps(ctx.cfg.compress.fine_tune_epochs)
     _compile(tuned, ctx.cfg, steps)
-    _fit(tuned, ctx.data(), steps)
+    _fit(tuned, ctx.data(), steps, ctx.log_dir)
     return tuned
 
 
 def _qat(model, ctx, **preserve):
-    return qat_model(model, ctx.cfg, ctx.data(), ctx.steps(ctx.cfg.compress.qat_epochs), **preserve)
+    return qat_model(model, ctx.cfg, ctx.data(), ctx.steps(ctx.cfg.compress.qat_epochs), ctx.log_dir, **preserve)
 
 
 def _export(mode):
@@ -360,6 +381,8 @@ def run_compress_stage(cfg, run):
         raise PipelineError(f"{model_dir}: no trained model for run '{run}'; run `python -m pipeline train` first")
     processed, stats, labels = load_processed(cfg, run)
     seq_len, train_rows = int(stats["seq_len"]), int(stats["rows"]["train"])
+    if distils(cfg) and any(steps[0] == "student" for steps in cfg.compress.variants.values()):
+        run_distill_stage(cfg, run)  # skipped when the student is up to date, resumed when it was killed
     key = stage_key(cfg, model_dir, processed)
     if manifest.up_to_date(model_dir, "compress", key):
         return json.loads((model_dir / "compression.json").read_text())
@@ -442,7 +465,7 @@ def run_compress_stage(cfg, run):
     def apply(prefix, model):
         """The last step of `prefix` on `model` (the model after the steps before it); writes its stats."""
         tf.keras.utils.set_random_seed(cfg.train.seed)
-        ctx.history, ctx.stats = prefix[:-1], None
+        ctx.cfg, ctx.history, ctx.stats = chain_config(cfg, prefix), prefix[:-1], None
         ctx.log_dir = Path(cfg.paths.runs) / run / label(prefix)
         out = STEP_FUNCTIONS[prefix[-1]](model, ctx)
         if ctx.stats is not None:

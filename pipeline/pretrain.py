@@ -117,7 +117,7 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     """Fit the encoder with an MLM head on the run's texts; return (MLM model, epoch rows)."""
     from pipeline.model import build_mlm_model, set_word_vectors
     from pipeline.tokenizer import load_vocabulary
-    from pipeline.train import EpochTimer, WarmupLinearDecay, make_optimizer, read_epoch_log
+    from pipeline.train import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
 
     p = cfg.pretrain
     if not 0 < p.mask_rate < 1:
@@ -150,7 +150,7 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
                   EpochTimer(), tf.keras.callbacks.TerminateOnNaN(),
                   tf.keras.callbacks.CSVLogger(str(log), append=True),
                   tf.keras.callbacks.BackupAndRestore(str(state / "backup")),
-                  tf.keras.callbacks.TensorBoard(str(logdir))])
+                  tf.keras.callbacks.TensorBoard(str(logdir)), StepLog(logdir)])
     rows = read_epoch_log(log)
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: pretraining diverged (loss is NaN); lower pretrain.learning_rate and run again")

@@ -22,7 +22,8 @@ EXPORT_STEPS = {
 }
 STEPS = {**MODEL_STEPS, **EXPORT_STEPS}
 
-# Built by default: the trained model (and the distilled student, when the run has one) exported as it is.
+# Built by default: the trained model exported as it is, and the distilled student (when the run has one, or
+# compress distils it: a backbone run) exported as it is and pruned + QAT-trained.
 DEFAULT_VARIANTS = {
     "float32": ["float32"],
     "dynamic_range": ["dynamic_range"],
@@ -30,6 +31,8 @@ DEFAULT_VARIANTS = {
     "int8": ["int8"],
     "distilled_float32": ["student", "float32"],
     "distilled_int8": ["student", "int8"],
+    # the distilled student pruned, then quantization-aware trained keeping its zeros (TFMOT), then int8
+    "distilled_pruned_qat_int8": ["student", "prune", "prune_qat", "int8"],
 }
 # Recipes that fine-tune while compressing: they shrink a from-scratch model (model.backbone: none) at a small
 # cost, but in the few epochs compress gives them they ruin a fine-tuned backbone (tweet_emotion dev: 12 to 51

@@ -259,7 +259,7 @@ def student_fact(benchmark, compression):
     """One line: the distilled student against its teacher (the Keras model) in size, FLOPs and accuracy."""
     st, v = benchmark["student"], compression["variants"]
     teacher = compression["keras"]["accuracy"]
-    accs = ", ".join(f"{n} {100 * v[n]['accuracy']:.2f}%" for n in ("distilled_float32", "distilled_int8") if n in v)
+    accs = ", ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in v.items() if r["recipe"][0] == "student")
     return (f"Distilled student: {st['params']:,} parameters ({st['params'] / benchmark['params']:.2f}x the teacher's), "
             f"{st['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
             f"({st['forward_flops_per_example'] / benchmark['forward_flops_per_example']:.2f}x); dev accuracy {accs} "

