@@ -173,9 +173,14 @@ def build_tables(rows, benchmark):
     for name, v in benchmark["variants"].items():
         if "ops" in v:
             fallback = ", ".join(f"{k}×{n}" for k, n in v["ops"]["builtin_fallback"].items())
-            ops.append([name, str(v["ops"]["xnnpack_partitions"]), f"{v['latency']['threads_1']['p50_ms'] / f32:.2f}",
+            ops.append([name, str(v["ops"]["xnnpack_partitions"]), _ratio(v["latency"]["threads_1"]["p50_ms"] / f32),
                         _fmt(v.get("matmul_flops"), ".1f", 1e-6), fallback or "none"])
     return main, ops
+
+
+def _ratio(x):
+    """Two decimals, or two significant digits below 0.1: a student's 0.0043 of float32's time is not 0.00."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
 def markdown_table(table):
@@ -349,7 +354,7 @@ def run_report_stage(cfg, run):
         f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
         "variant name).",
         "p50 latency / float32's at 1 thread: " + ", ".join(
-            f"{k[:-len('_over_float32_p50_1thread')]} **{x:.2f}**" for k, x in r.items()
+            f"{k[:-len('_over_float32_p50_1thread')]} **{_ratio(x)}**" for k, x in r.items()
             if k.endswith("_over_float32_p50_1thread") and not k.startswith(("keras", "dense_only"))) + ".",
         f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
         f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",

@@ -164,3 +164,9 @@ def test_training_speed_times_slow_steps_for_its_budget_only(toy_data, tmp_path)
     capped = training_speed(cfg, "toy", bucketing=True, steps=6, warmup=2, budget_s=0.0)  # every step too slow
     assert capped["steps_timed"] == 3 and capped["epoch_seconds"] > 0
     assert "mean of 3 timed steps" in capped["note"]
+
+
+def test_latency_ratios_keep_two_significant_digits_when_small():
+    from pipeline.report import _ratio
+
+    assert [_ratio(x) for x in (1.03, 0.75, 0.1, 0.0427, 0.00427)] == ["1.03", "0.75", "0.10", "0.043", "0.0043"]
