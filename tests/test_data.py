@@ -337,8 +337,11 @@ def test_singleton_class_elsewhere_names_its_line_without_the_hint(tmp_path):
 
 @pytest.mark.skipif(not SST2.exists(), reason="no ../shared/data/sst2")
 def test_reads_real_sst2_dev():
+    """The shared SST-2 as its README describes it: 1,000 whole dev sentences (>= 10 words), none of them in train."""
     texts, labels = D.read_examples(SST2 / "dev.tsv", DataConfig())
-    assert len(texts) == 6735 and set(labels) == {"0", "1"}
+    assert len(texts) == 1000 and set(labels) == {"0", "1"} and min(len(t.split()) for t in texts) >= 10
+    train, train_labels = D.read_examples(SST2 / "train.tsv", DataConfig())
+    assert len(train) == 53438 and set(train_labels) == {"0", "1"} and not set(texts) & set(train)
 
 
 # ------------------------------------------------------------------------------ input pipeline
