@@ -139,8 +139,8 @@ def current_learning_rate(optimizer):
 
 class StepLog(tf.keras.callbacks.Callback):
     """TensorBoard points every `every` steps under <logdir>/steps: the mean of each training metric (loss,
-    accuracy, ...) over those steps (from Keras' running epoch means, so exact) and the learning rate. An epoch-level log of a 600-step run
-    is one dot; this is a curve that shows where a run went wrong."""
+    accuracy, ...) over those steps (from Keras' running epoch means, so exact) and the learning rate. An
+    epoch-level log of a one-epoch run is one dot; this is a curve that shows where a run went wrong."""
 
     def __init__(self, logdir, every=LOG_EVERY):
         super().__init__()
@@ -148,7 +148,7 @@ class StepLog(tf.keras.callbacks.Callback):
         self.every = int(every)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._sums, self._last = {}, (0, {})
+        self._last = (0, {})  # (steps done, metric sums) at the last point written
 
     def on_train_batch_end(self, batch, logs=None):
         done = batch + 1
