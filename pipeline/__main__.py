@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 DEFAULT_RUN = "SST-2"  # the run name of the GLUE SST-2 download
 CURRENT_RUN = ".current_run"  # in paths.models: the run of the last data or train stage given --data or --run
@@ -38,7 +38,7 @@ def resolve_run(args, cfg):
 
 def remember_run(cfg, run):
     """Make `run` the one later stages without --run work on."""
-    from pipeline.files import write_text
+    from pipeline.core.files import write_text
 
     write_text(Path(cfg.paths.models) / CURRENT_RUN, run + "\n")
 
@@ -159,7 +159,7 @@ def main(argv=None):
 def run_stage(args):
     """Run the stage `args` names; print a one-line error and return 2 for bad input."""
     try:
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
 
         config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
         cfg = load_config(config_path, args.set)
@@ -168,23 +168,23 @@ def run_stage(args):
             # stdout holds evaluate's JSON result
             print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
         if args.stage == "data":
-            from pipeline.data import run_data_stage
+            from pipeline.stages.data import run_data_stage
 
             run_data_stage(cfg, args.data, run)
             if args.data or args.run:
                 remember_run(cfg, run)
         elif args.stage == "pretrain":
-            from pipeline.pretrain import run_pretrain_stage
+            from pipeline.stages.pretrain import run_pretrain_stage
 
             run_pretrain_stage(cfg, run)
         elif args.stage == "train":
-            from pipeline.train import run_train_stage
+            from pipeline.stages.train import run_train_stage
 
             run_train_stage(cfg, run)
             if args.run:
                 remember_run(cfg, run)
         elif args.stage == "evaluate":
-            from pipeline.evaluate import run_evaluate
+            from pipeline.stages.evaluate import run_evaluate
 
             if args.model:
                 run_evaluate(cfg, args.model, args.data, args.out)
@@ -193,31 +193,31 @@ def run_stage(args):
                 run_evaluate(cfg, str(model_dir), args.data or str(Path(cfg.paths.data) / "processed" / run / "dev.jsonl"),
                              args.out or str(model_dir / "eval"))
         elif args.stage == "predict":
-            from pipeline.data import read_texts
-            from pipeline.evaluate import run_predict
+            from pipeline.stages.data import read_texts
+            from pipeline.stages.evaluate import run_predict
 
             texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
             run_predict(cfg, args.model, texts, args.runtime, args.table)
         elif args.stage == "explain":
-            from pipeline.data import read_texts
-            from pipeline.explain import run_explain
+            from pipeline.stages.data import read_texts
+            from pipeline.stages.explain import run_explain
 
             texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
             run_explain(cfg, args.model, texts, args.out, args.label, args.steps)
         elif args.stage == "distill":
-            from pipeline.distill import run_distill_stage
+            from pipeline.stages.distill import run_distill_stage
 
             run_distill_stage(cfg, run)
         elif args.stage == "compress":
-            from pipeline.compress import run_compress_stage
+            from pipeline.stages.compress import run_compress_stage
 
             run_compress_stage(cfg, run)
         elif args.stage == "benchmark":
-            from pipeline.benchmark import run_benchmark_stage
+            from pipeline.stages.benchmark import run_benchmark_stage
 
             run_benchmark_stage(cfg, run)
         else:
-            from pipeline.report import run_report_stage
+            from pipeline.stages.report import run_report_stage
 
             run_report_stage(cfg, run)
     except PipelineError as e:

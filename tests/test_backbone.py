@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, tiny_overrides
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 D, LAYERS, HEADS, FF, POSITIONS = 16, 2, 2, 32, 64
 
@@ -74,8 +74,10 @@ def reference_bert(t, ids, mask):
 def test_backbone_in_our_layers_computes_what_bert_computes(tmp_path):
     import tensorflow as tf
 
-    from pipeline import backbone, model, tokenizer
-    from pipeline.config import ModelConfig
+    from pipeline.model import backbone
+    from pipeline.model import layers as model
+    from pipeline.text import tokenizer
+    from pipeline.core.config import ModelConfig
 
     directory, _, tensors = make_tiny_bert(tmp_path / "bert")
     spec = backbone.read_spec(directory)
@@ -93,8 +95,8 @@ def test_backbone_in_our_layers_computes_what_bert_computes(tmp_path):
 
 
 def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
-    from pipeline.data import run_data_stage
-    from pipeline.train import run_train_stage
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.train import run_train_stage
 
     directory, vocab, tensors = make_tiny_bert(tmp_path / "bert")
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}", "train.epochs=4",
@@ -106,7 +108,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
     metrics = run_train_stage(cfg, "toy")
     assert metrics["init"] == f"backbone {directory}"
     assert metrics["dev"]["accuracy"] > 0.9
-    from pipeline.model import load_model
+    from pipeline.model.layers import load_model
 
     m = load_model(tmp_path / "saved_models" / "toy" / "model.keras")
     emb = m.get_layer("embedding").embeddings.numpy()
@@ -115,7 +117,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
 
     # explain (and the report's error analysis) work on it: its layer-by-layer pass matches the model (explain
     # checks that itself) and integrated gradients account for the logit's change from the baseline
-    from pipeline.explain import load_explainer
+    from pipeline.stages.explain import load_explainer
 
     explainer, _ = load_explainer(tmp_path / "saved_models" / "toy")
     inputs = {k: v[0] for k, v in explainer.encode(["the movie was great"]).items()}
@@ -126,8 +128,8 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
     # a changed checkpoint makes the trained model out of date
     cfg_again = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}",
                                                                  "train.epochs=4", "train.learning_rate=0.003"))
-    from pipeline import manifest
-    from pipeline.train import stage_key
+    from pipeline.core import manifest
+    from pipeline.stages.train import stage_key
 
     key = stage_key(cfg_again, processed, tmp_path / "saved_models" / "toy")
     assert manifest.up_to_date(tmp_path / "saved_models" / "toy", "train", key)
@@ -138,7 +140,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
 
 
 def test_bad_backbones_are_one_line_errors(tmp_path):
-    from pipeline import backbone
+    from pipeline.model import backbone
 
     with pytest.raises(PipelineError, match="neither none, a known backbone"):
         backbone.backbone_dir(str(tmp_path / "nowhere"), tmp_path / "raw")
@@ -163,8 +165,9 @@ def test_bad_backbones_are_one_line_errors(tmp_path):
 def test_a_checkpoint_unlike_its_config_names_the_tensor(tmp_path):
     from safetensors.numpy import save_file
 
-    from pipeline import backbone, model
-    from pipeline.config import ModelConfig
+    from pipeline.model import backbone
+    from pipeline.model import layers as model
+    from pipeline.core.config import ModelConfig
 
     directory, _, tensors = make_tiny_bert(tmp_path / "bert")
     spec = backbone.read_spec(directory)
@@ -181,7 +184,8 @@ def test_a_checkpoint_unlike_its_config_names_the_tensor(tmp_path):
 
 def test_a_known_backbone_without_its_package_is_downloaded_and_checked(tmp_path, monkeypatch):
     """With its package not installed, a known backbone is fetched (temp file, SHA-256); here from file:// URLs."""
-    from pipeline import backbone, manifest
+    from pipeline.model import backbone
+    from pipeline.core import manifest
 
     source, _, _ = make_tiny_bert(tmp_path / "hub")
     sums = {f: manifest.sha256(source / f) for f in backbone.FILES}
@@ -213,10 +217,10 @@ def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_pa
     from mediapipe.tasks.python.text import TextClassifier, TextClassifierOptions
 
     from conftest import COMPRESS
-    from pipeline.compress import run_compress_stage
-    from pipeline.data import run_data_stage
-    from pipeline.evaluate import TFLitePredictor
-    from pipeline.train import run_train_stage
+    from pipeline.stages.compress import run_compress_stage
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.evaluate import TFLitePredictor
+    from pipeline.stages.train import run_train_stage
 
     directory, _, _ = make_tiny_bert(tmp_path / "bert")
     student = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",

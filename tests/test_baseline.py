@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import FILLER, NEGATIVE, POSITIVE, tiny_overrides
-from pipeline import manifest
-from pipeline.errors import PipelineError
+from pipeline.core import manifest
+from pipeline.core.errors import PipelineError
 
 LABELS = ["pos", "neg"]  # not sklearn's sorted order (neg, pos): the columns must be remapped
 
@@ -37,8 +37,8 @@ def write_processed(d, test=True):
 
 def read_splits(d):
     """{split: (texts, labels)} of a processed directory, as the train stage reads it."""
-    from pipeline.config import DataConfig
-    from pipeline.data import read_examples
+    from pipeline.core.config import DataConfig
+    from pipeline.stages.data import read_examples
 
     return {p.stem: read_examples(p, DataConfig()) for p in sorted(d.glob("*.jsonl"))}
 
@@ -46,7 +46,7 @@ def read_splits(d):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """(baseline directory, run_baseline's result) on the toy processed run."""
-    from pipeline.baseline import run_baseline
+    from pipeline.measure.baseline import run_baseline
 
     root = tmp_path_factory.mktemp("baseline")
     processed = write_processed(root / "processed")
@@ -55,7 +55,7 @@ def fitted(tmp_path_factory):
 
 
 def test_make_baseline_is_the_published_recipe():
-    from pipeline.baseline import make_baseline
+    from pipeline.measure.baseline import make_baseline
 
     p = make_baseline()
     words, chars = (t for _, t in p.named_steps["tfidf"].transformer_list)
@@ -79,14 +79,14 @@ def test_run_baseline_learns_the_toy_task_and_saves_it(fitted):
 
 
 def test_run_baseline_without_test_split_reports_dev_only(tmp_path):
-    from pipeline.baseline import run_baseline
+    from pipeline.measure.baseline import run_baseline
 
     result = run_baseline(read_splits(write_processed(tmp_path / "p", test=False)), tmp_path / "b", LABELS)
     assert "dev" in result and "test" not in result
 
 
 def test_predict_proba_columns_follow_labels_txt(fitted):
-    from pipeline.baseline import BaselinePredictor
+    from pipeline.measure.baseline import BaselinePredictor
 
     out, _ = fitted
     predictor = BaselinePredictor(out)
@@ -103,7 +103,7 @@ def test_predict_proba_columns_follow_labels_txt(fitted):
 def test_predictor_rejects_labels_that_are_not_the_models(fitted, tmp_path):
     import shutil
 
-    from pipeline.baseline import BaselinePredictor
+    from pipeline.measure.baseline import BaselinePredictor
 
     out, _ = fitted
     copy = tmp_path / "baseline"
@@ -117,9 +117,9 @@ def test_predictor_rejects_labels_that_are_not_the_models(fitted, tmp_path):
 
 
 def test_load_predictor_and_evaluate_take_a_baseline_directory(fitted, tmp_path, capsys):
-    from pipeline.baseline import BaselinePredictor
-    from pipeline.config import load_config
-    from pipeline.evaluate import load_predictor, run_evaluate
+    from pipeline.measure.baseline import BaselinePredictor
+    from pipeline.core.config import load_config
+    from pipeline.stages.evaluate import load_predictor, run_evaluate
 
     out, result = fitted
     assert isinstance(load_predictor(out), BaselinePredictor)
@@ -137,7 +137,7 @@ def test_load_predictor_and_evaluate_take_a_baseline_directory(fitted, tmp_path,
 def test_load_predictor_refuses_an_altered_baseline_of_a_run(fitted, tmp_path):
     import shutil
 
-    from pipeline.evaluate import load_predictor
+    from pipeline.stages.evaluate import load_predictor
 
     out, _ = fitted
     run = tmp_path / "run"
@@ -153,7 +153,7 @@ def scores(accuracy, macro_f1):
 
 
 def test_comparison_table_signs_deltas_and_names_the_winner():
-    from pipeline.baseline import comparison_table
+    from pipeline.measure.baseline import comparison_table
 
     worse = comparison_table({"dev": scores(0.80, 0.79), "test": scores(0.81, 0.80)},
                              {"dev": scores(0.85, 0.84), "test": scores(0.78, 0.775)})
@@ -183,8 +183,8 @@ def test_comparison_table_signs_deltas_and_names_the_winner():
 def test_report_has_a_baseline_row_and_says_who_wins(tmp_path, baseline_accuracy, sentence):
     from test_benchmark import fixture_run
 
-    from pipeline.config import load_config
-    from pipeline.report import run_report_stage
+    from pipeline.core.config import load_config
+    from pipeline.stages.report import run_report_stage
 
     d = fixture_run(tmp_path)
     baseline = {"dev": scores(baseline_accuracy, baseline_accuracy - 0.005), "test": scores(0.85, 0.845),
@@ -210,8 +210,8 @@ def test_report_has_a_baseline_row_and_says_who_wins(tmp_path, baseline_accuracy
 def test_report_without_a_baseline_has_no_baseline_row(tmp_path):
     from test_benchmark import fixture_run
 
-    from pipeline.config import load_config
-    from pipeline.report import run_report_stage
+    from pipeline.core.config import load_config
+    from pipeline.stages.report import run_report_stage
 
     d = fixture_run(tmp_path)
     (d / "metrics.json").write_text(json.dumps({"dev": scores(0.9, 0.9)}))  # a run trained before the baseline

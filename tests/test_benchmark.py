@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import manifest
+from pipeline.core import manifest
 
 
 def fixture_run(tmp_path):
@@ -59,8 +59,8 @@ def fixture_run(tmp_path):
 
 def test_report_renders_from_fixture_files(tmp_path):
     from conftest import tiny_overrides
-    from pipeline.config import load_config
-    from pipeline.report import run_report_stage
+    from pipeline.core.config import load_config
+    from pipeline.stages.report import run_report_stage
 
     d = fixture_run(tmp_path)
     result = run_report_stage(load_config(None, tiny_overrides(tmp_path)), "fx")
@@ -84,7 +84,7 @@ def test_report_renders_from_fixture_files(tmp_path):
 
 
 def test_pareto_front():
-    from pipeline.report import pareto_front
+    from pipeline.stages.report import pareto_front
 
     points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (0.5, 70.0), (2.0, 85.0 - 1e-9)]
     assert sorted(pareto_front(points)) == [0, 1, 3]
@@ -92,7 +92,7 @@ def test_pareto_front():
 
 
 def test_one_recommendation_per_goal():
-    from pipeline.report import recommendations
+    from pipeline.stages.report import recommendations
 
     def row(name, accuracy, gzip_mb, p50):
         return {"variant": name, "accuracy": accuracy, "gzip_bytes": int(gzip_mb * 1e6), "p50_ms": p50}
@@ -107,9 +107,9 @@ def test_one_recommendation_per_goal():
 
 def test_report_gives_each_goal_its_numbers_and_ships_what_report_ship_says(tmp_path):
     from conftest import tiny_overrides
-    from pipeline.config import load_config
-    from pipeline.errors import PipelineError
-    from pipeline.report import run_report_stage
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import PipelineError
+    from pipeline.stages.report import run_report_stage
 
     d = fixture_run(tmp_path)
     # fixture: float32 90.0% 3.7 MB 0.40 ms; int8 89.5% 0.7 MB 0.30 ms; pruned_qat_int8 85.0% 0.3 MB 0.31 ms
@@ -131,7 +131,7 @@ def test_report_gives_each_goal_its_numbers_and_ships_what_report_ship_says(tmp_
 
 
 def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
-    from pipeline.report import tradeoff_figure
+    from pipeline.stages.report import tradeoff_figure
 
     names = ["float32", "float16", "dynamic_range", "int8", "qat_int8", "pruned_int8", "pruned_qat_int8"]
     p50 = [0.30, 0.30, 0.69, 0.70, 0.70, 0.71, 0.70]
@@ -153,9 +153,9 @@ def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
 def test_training_speed_times_slow_steps_for_its_budget_only(toy_data, tmp_path):
     """A long-text backbone run takes ~14 s a step: benchmark times about budget_s of steps, not 115 of them."""
     from conftest import tiny_overrides
-    from pipeline.benchmark import training_speed
-    from pipeline.config import load_config
-    from pipeline.data import run_data_stage
+    from pipeline.stages.benchmark import training_speed
+    from pipeline.core.config import load_config
+    from pipeline.stages.data import run_data_stage
 
     cfg = load_config(None, tiny_overrides(tmp_path))
     run_data_stage(cfg, str(toy_data), "toy")
@@ -167,6 +167,6 @@ def test_training_speed_times_slow_steps_for_its_budget_only(toy_data, tmp_path)
 
 
 def test_latency_ratios_keep_two_significant_digits_when_small():
-    from pipeline.report import _ratio
+    from pipeline.stages.report import _ratio
 
     assert [_ratio(x) for x in (1.03, 0.75, 0.1, 0.0427, 0.00427)] == ["1.03", "0.75", "0.10", "0.043", "0.0043"]

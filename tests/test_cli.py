@@ -5,8 +5,8 @@ import pytest
 from conftest import ROOT, cli, make_toy_dir, sets, tiny_overrides
 
 from pipeline.__main__ import build_parser, main, remember_run, resolve_run
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 
 def test_run_is_given_else_named_by_data_else_remembered_else_sst2(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 from conftest import (COMPRESS, ROOT, assert_one_line_error, cli, make_toy_dir, make_vectors_file, run_cli, sets,
                       sigkill, tiny_overrides)
 
-from pipeline import manifest
-from pipeline.recipes import DEFAULT_VARIANTS, FINE_TUNED_VARIANTS
+from pipeline.core import manifest
+from pipeline.export.recipes import DEFAULT_VARIANTS, FINE_TUNED_VARIANTS
 
 # Every recipe: the defaults and those that fine-tune while compressing
 ALL_VARIANTS = {**DEFAULT_VARIANTS, **FINE_TUNED_VARIANTS}
@@ -29,10 +29,10 @@ def run_overrides(root, cfg):
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """(config, model directory, summary) after data, train and compress on the toy task."""
-    from pipeline.compress import run_compress_stage
-    from pipeline.config import load_config
-    from pipeline.data import run_data_stage
-    from pipeline.train import run_train_stage
+    from pipeline.stages.compress import run_compress_stage
+    from pipeline.core.config import load_config
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.train import run_train_stage
 
     root = tmp_path_factory.mktemp("compress")
     data = make_toy_dir(root)
@@ -45,7 +45,7 @@ def compressed(tmp_path_factory):
 
 
 def test_every_variant_exists_loads_and_predicts(compressed):
-    from pipeline.evaluate import load_predictor
+    from pipeline.stages.evaluate import load_predictor
 
     _, model_dir, summary = compressed
     # the last two words are not in the toy data: only their word vectors say what they mean
@@ -99,7 +99,7 @@ def test_pruning_reaches_target_sparsity_and_it_survives_quantization(compressed
 
 
 def test_rerun_resumes_without_redoing_steps(compressed, capsys):
-    from pipeline.compress import run_compress_stage
+    from pipeline.stages.compress import run_compress_stage
 
     cfg, model_dir, summary = compressed
     before = {p.name: p.stat().st_mtime_ns for p in (model_dir / "tflite").iterdir()}
@@ -117,8 +117,8 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
 
 
 def test_a_run_compressed_by_an_older_stage_is_not_up_to_date(compressed, monkeypatch, capsys):
-    from pipeline import compress
-    from pipeline.train import load_processed
+    from pipeline.stages import compress
+    from pipeline.stages.train import load_processed
 
     cfg, model_dir, _ = compressed
     processed = load_processed(cfg, "toy")[0]
@@ -133,7 +133,7 @@ def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed,
     import copy
     import shutil
 
-    from pipeline.compress import run_compress_stage
+    from pipeline.stages.compress import run_compress_stage
 
     cfg, model_dir, summary = compressed
     root = model_dir.parent.parent
@@ -155,10 +155,10 @@ def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed,
 
 
 def test_fine_tuning_weighs_each_row_by_its_class_as_training_does(tmp_path):
-    from pipeline.compress import _fine_tune_data
-    from pipeline.config import load_config
-    from pipeline.data import run_data_stage
-    from pipeline.train import load_processed
+    from pipeline.stages.compress import _fine_tune_data
+    from pipeline.core.config import load_config
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.train import load_processed
 
     data = make_toy_dir(tmp_path)
     rows = (data / "train.tsv").read_text().splitlines()
@@ -181,9 +181,9 @@ def test_fine_tuning_weighs_each_row_by_its_class_as_training_does(tmp_path):
 def test_qat_output_stays_close_to_float_and_keeps_zeros():
     import tensorflow as tf
 
-    from pipeline.compress import export_tflite, tflite_weight_sparsity
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model, quantize_model
+    from pipeline.stages.compress import export_tflite, tflite_weight_sparsity
+    from pipeline.core.config import ModelConfig
+    from pipeline.model.layers import build_model, quantize_model
 
     tf.keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0, ngram_order=3), 1000, 2, 16)
@@ -201,9 +201,9 @@ def test_qat_output_stays_close_to_float_and_keeps_zeros():
 
 
 def test_parity_check_catches_a_different_model(compressed):
-    from pipeline.compress import check_parity
-    from pipeline.errors import PipelineError
-    from pipeline.evaluate import load_predictor
+    from pipeline.stages.compress import check_parity
+    from pipeline.core.errors import PipelineError
+    from pipeline.stages.evaluate import load_predictor
 
     _, model_dir, _ = compressed
     # with two texts without a sentiment word: the others' probabilities are 0 and 1 in every variant
@@ -221,7 +221,7 @@ def test_parity_check_catches_a_different_model(compressed):
 
 
 def test_mediapipe_runs_every_variant_like_litert(compressed, capsys):
-    from pipeline.evaluate import run_predict
+    from pipeline.stages.evaluate import run_predict
 
     cfg, model_dir, summary = compressed
     for name, v in summary["variants"].items():
@@ -287,7 +287,7 @@ def test_sigkill_compress_mid_step_then_rerun_gives_the_same_files(compressed, t
 
 @pytest.fixture(scope="module")
 def benchmark(compressed):
-    from pipeline.benchmark import run_benchmark_stage
+    from pipeline.stages.benchmark import run_benchmark_stage
 
     cfg, model_dir, _ = compressed
     result = run_benchmark_stage(cfg, "toy")
@@ -329,8 +329,8 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
 
 
 def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
-    from pipeline.compress import _steps
-    from pipeline.config import load_config
+    from pipeline.stages.compress import _steps
+    from pipeline.core.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=0", "train.max_tokens=0"])
     assert _steps(cfg, 64_000, 20.0, 2.0) == 4000 and _steps(cfg, 10, 20.0, 0.1) == 1
@@ -342,8 +342,8 @@ def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
 
 
 def test_a_students_chain_prunes_and_fine_tunes_at_the_student_settings():
-    from pipeline.compress import chain_config
-    from pipeline.config import load_config
+    from pipeline.stages.compress import chain_config
+    from pipeline.core.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", ["compress.sparsity=0.8", "compress.student_sparsity=0.5",
                                              "compress.learning_rate=2e-5", "compress.student_learning_rate=2e-4"])

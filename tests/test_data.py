@@ -10,9 +10,9 @@ import pytest
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
-from pipeline import data as D
-from pipeline.config import Config, DataConfig
-from pipeline.errors import PipelineError
+from pipeline.stages import data as D
+from pipeline.core.config import Config, DataConfig
+from pipeline.core.errors import PipelineError
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 POS = ["a great movie", "wonderful and moving", "great fun", "a moving story", "wonderful acting"]
@@ -366,8 +366,8 @@ def check_batch(features, labels, seq_len):
 
 
 def test_data_made_by_an_older_stage_is_refused_until_remade(tmp_path):
-    from pipeline.errors import PipelineError
-    from pipeline.train import load_processed
+    from pipeline.core.errors import PipelineError
+    from pipeline.stages.train import load_processed
 
     src = tmp_path / "d"
     write(src / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in sample_rows(20)))

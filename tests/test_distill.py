@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from conftest import COMPRESS, ROOT, make_toy_dir, make_vectors_file, tiny_overrides
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
            "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2"]
 
 
 def test_distillation_loss_on_known_values():
-    from pipeline.distill import distillation_loss
+    from pipeline.stages.distill import distillation_loss
 
     teacher = np.array([[2.0, 0.0], [0.0, 0.0]], np.float32)
     student = np.array([[0.0, 0.0], [1.0, -1.0]], np.float32)
@@ -36,7 +36,7 @@ def test_distillation_loss_on_known_values():
 
 
 def test_augment_keeps_cls_sep_and_masks_or_cuts():
-    from pipeline.distill import augment
+    from pipeline.stages.distill import augment
 
     ids = np.array([2, 10, 11, 12, 13, 14, 15, 3, 0, 0])
     rng = np.random.default_rng(0)
@@ -54,7 +54,7 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
 def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
     """The student's embeddings start as the teacher's principal components: tokens close in the teacher stay
     close, at the student's initial spread."""
-    from pipeline.distill import projected_embeddings
+    from pipeline.stages.distill import projected_embeddings
 
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(3, 32))
@@ -74,9 +74,9 @@ def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
 def test_the_labelling_copy_gives_the_teachers_logits_in_bfloat16(tmp_path):
     import tensorflow as tf
 
-    from pipeline.distill import labelling_copy, predict_logits
-    from pipeline.model import logits_model
-    from pipeline.train import build_run_model
+    from pipeline.stages.distill import labelling_copy, predict_logits
+    from pipeline.model.layers import logits_model
+    from pipeline.stages.train import build_run_model
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.mixed_precision=mixed_bfloat16",
                                                            "model.d_model=32", "model.ff_dim=64"))
@@ -97,12 +97,12 @@ def test_the_labelling_copy_gives_the_teachers_logits_in_bfloat16(tmp_path):
 
 @pytest.mark.e2e
 def test_distill_then_compress_ships_the_student(tmp_path):
-    from pipeline.compress import run_compress_stage
-    from pipeline.data import run_data_stage
-    from pipeline.distill import run_distill_stage
-    from pipeline.evaluate import load_predictor
-    from pipeline.model import load_model
-    from pipeline.train import run_train_stage
+    from pipeline.stages.compress import run_compress_stage
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.distill import run_distill_stage
+    from pipeline.stages.evaluate import load_predictor
+    from pipeline.model.layers import load_model
+    from pipeline.stages.train import run_train_stage
 
     data = make_toy_dir(tmp_path)
     (data / "unlabeled.txt").write_text("the film was good\nthe plot was dull and weak\n")
@@ -137,8 +137,8 @@ def test_distill_then_compress_ships_the_student(tmp_path):
 
 
 def test_distill_needs_a_trained_teacher(toy_data, tmp_path):
-    from pipeline.data import run_data_stage
-    from pipeline.distill import run_distill_stage
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.distill import run_distill_stage
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, *STUDENT))
     run_data_stage(cfg, str(toy_data), "toy")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.evaluate import (classification_metrics, load_predictor, plot_confusion_matrix,
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.stages.evaluate import (classification_metrics, load_predictor, plot_confusion_matrix,
                                plot_roc_curves, run_evaluate, run_predict)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -72,7 +72,7 @@ def test_binary_roc_auc(y, scores, expected):
 
 
 def test_rank_auc_matches_pairs_and_curve_area_with_ties():
-    from pipeline.evaluate import _roc_points
+    from pipeline.stages.evaluate import _roc_points
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -167,7 +167,7 @@ def model_dir(tmp_path_factory):
     """A model directory as training writes it, plus tflite/float.tflite and tflite/int8.tflite inside."""
     import tensorflow as tf
 
-    from pipeline.tokenizer import encode
+    from pipeline.text.tokenizer import encode
 
     root = tmp_path_factory.mktemp("run")
     model = tiny_model(len(VOCAB), SEQ_LEN, len(LABELS))
@@ -213,8 +213,8 @@ def test_predictors_on_the_pipeline_transformer(tmp_path):
     """The real model class (custom layers, loaded through pipeline.model.load_model) and its TFLite export."""
     import tensorflow as tf
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model, serving_function
+    from pipeline.core.config import ModelConfig
+    from pipeline.model.layers import build_model, serving_function
 
     tf.keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3),
@@ -239,13 +239,13 @@ def test_keras_predictor_cuts_padding_without_changing_predictions(tmp_path, mon
     the probabilities stay those of full-length inputs."""
     import tensorflow as tf
 
-    from pipeline import evaluate
+    from pipeline.stages import evaluate
 
     monkeypatch.setattr(evaluate, "BATCH_ELEMENTS", elements)  # the second: 2 rows of the longest texts a batch
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model
-    from pipeline.tokenizer import encode
+    from pipeline.core.config import ModelConfig
+    from pipeline.model.layers import build_model
+    from pipeline.text.tokenizer import encode
 
     tf.keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0), len(VOCAB), 2, 40)
@@ -290,7 +290,7 @@ def test_int8_output_is_dequantized(model_dir, keras_probs):
 
 
 def test_keras_batches_match_whole(model_dir, keras_probs, monkeypatch):
-    import pipeline.evaluate as ev
+    import pipeline.stages.evaluate as ev
 
     monkeypatch.setattr(ev, "BATCH_SIZE", 4)  # 6 texts -> batches of 4 and 2
     np.testing.assert_allclose(load_predictor(model_dir).predict_proba(TEXTS), keras_probs, atol=1e-6)
@@ -378,7 +378,7 @@ def test_predict_file_from_stdin(model_dir, monkeypatch, capsys):
 
 def test_predict_table_aligns_text_label_and_probability(model_dir, capsys):
     from pipeline.__main__ import main
-    from pipeline.evaluate import TABLE_TEXT_WIDTH
+    from pipeline.stages.evaluate import TABLE_TEXT_WIDTH
 
     long = "the great movie " * 10
     assert main(["predict", "--model", str(model_dir), "good movie", "bad\tplot", long]) == 0

@@ -23,8 +23,8 @@ def model_dir(tmp_path_factory):
     """A model directory as training writes it (random weights, n-gram term set)."""
     import tensorflow as tf
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.core.config import ModelConfig
+    from pipeline.model.layers import build_model
 
     tf.keras.utils.set_random_seed(3)
     model = build_model(ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3,
@@ -48,7 +48,7 @@ def exported(model_dir, tmp_path_factory):
     """A copy of model_dir with tflite/float32.tflite exported as compress does (a converter run: slow)."""
     import tensorflow as tf
 
-    from pipeline.model import load_model, serving_function
+    from pipeline.model.layers import load_model, serving_function
 
     root = tmp_path_factory.mktemp("exported") / "toy"
     shutil.copytree(model_dir, root)
@@ -61,7 +61,7 @@ def exported(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer(model_dir):
-    from pipeline.explain import Explainer
+    from pipeline.stages.explain import Explainer
 
     return Explainer(model_dir)
 
@@ -157,7 +157,7 @@ FAKE_TFLITE = b"\x1c\x00\x00\x00TFL3" + b"\x00" * 24  # the FlatBuffer identifie
 
 
 def test_a_tflite_file_maps_to_the_keras_model_it_was_exported_from(tmp_path):
-    from pipeline.explain import keras_source
+    from pipeline.stages.explain import keras_source
 
     run = tmp_path / "run"
     for name, data in (("tflite/int8.tflite", FAKE_TFLITE + b"int8"), ("tflite/distilled_int8.tflite",
@@ -210,8 +210,8 @@ def dev_split(n=40):
 
 
 def test_error_analysis_lists_the_most_confident_errors_with_their_words(model_dir, explainer, tmp_path):
-    from pipeline.evaluate import KerasPredictor
-    from pipeline.explain import WRONG_EXAMPLES, error_analysis, log_examples, render_section
+    from pipeline.stages.evaluate import KerasPredictor
+    from pipeline.stages.explain import WRONG_EXAMPLES, error_analysis, log_examples, render_section
 
     texts, labels = dev_split()
     predictor = KerasPredictor(model_dir)
@@ -243,8 +243,8 @@ def test_error_analysis_lists_the_most_confident_errors_with_their_words(model_d
 
 @pytest.mark.e2e
 def test_report_section_analyses_the_shipped_tflite(exported, tmp_path):
-    from pipeline.config import load_config
-    from pipeline.explain import report_section
+    from pipeline.core.config import load_config
+    from pipeline.stages.explain import report_section
 
     run_dir = tmp_path / "saved_models" / "toy"
     shutil.copytree(exported, run_dir)
@@ -261,7 +261,7 @@ def test_report_section_analyses_the_shipped_tflite(exported, tmp_path):
 
 
 def test_length_buckets_and_words():
-    from pipeline.explain import length_buckets, words
+    from pipeline.stages.explain import length_buckets, words
 
     buckets = length_buckets([0, 8, 9, 16, 40, 600], [True, False, True, True, False, True])
     assert buckets == [{"bucket": "0-8", "n": 2, "accuracy": 0.5}, {"bucket": "9-16", "n": 2, "accuracy": 1.0},

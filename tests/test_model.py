@@ -8,9 +8,9 @@ import tensorflow_model_optimization as tfmot
 
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
-from pipeline import model as M
-from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.model import layers as M
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import PipelineError
 
 VOCAB, SEQ, CLASSES = 50, 12, 2
 CLS_ID, PAD_ID = 2, 0

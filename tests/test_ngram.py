@@ -6,9 +6,9 @@ import pytest
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
-from pipeline import model as M
-from pipeline import ngram
-from pipeline.config import ModelConfig
+from pipeline.model import layers as M
+from pipeline.model import ngram
+from pipeline.core.config import ModelConfig
 
 V, C, BUCKETS = 40, 3, 64
 
@@ -177,7 +177,7 @@ def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     division refused ('data[i] != zero_point') before the term multiplied by RSQRT instead."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.compress import export_tflite
+    from pipeline.stages.compress import export_tflite
 
     seq = 12
     cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3, ngram_buckets=BUCKETS)
@@ -205,7 +205,7 @@ def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text(tmp_path):
     term holds a value per pair of positions; and the counts do not split XNNPACK's graph in two."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.benchmark import op_placement
+    from pipeline.stages.benchmark import op_placement
 
     seq = 256
     ids_in, mask_in = tf.keras.Input((seq,), dtype=tf.int32), tf.keras.Input((seq,), dtype=tf.int32)

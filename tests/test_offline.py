@@ -5,9 +5,9 @@ import socket
 import pytest
 
 from conftest import ROOT, make_toy_dir
-from pipeline import backbone
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.model import backbone
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 DEFAULT = "all-minilm-l6-v2"
 
@@ -50,7 +50,7 @@ def test_a_wrong_version_of_the_package_is_an_error_saying_what_to_install(tmp_p
 
 
 def test_the_data_stage_with_every_default_runs_with_the_network_off(tmp_path, no_network):
-    from pipeline.data import run_data_stage
+    from pipeline.stages.data import run_data_stage
 
     cfg = load_config(ROOT / "params.yaml", [f"paths.data={tmp_path}/data", f"paths.models={tmp_path}/models",
                                              f"paths.runs={tmp_path}/runs"])

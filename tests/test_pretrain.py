@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import FILLER, NEGATIVE, POSITIVE, ROOT, make_toy_dir, tiny_overrides
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=32"]
 
@@ -22,8 +22,8 @@ def write_unlabeled(path, n, seed=0):
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
     """(config, processed dir, model dir, summary) after data (with unlabeled.txt) and pretrain on the toy task."""
-    from pipeline.data import run_data_stage
-    from pipeline.pretrain import run_pretrain_stage
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.pretrain import run_pretrain_stage
 
     root = tmp_path_factory.mktemp("pretrain")
     data = make_toy_dir(root)
@@ -35,8 +35,8 @@ def pretrained_run(tmp_path_factory):
 
 
 def test_masking_follows_bert_statistics(pretrained_run):
-    from pipeline.pretrain import make_mlm_dataset
-    from pipeline.tokenizer import load_vocabulary
+    from pipeline.stages.pretrain import make_mlm_dataset
+    from pipeline.text.tokenizer import load_vocabulary
 
     _, processed, _, _ = pretrained_run
     vocab = load_vocabulary(processed / "vocab.txt")
@@ -84,7 +84,7 @@ def test_pretrain_writes_encoder_that_learned_and_uses_unlabelled_text(pretraine
 
 
 def test_pretrain_is_skipped_when_up_to_date(pretrained_run, capsys):
-    from pipeline.pretrain import run_pretrain_stage
+    from pipeline.stages.pretrain import run_pretrain_stage
 
     cfg, _, model_dir, summary = pretrained_run
     before = (model_dir / "manifest.json").read_text()
@@ -96,8 +96,8 @@ def test_pretrain_is_skipped_when_up_to_date(pretrained_run, capsys):
 def test_training_starts_from_the_pretrained_encoder(pretrained_run):
     import tensorflow as tf
 
-    from pipeline.model import build_model, encoder_layer_names, load_model
-    from pipeline.train import initialize_encoder, stage_key
+    from pipeline.model.layers import build_model, encoder_layer_names, load_model
+    from pipeline.stages.train import initialize_encoder, stage_key
 
     cfg, processed, model_dir, _ = pretrained_run
     source = load_model(model_dir / "pretrained" / "model.keras")
@@ -121,14 +121,14 @@ def test_training_starts_from_the_pretrained_encoder(pretrained_run):
 
 
 def test_train_stage_records_its_init(pretrained_run):
-    from pipeline.train import run_train_stage
+    from pipeline.stages.train import run_train_stage
 
     cfg, _, _, _ = pretrained_run
     assert run_train_stage(cfg, "toy")["init"] == "pretrained"
 
 
 def test_bad_mask_rate_is_one_line_error(pretrained_run):
-    from pipeline.pretrain import run_pretrain_stage
+    from pipeline.stages.pretrain import run_pretrain_stage
 
     cfg, _, _, _ = pretrained_run
     bad = load_config(ROOT / "params.yaml", tiny_overrides(Path(cfg.paths.models).parent, "pretrain.mask_rate=1.5"))

@@ -9,8 +9,8 @@ SEQ = 16
 def _tiny(seed=0, conv_width=5):
     import tensorflow as tf
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.core.config import ModelConfig
+    from pipeline.model.layers import build_model
 
     tf.keras.utils.set_random_seed(seed)
     return build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0,
@@ -46,8 +46,8 @@ def _representative():
     ("{float32: [float32], x: []}", "compress.variants.x: expected a non-empty list of steps"),
 ])
 def test_recipe_list_is_validated_with_a_one_line_error(variants, message):
-    from pipeline.config import load_config
-    from pipeline.errors import PipelineError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=None) as error:
         load_config(None, [f"compress.variants={variants}"])
@@ -57,8 +57,8 @@ def test_recipe_list_is_validated_with_a_one_line_error(variants, message):
 
 
 def test_report_ship_may_name_a_variant_of_the_recipe_list():
-    from pipeline.config import load_config
-    from pipeline.errors import PipelineError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import PipelineError
 
     mine = "compress.variants={float32: [float32], mine: [lowrank, fine_tune, int8]}"
     assert load_config(None, ["report.ship=mine", mine]).report.ship == "mine"  # in either order
@@ -68,7 +68,7 @@ def test_report_ship_may_name_a_variant_of_the_recipe_list():
 
 
 def test_choose_rank_keeps_the_energy_asked_for():
-    from pipeline.lowrank import choose_rank
+    from pipeline.model.lowrank import choose_rank
 
     s = np.array([4.0, 2.0, 1.0, 1.0])  # squared: 16, 4, 1, 1 of 22
     assert choose_rank(s, 0.7) == 1 and choose_rank(s, 0.9) == 2 and choose_rank(s, 0.95) == 3
@@ -76,10 +76,10 @@ def test_choose_rank_keeps_the_energy_asked_for():
 
 
 def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
-    from pipeline.benchmark import matmul_flops
-    from pipeline.compress import export_tflite
-    from pipeline.lowrank import LowRankEncoderBlock, factorise
-    from pipeline.model import load_model
+    from pipeline.stages.benchmark import matmul_flops
+    from pipeline.stages.compress import export_tflite
+    from pipeline.model.lowrank import LowRankEncoderBlock, factorise
+    from pipeline.model.layers import load_model
 
     model = _tiny()
     low, ranks = factorise(model, energy=0.5, fixed_rank=4)
@@ -112,8 +112,8 @@ def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
 def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preserving_qat(tmp_path, pruned):
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.compress import cluster_model, export_tflite, kernel_sparsity, qat_model, unique_values
-    from pipeline.config import load_config
+    from pipeline.stages.compress import cluster_model, export_tflite, kernel_sparsity, qat_model, unique_values
+    from pipeline.core.config import load_config
 
     cfg = load_config(None, ["compress.clusters=4", "compress.learning_rate=0.001", "train.batch_size=8"])
     model = _tiny()
@@ -142,9 +142,9 @@ def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preservin
 
 
 def test_float_ops_keep_the_int8_graph_in_one_xnnpack_partition(tmp_path):
-    from pipeline.benchmark import op_placement
-    from pipeline.compress import export_tflite
-    from pipeline.config import CompressConfig
+    from pipeline.stages.benchmark import op_placement
+    from pipeline.stages.compress import export_tflite
+    from pipeline.core.config import CompressConfig
 
     model, rep, float_ops = _tiny(), _representative(), CompressConfig().float_ops
     for name, mode, ops in (("islands", "int8", float_ops), ("full", "int8", []), ("float32", "float32", [])):
@@ -161,7 +161,7 @@ def test_float_ops_keep_the_int8_graph_in_one_xnnpack_partition(tmp_path):
 
 
 def test_report_lists_ranks_and_cluster_counts():
-    from pipeline.report import step_facts
+    from pipeline.stages.report import step_facts
 
     compression = {"step_stats": {"prune": {"encoder_0/q_kernel": 0.8},
                                   "lowrank": {"encoder_0/q_kernel": [12, 32], "encoder_0/ff1_kernel": [None, 32]},

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, cli, make_toy_dir, make_toy_split, run_cli, sets, tiny_overrides
 
 from pipeline.__main__ import main
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 GOOD = b"sentence\tlabel\ngood film\t1\nbad film\t0\nfine film\t1\ndull film\t0\n"
 

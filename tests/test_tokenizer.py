@@ -5,8 +5,8 @@ import pytest
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
-from pipeline import tokenizer as T
-from pipeline.errors import PipelineError
+from pipeline.text import tokenizer as T
+from pipeline.core.errors import PipelineError
 
 # Every word appears well over 10 times: the WordPiece learner ignores rarer whole words.
 CORPUS = ["Hello, World!", "hello world", "the café is open", "a cafe in the world", "你好 world"] * 20

@@ -9,8 +9,8 @@ import pytest
 from conftest import (POSITIVE, ROOT, UNSEEN_NEGATIVE, UNSEEN_POSITIVE, make_toy_dir, make_vectors_file,
                       tiny_overrides)
 
-from pipeline import vectors as V
-from pipeline.errors import PipelineError
+from pipeline.text import vectors as V
+from pipeline.core.errors import PipelineError
 
 
 def test_read_a_glove_and_a_fasttext_file(tmp_path):
@@ -61,10 +61,10 @@ def test_vector_table_has_a_row_per_token_and_zeros_for_pieces_and_reserved():
 def run(tmp_path_factory):
     """(config, root) after data with a vectors file, one epoch of pretraining, and training on the toy task.
     No n-gram term: it knows nothing of unseen words, so the Transformer alone must get them right."""
-    from pipeline.config import load_config
-    from pipeline.data import run_data_stage
-    from pipeline.pretrain import run_pretrain_stage
-    from pipeline.train import run_train_stage
+    from pipeline.core.config import load_config
+    from pipeline.stages.data import run_data_stage
+    from pipeline.stages.pretrain import run_pretrain_stage
+    from pipeline.stages.train import run_train_stage
 
     root = tmp_path_factory.mktemp("vectors")
     vec = make_vectors_file(root / "vec.txt")
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
 
 
 def test_data_stage_writes_the_vectors_and_a_new_vectors_file_remakes_it(run):
-    from pipeline.data import run_data_stage
+    from pipeline.stages.data import run_data_stage
 
     cfg, root = run
     processed = root / "data" / "processed" / "toy"
@@ -100,7 +100,7 @@ def test_data_stage_writes_the_vectors_and_a_new_vectors_file_remakes_it(run):
 
 
 def test_a_trained_model_understands_words_it_only_knows_from_their_vectors(run):
-    from pipeline.evaluate import load_predictor
+    from pipeline.stages.evaluate import load_predictor
 
     _, root = run
     texts = [f"the movie was {w}" for w in UNSEEN_POSITIVE + UNSEEN_NEGATIVE]
@@ -109,7 +109,7 @@ def test_a_trained_model_understands_words_it_only_knows_from_their_vectors(run)
 
 
 def test_pretraining_and_training_keep_the_vectors_and_no_embedding_for_words_without_training_text(run):
-    from pipeline.model import load_model
+    from pipeline.model.layers import load_model
 
     _, root = run
     table, seen, learned = V.load_table(root / "data" / "processed" / "toy")

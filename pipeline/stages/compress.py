@@ -22,11 +22,12 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline import files, manifest
-from pipeline.distill import run_distill_stage
-from pipeline.errors import PipelineError
-from pipeline.recipes import EXPORT_STEPS, MODEL_STEPS
-from pipeline.report import markdown_table
+from pipeline.core import files
+from pipeline.core import manifest
+from pipeline.stages.distill import run_distill_stage
+from pipeline.core.errors import PipelineError
+from pipeline.export.recipes import EXPORT_STEPS, MODEL_STEPS
+from pipeline.stages.report import markdown_table
 
 # Bump when what the variants are made of changes, so runs compressed by an older pipeline are rebuilt.
 STAGE_VERSION = 3  # 2: fine-tuning weighs rows by class, as training does. 3: the n-gram term counts linearly
@@ -68,8 +69,8 @@ PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruni
 
 def _fine_tune_data(cfg, processed, seq_len, stats, labels):
     """The training batches, each row weighted by its class as in training (train.weigh_by_class)."""
-    from pipeline.data import make_dataset
-    from pipeline.train import loss_class_weights, weigh_by_class
+    from pipeline.stages.data import make_dataset
+    from pipeline.stages.train import loss_class_weights, weigh_by_class
 
     t = cfg.train
     data = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
@@ -80,7 +81,7 @@ def _fine_tune_data(cfg, processed, seq_len, stats, labels):
 def _steps(cfg, train_rows, mean_len, epochs):
     """Whole batches in `epochs` (a float) of the training set; at least one, at most train.step_limit's (when
     > 0; texts of mean_len wordpieces): no fine-tuning step runs longer than training may."""
-    from pipeline.train import step_limit
+    from pipeline.stages.train import step_limit
 
     steps = max(1, round(math.ceil(train_rows / cfg.train.batch_size) * epochs))
     limit = step_limit(cfg.train, mean_len)
@@ -89,7 +90,7 @@ def _steps(cfg, train_rows, mean_len, epochs):
 
 def _compile(model, cfg, total_steps):
     """AdamW with a short warmup and linear decay to zero, as in training but at the fine-tuning rate."""
-    from pipeline.train import WarmupLinearDecay, make_optimizer
+    from pipeline.stages.train import WarmupLinearDecay, make_optimizer
 
     schedule = WarmupLinearDecay(cfg.compress.learning_rate, int(0.1 * total_steps), total_steps)
     model.compile(optimizer=make_optimizer(schedule, cfg.train.weight_decay), loss=tf.keras.losses.CategoricalCrossentropy(),
@@ -99,7 +100,7 @@ def _compile(model, cfg, total_steps):
 def _fit(model, data, steps, log_dir, callbacks=()):
     """Train for exactly `steps` batches (the dataset repeats): a progress bar on a terminal, else one log line;
     loss, accuracy and learning rate every few dozen steps in TensorBoard (log_dir/steps)."""
-    from pipeline.train import StepLog
+    from pipeline.stages.train import StepLog
 
     model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[*callbacks, StepLog(log_dir)],
               verbose=1 if sys.stdout.isatty() else 2)
@@ -147,7 +148,7 @@ OP_POINTS = {"BATCH_MATMUL": ("query", "key", "value", "probs"), "SOFTMAX": ("sc
 def qat_model(model, cfg, data, steps, log_dir, preserve_sparsity=False, preserve_clusters=False):
     """Quantization-aware fine-tuning of a copy of `model` (float32) for `steps`; with preserve_sparsity
     (preserve_clusters), TFMOT's prune-preserving (cluster-preserving) quantizer keeps zeros (centroids)."""
-    from pipeline.model import quantize_model
+    from pipeline.model.layers import quantize_model
 
     float_points = sorted({p for op in cfg.compress.float_ops for p in OP_POINTS.get(op, ())})
     qat = quantize_model(model, preserve_sparsity=preserve_sparsity, float_points=float_points,
@@ -162,7 +163,7 @@ def qat_model(model, cfg, data, steps, log_dir, preserve_sparsity=False, preserv
 
 def representative_data(processed, seq_len, n, seed):
     """`n` shuffled training examples padded to seq_len, one per batch: int8 calibration input."""
-    from pipeline.data import make_dataset
+    from pipeline.stages.data import make_dataset
 
     ds = make_dataset(processed / "train.tfrecord", seq_len, 1, training=True, bucketing=False, seed=seed)
     samples = [x for x, _ in ds.take(n)]
@@ -177,7 +178,7 @@ def representative_data(processed, seq_len, n, seed):
 def export_tflite(model, seq_len, mode, representative=None, float_ops=(), per_tensor=False):
     """TFLite bytes of `model` at batch 1 and a fixed seq_len, in one of the modes of configure_converter;
     int8 with `float_ops`: those op types stay float32 (the converter's quantization debugger denylist)."""
-    from pipeline.model import serving_function
+    from pipeline.model.layers import serving_function
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serving_function(model, seq_len)], model)
     configure_converter(converter, mode, representative)
@@ -280,7 +281,7 @@ def check_parity(keras_probs, tflite_probs, tolerance, path):
 
 def stage_key(cfg, model_dir, processed):
     """What the variants depend on: the config, the trained model and the processed data (verified)."""
-    from pipeline.train import stage_key as train_key
+    from pipeline.stages.train import stage_key as train_key
 
     key = train_key(cfg, processed, model_dir)
     key["config"]["compress"] = cfg.to_dict()["compress"]
@@ -309,7 +310,7 @@ def _table(rows):
 
 
 def _student(model, ctx):
-    from pipeline.model import load_model
+    from pipeline.model.layers import load_model
 
     return load_model(ctx.model_dir / "distilled" / "model.keras")
 
@@ -321,7 +322,7 @@ def _prune(model, ctx):
 
 
 def _lowrank(model, ctx):
-    from pipeline.lowrank import factorise
+    from pipeline.model.lowrank import factorise
 
     factorised, ctx.stats = factorise(model, ctx.cfg.compress.lowrank_energy, ctx.cfg.compress.lowrank_rank)
     return factorised
@@ -370,11 +371,11 @@ def run_compress_stage(cfg, run):
     from collections import Counter
     from types import SimpleNamespace
 
-    from pipeline.data import read_examples
-    from pipeline.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
-    from pipeline.metadata import MediaPipeClassifier
-    from pipeline.model import load_model
-    from pipeline.train import load_processed
+    from pipeline.stages.data import read_examples
+    from pipeline.stages.evaluate import KerasPredictor, TFLitePredictor, classification_metrics
+    from pipeline.export.metadata import MediaPipeClassifier
+    from pipeline.model.layers import load_model
+    from pipeline.stages.train import load_processed
 
     model_dir = Path(cfg.paths.models) / run
     if not (model_dir / "metrics.json").is_file():
@@ -442,7 +443,7 @@ def run_compress_stage(cfg, run):
 
     def write_variant(name, content):
         """With MediaPipe text-classifier metadata (tokenizer, vocab.txt, labels.txt): a drop-in app model."""
-        from pipeline.metadata import add_metadata
+        from pipeline.export.metadata import add_metadata
 
         description = (f"liteformer {name} Transformer text classifier for {run}; inputs of MediaPipe's BERT "
                        f"classifier at seq_len {seq_len}; outputs probabilities of {', '.join(labels)}.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 FILE_NAME = "word_vectors.npz"
 _WORD = re.compile(r"[a-z0-9]+")  # a word MediaPipe's tokenizer keeps whole (no punctuation, no upper case)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ngram
-from pipeline.errors import PipelineError
-from pipeline.files import write_bytes, write_json, write_text
+from pipeline.model import ngram
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_bytes, write_json, write_text
 
 STEPS = 50  # integrated-gradients intervals (trapezoidal rule)
 CONSISTENCY_TOLERANCE = 1e-3  # largest |logit| difference between explain's forward pass and the model's
@@ -63,7 +63,7 @@ def keras_source(tflite_path):
 
 def load_explainer(path):
     """An Explainer for a model directory, its model.keras or a .tflite file; (explainer, note or None)."""
-    from pipeline import manifest
+    from pipeline.core import manifest
 
     path = Path(path)
     if not path.exists():
@@ -75,7 +75,7 @@ def load_explainer(path):
     if path.is_file() and path.suffix == ".keras":
         path = path.parent
     elif path.is_file():
-        from pipeline.evaluate import EXPECTED
+        from pipeline.stages.evaluate import EXPECTED
 
         with open(path, "rb") as f:  # a FlatBuffer's file identifier, as evaluate checks it
             if f.read(8)[4:8] != b"TFL3":
@@ -93,9 +93,9 @@ class Explainer:
     embedding rows (for integrated gradients), each block's attention weights, and the n-gram term."""
 
     def __init__(self, model_dir):
-        from pipeline.evaluate import KerasPredictor
-        from pipeline.model import EncoderBlock
-        from pipeline.tokenizer import load_vocabulary
+        from pipeline.stages.evaluate import KerasPredictor
+        from pipeline.model.layers import EncoderBlock
+        from pipeline.text.tokenizer import load_vocabulary
 
         self.predictor = KerasPredictor(model_dir)
         self.path, self.labels, self.seq_len = Path(model_dir), self.predictor.labels, self.predictor.seq_len
@@ -120,7 +120,7 @@ class Explainer:
 
     def model_logits(self, inputs):
         """The model's own logits [1, C] for one encoded text (dict of [T] arrays)."""
-        from pipeline.model import logits_model
+        from pipeline.model.layers import logits_model
 
         if self._logits_model is None:
             self._logits_model = logits_model(self.predictor.model)
@@ -128,7 +128,7 @@ class Explainer:
         return np.asarray(self._logits_model(batch, training=False), np.float64)
 
     def encode(self, texts):
-        from pipeline.tokenizer import encode
+        from pipeline.text.tokenizer import encode
 
         return encode(self.predictor.tokenizer, list(texts), self.seq_len)
 
@@ -275,7 +275,7 @@ def truncated(explainer, text):
     """True when the text has more wordpieces than the model's sequence length holds."""
     import tensorflow as tf
 
-    from pipeline.tokenizer import CHARS_PER_TOKEN, wordpiece_ids
+    from pipeline.text.tokenizer import CHARS_PER_TOKEN, wordpiece_ids
 
     ids = wordpiece_ids(explainer.predictor.tokenizer, tf.constant([text]), explainer.seq_len * CHARS_PER_TOKEN)
     return int(ids.row_lengths()[0]) > explainer.seq_len - 2
@@ -411,7 +411,7 @@ def run_explain(cfg, model_path, texts, out_dir=None, label=None, steps=STEPS):
         print(f"explain: {note}", file=sys.stderr, flush=True)
     records = explain_texts(explainer, texts, target, steps, note)
     if note:  # what the .tflite itself predicts, beside the Keras model's explanation
-        from pipeline.evaluate import load_predictor
+        from pipeline.stages.evaluate import load_predictor
 
         lite = load_predictor(model_path)
         for rec, p in zip(records, lite.predict_proba(texts)):
@@ -465,7 +465,7 @@ def error_analysis(predictor, explainer, texts, labels, steps=STEPS):
     """`predictor` (the shipped .tflite) on labelled texts: its most confidently wrong examples with the
     attributions `explainer` (the Keras model it came from) gives toward the wrong class, its accuracy by
     length and per-class precision/recall."""
-    from pipeline.evaluate import classification_metrics
+    from pipeline.stages.evaluate import classification_metrics
 
     ids = {label: i for i, label in enumerate(predictor.labels)}
     unknown = sorted(set(labels) - set(ids))
@@ -510,7 +510,7 @@ def _tables(analysis):
 
 def render_section(analysis, variant):
     """An error analysis as the report's (Markdown lines, HTML)."""
-    from pipeline.report import _html_table, markdown_table
+    from pipeline.stages.report import _html_table, markdown_table
 
     errors, length, per_class = _tables(analysis)
     intro = (f"Dev predictions of **{variant}** (accuracy {100 * analysis['accuracy']:.2f}%). The "
@@ -528,8 +528,8 @@ def render_section(analysis, variant):
 def report_section(cfg, run, model_dir, variant):
     """The report's error analysis of the .tflite `variant` (also written to report/error_analysis.json) as
     (Markdown lines, HTML), and TensorBoard examples in runs/<run>/explain."""
-    from pipeline.data import processed_dir, read_examples
-    from pipeline.evaluate import load_predictor
+    from pipeline.stages.data import processed_dir, read_examples
+    from pipeline.stages.evaluate import load_predictor
 
     dev = processed_dir(cfg, run) / "dev.jsonl"
     if not dev.is_file():  # the run's processed data was deleted or moved: the rest of the report stands

@@ -12,9 +12,11 @@ import numpy as np
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest, vectors
-from pipeline.config import save_config
-from pipeline.errors import PipelineError
+from pipeline.core import files
+from pipeline.core import manifest
+from pipeline.text import vectors
+from pipeline.core.config import save_config
+from pipeline.core.errors import PipelineError
 
 PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
 BATCHES_PER_SORT = 50  # batches drawn together and sorted by length: little padding, still shuffled
@@ -61,7 +63,7 @@ def predict_logits(model, ids, batch_size=256):
 def labelling_copy(cfg, teacher, stats, vocab_size, num_classes, word_vectors):
     """The teacher rebuilt under train.mixed_precision, with its weights: it labels hundreds of thousands of
     texts, and bfloat16 halves its time on CPUs with bfloat16 units (logits within ~1% of float32's)."""
-    from pipeline.train import build_run_model
+    from pipeline.stages.train import build_run_model
 
     if cfg.train.mixed_precision == "float32":
         return teacher
@@ -78,8 +80,8 @@ def labelling_copy(cfg, teacher, stats, vocab_size, num_classes, word_vectors):
 def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
     """(ids [n, seq_len], teacher logits [n, C], one-hot gold [n, C], has_gold [n]): the train texts, each
     with distill.augment_copies augmented copies, and the unlabelled texts; teacher logits computed once."""
-    from pipeline.model import logits_model
-    from pipeline.train import _split_arrays
+    from pipeline.model.layers import logits_model
+    from pipeline.stages.train import _split_arrays
 
     d = cfg.distill
     rng = np.random.default_rng(cfg.train.seed)
@@ -130,7 +132,7 @@ def projected_embeddings(table, width):
 def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=None):
     """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen, the
     run's word vectors (vectors.load_table) when it has them."""
-    from pipeline.model import build_model, find_layer, set_word_vectors
+    from pipeline.model.layers import build_model, find_layer, set_word_vectors
 
     d = cfg.distill
     ngrams = find_layer(teacher, "ngrams")
@@ -153,8 +155,8 @@ def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=N
 def train_student(cfg, student, data, dev, logdir):
     """Fit the student on the transfer set (ids, teacher logits, gold, has_gold); keep the epoch with the best
     dev accuracy. Returns one row per epoch."""
-    from pipeline.model import logits_model
-    from pipeline.train import LOG_EVERY, WarmupLinearDecay, current_learning_rate, make_optimizer
+    from pipeline.model.layers import logits_model
+    from pipeline.stages.train import LOG_EVERY, WarmupLinearDecay, current_learning_rate, make_optimizer
 
     d, t = cfg.distill, cfg.train
     ids, teacher_logits, gold, has_gold = data
@@ -217,12 +219,12 @@ def stage_key(cfg, processed, model_dir):
 def run_distill_stage(cfg, run):
     """`python -m pipeline distill`: saved_models/<run>/distilled/, a model directory like the teacher's,
     with metrics.json comparing student and teacher (accuracy, macro F1, parameters, FLOPs)."""
-    from pipeline.benchmark import forward_flops
-    from pipeline.data import read_examples
-    from pipeline.evaluate import classification_metrics, load_predictor
-    from pipeline.model import load_model
-    from pipeline.tokenizer import load_vocabulary
-    from pipeline.train import _split_arrays, load_processed
+    from pipeline.stages.benchmark import forward_flops
+    from pipeline.stages.data import read_examples
+    from pipeline.stages.evaluate import classification_metrics, load_predictor
+    from pipeline.model.layers import load_model
+    from pipeline.text.tokenizer import load_vocabulary
+    from pipeline.stages.train import _split_arrays, load_processed
 
     model_dir = Path(cfg.paths.models) / run
     if not (model_dir / "metrics.json").is_file():

@@ -11,9 +11,12 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import backbone, files, manifest, vectors
-from pipeline.config import save_config
-from pipeline.errors import PipelineError
+from pipeline.model import backbone
+from pipeline.core import files
+from pipeline.core import manifest
+from pipeline.text import vectors
+from pipeline.core.config import save_config
+from pipeline.core.errors import PipelineError
 
 PROCESSED_INPUTS = ("train.tfrecord", "dev.tfrecord", "train.jsonl", "dev.jsonl", "vocab.txt", "labels.txt", "stats.json")
 ARTIFACTS = ("model.keras", "saved_model", "vocab.txt", "labels.txt", "preprocess.json", "config.yaml",
@@ -182,7 +185,7 @@ def make_strategy(name):
 
 def load_processed(cfg, run):
     """(directory, stats, labels) of data/processed/<run>, or a PipelineError saying to run the data stage."""
-    from pipeline.data import STAGE_VERSION, load_labels
+    from pipeline.stages.data import STAGE_VERSION, load_labels
 
     processed = Path(cfg.paths.data) / "processed" / run
     stats_path = processed / "stats.json"
@@ -217,7 +220,7 @@ def stage_key(cfg, processed, model_dir):
 
 def model_config(cfg, stats):
     """model.*, with the n-gram term off when the train split has more than model.ngram_max_rows rows."""
-    from pipeline.ngram import term_used
+    from pipeline.model.ngram import term_used
 
     m = cfg.model
     return m if not m.ngram_order or term_used(m, int(stats["rows"]["train"])) else dataclasses.replace(m, ngram_order=0)
@@ -226,7 +229,7 @@ def model_config(cfg, stats):
 def build_run_model(cfg, stats, vocab_size, num_classes, word_vectors):
     """The run's classifier as `make train` builds it (model_config, the word vectors' sizes, the backbone's
     shape), its layers under the current mixed-precision policy."""
-    from pipeline.model import build_model
+    from pipeline.model.layers import build_model
 
     return build_model(model_config(cfg, stats), vocab_size, num_classes, int(stats["seq_len"]),
                        **vectors.model_sizes(word_vectors), backbone=backbone_spec(cfg))
@@ -241,7 +244,7 @@ def backbone_spec(cfg):
 def initialize_encoder(cfg, model, model_dir):
     """Copy the backbone's or the pretrained encoder's weights into `model` when there is one to use; return
     "backbone <name>", "pretrained" or "scratch"."""
-    from pipeline.model import copy_encoder_weights, load_model
+    from pipeline.model.layers import copy_encoder_weights, load_model
 
     directory = backbone.configured_dir(cfg)
     if directory:
@@ -331,9 +334,9 @@ def train_model(cfg, run, key):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
-    from pipeline.data import make_dataset
-    from pipeline.model import set_word_vectors
-    from pipeline.tokenizer import load_vocabulary
+    from pipeline.stages.data import make_dataset
+    from pipeline.model.layers import set_word_vectors
+    from pipeline.text.tokenizer import load_vocabulary
 
     processed, stats, labels = load_processed(cfg, run)
     vocab = load_vocabulary(processed / "vocab.txt")
@@ -410,7 +413,7 @@ def _split_arrays(path, seq_len):
     """(input dict of int32 [n, seq_len] arrays, labels [n]) of a processed split, in file order."""
     import numpy as np
 
-    from pipeline.data import make_dataset
+    from pipeline.stages.data import make_dataset
 
     batches = list(make_dataset(path, seq_len, 1024, training=False).as_numpy_iterator())
     inputs = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
@@ -423,8 +426,8 @@ def fit_ngram_term(cfg, model, processed, stats, labels):
     each part."""
     import numpy as np
 
-    from pipeline import ngram
-    from pipeline.evaluate import classification_metrics
+    from pipeline.model import ngram
+    from pipeline.stages.evaluate import classification_metrics
 
     t0 = time.time()
     layer = model.get_layer("ngrams")
@@ -462,10 +465,10 @@ def fit_ngram_term(cfg, model, processed, stats, labels):
 
 def run_train_stage(cfg, run):
     """`python -m pipeline train`: train, evaluate on dev, and write saved_models/<run>/."""
-    from pipeline.baseline import comparison_table, run_baseline
-    from pipeline.data import read_examples
-    from pipeline.evaluate import classification_metrics, load_predictor
-    from pipeline.model import find_layer
+    from pipeline.measure.baseline import comparison_table, run_baseline
+    from pipeline.stages.data import read_examples
+    from pipeline.stages.evaluate import classification_metrics, load_predictor
+    from pipeline.model.layers import find_layer
 
     processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run

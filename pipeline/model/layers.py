@@ -48,9 +48,10 @@ from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cl
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
     prune_preserve_quantize_registry)
 
-from pipeline import INPUT_NAMES, ngram
-from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline import INPUT_NAMES
+from pipeline.model import ngram
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import PipelineError
 
 PACKAGE = "liteformer"
 _SCORE_LIMIT = 8.0  # attention scores are clipped to [-8, 8] ...

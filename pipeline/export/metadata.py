@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 METADATA_NAME = "TFLITE_METADATA"
 VOCAB_FILE, LABELS_FILE = "vocab.txt", "labels.txt"

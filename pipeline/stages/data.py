@@ -23,11 +23,13 @@ import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
-from pipeline import backbone, manifest, vectors
-from pipeline import tokenizer as tok
-from pipeline.download import fetch
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, write_json, write_text
+from pipeline.model import backbone
+from pipeline.core import manifest
+from pipeline.text import vectors
+from pipeline.text import tokenizer as tok
+from pipeline.core.download import fetch
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import atomic_path, write_json, write_text
 
 FORMATS = (".tsv", ".csv", ".jsonl")
 SPLITS = ("train", "dev", "test")
@@ -595,8 +597,8 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
 
     # 3. Sequence length: a percentile of train lengths ([CLS] and [SEP] included), capped at data.max_seq_len
     # when the n-gram term reads it, else at what the encoder reads.
-    from pipeline.model import encoder_length
-    from pipeline.ngram import term_used
+    from pipeline.model.layers import encoder_length
+    from pipeline.model.ngram import term_used
 
     pct = float(np.percentile(lengths["train"], dc.length_percentile))
     reach = encoder_length(m, dc.max_seq_len, backbone.read_spec(pretrained) if pretrained else None)

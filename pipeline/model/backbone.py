@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import manifest
-from pipeline.download import fetch
-from pipeline.errors import PipelineError
+from pipeline.core import manifest
+from pipeline.core.download import fetch
+from pipeline.core.errors import PipelineError
 
 FILES = ("config.json", "vocab.txt", "model.safetensors")
 

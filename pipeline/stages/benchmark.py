@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import INPUT_NAMES, vectors
+from pipeline import INPUT_NAMES
+from pipeline.text import vectors
 
 WARMUP = 20
 RUNS = 300  # timed invokes per setting (at least 200, as the issue asks)
@@ -139,7 +140,7 @@ def measure_keras(model_dir, examples):
     import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS)
     import tensorflow as tf
 
-    from pipeline.model import load_model, serving_function
+    from pipeline.model.layers import load_model, serving_function
 
     seq_len = int(examples[0]["input_word_ids"].shape[-1])
     t0 = time.perf_counter()
@@ -223,8 +224,8 @@ def dense_only_files(trained, seq_len, directory):
     this model on this CPU."""
     import tensorflow as tf
 
-    from pipeline.compress import configure_converter
-    from pipeline.model import EncoderBlock
+    from pipeline.stages.compress import configure_converter
+    from pipeline.model.layers import EncoderBlock
 
     blocks = [layer for layer in trained.layers if isinstance(layer, EncoderBlock)]
     d = blocks[0].d_model
@@ -255,7 +256,7 @@ def forward_flops(model, seq_len):
     serving graph (matmuls, elementwise ops; as TF registers them)."""
     from tensorflow.python.profiler import model_analyzer, option_builder
 
-    from pipeline.model import serving_function
+    from pipeline.model.layers import serving_function
 
     options = option_builder.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
@@ -282,9 +283,9 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15, budget_s=120.0):
 
     import tensorflow as tf
 
-    from pipeline.data import make_dataset
-    from pipeline.model import build_model
-    from pipeline.train import backbone_spec, load_processed, make_optimizer
+    from pipeline.stages.data import make_dataset
+    from pipeline.model.layers import build_model
+    from pipeline.stages.train import backbone_spec, load_processed, make_optimizer
 
     processed, stats, labels = load_processed(cfg, run)
     seq_len, t = int(stats["seq_len"]), cfg.train
@@ -320,11 +321,11 @@ def training_speed(cfg, run, bucketing, steps=100, warmup=15, budget_s=120.0):
 
 def _fresh_process(kind, path, *args):
     """Run one worker in a new Python process; its JSON result."""
-    cmd = [sys.executable, "-m", "pipeline.benchmark", kind, str(path), *map(str, args)]
+    cmd = [sys.executable, "-m", "pipeline.stages.benchmark", kind, str(path), *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
-        from pipeline.errors import PipelineError
+        from pipeline.core.errors import PipelineError
 
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise PipelineError(f"{path}: benchmark worker failed ({tail[0]})")
@@ -336,11 +337,12 @@ def run_benchmark_stage(cfg, run):
     write saved_models/<run>/benchmark.json."""
     import tempfile
 
-    from pipeline import files, manifest
-    from pipeline.data import load_stats, read_examples
-    from pipeline.errors import PipelineError
-    from pipeline.model import load_model
-    from pipeline.tokenizer import encode, make_tokenizer
+    from pipeline.core import files
+    from pipeline.core import manifest
+    from pipeline.stages.data import load_stats, read_examples
+    from pipeline.core.errors import PipelineError
+    from pipeline.model.layers import load_model
+    from pipeline.text.tokenizer import encode, make_tokenizer
 
     model_dir = Path(cfg.paths.models) / run
     compression = model_dir / "compression.json"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.recipes import DEFAULT_VARIANTS, check_variants
+from pipeline.core.errors import PipelineError
+from pipeline.export.recipes import DEFAULT_VARIANTS, check_variants
 
 
 @dataclass
@@ -256,6 +256,6 @@ def load_config(path=None, overrides=()):
 
 
 def save_config(cfg, path):
-    from pipeline.files import write_text
+    from pipeline.core.files import write_text
 
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

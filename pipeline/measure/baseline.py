@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files
-from pipeline.errors import PipelineError
-from pipeline.evaluate import read_labels
+from pipeline.core import files
+from pipeline.core.errors import PipelineError
+from pipeline.stages.evaluate import read_labels
 
 MODEL_FILE = "model.joblib"
 NAME = "bag-of-words baseline"
@@ -62,7 +62,7 @@ def run_baseline(splits, out_dir, labels) -> dict:
     Returns {"dev", "test"?, "bytes", "gzip_bytes", "fit_seconds", "path"}."""
     import joblib
 
-    from pipeline.evaluate import classification_metrics  # the model's metrics code, so the numbers compare
+    from pipeline.stages.evaluate import classification_metrics  # the model's metrics code, so the numbers compare
 
     out_dir, labels = Path(out_dir), list(labels)
     model = make_baseline()

@@ -1,6 +1,6 @@
 """Compression recipes: each .tflite variant is a chain of steps (compress.variants in params.yaml),
 validated here without TensorFlow; pipeline/compress.py implements the steps."""
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # Steps that change the Keras model, in the order they may appear; "student" only first.
 MODEL_STEPS = {

@@ -4,9 +4,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from pipeline import manifest
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
+from pipeline.core import manifest
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import atomic_path
 
 
 def fetch(url, dest, sha256, hint=None) -> Path:

@@ -9,9 +9,11 @@ from pathlib import Path
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline import files, manifest, vectors
-from pipeline.config import save_config
-from pipeline.errors import PipelineError
+from pipeline.core import files
+from pipeline.core import manifest
+from pipeline.text import vectors
+from pipeline.core.config import save_config
+from pipeline.core.errors import PipelineError
 
 ENCODER_KEYS = ("d_model", "num_layers", "num_heads", "ff_dim", "conv_width", "dropout", "token_dropout", "position")
 SHUFFLE_BUFFER = 100_000
@@ -71,8 +73,8 @@ def make_mlm_dataset(paths, seq_len, batch_size, vocab, mask_rate, *, training, 
     and [SEP] are never masked. Training batches group texts of similar length."""
     import keras_nlp
 
-    from pipeline.data import bucket_boundaries, parse_record
-    from pipeline.tokenizer import CLS, PAD, SEP
+    from pipeline.stages.data import bucket_boundaries, parse_record
+    from pipeline.text.tokenizer import CLS, PAD, SEP
 
     masker = keras_nlp.layers.MaskedLMMaskGenerator(
         vocabulary_size=len(vocab), mask_selection_rate=mask_rate, mask_token_id=vocab.index("[MASK]"),
@@ -115,9 +117,9 @@ def stage_key(cfg, processed):
 
 def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     """Fit the encoder with an MLM head on the run's texts; return (MLM model, epoch rows)."""
-    from pipeline.model import build_mlm_model, set_word_vectors
-    from pipeline.tokenizer import load_vocabulary
-    from pipeline.train import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
+    from pipeline.model.layers import build_mlm_model, set_word_vectors
+    from pipeline.text.tokenizer import load_vocabulary
+    from pipeline.stages.train import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
 
     p = cfg.pretrain
     if not 0 < p.mask_rate < 1:
@@ -159,7 +161,7 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
 
 def run_pretrain_stage(cfg, run):
     """`python -m pipeline pretrain`: write saved_models/<run>/pretrained/ (MLM model, config, history)."""
-    from pipeline.train import load_processed
+    from pipeline.stages.train import load_processed
 
     if cfg.model.backbone != "none":
         raise PipelineError(f"pretrain: model.backbone is {cfg.model.backbone}, already pretrained; train fine-tunes it")

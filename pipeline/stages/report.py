@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files
-from pipeline.errors import PipelineError
+from pipeline.core import files
+from pipeline.core.errors import PipelineError
 
 MB = 1024 * 1024
 
@@ -127,7 +127,7 @@ def tradeoff_figure(rows, key, xlabel, scale=1.0):
 
 def plot_tradeoff(rows, key, xlabel, path, scale=1.0):
     """tradeoff_figure as a PNG at `path`."""
-    from pipeline.evaluate import _save_figure
+    from pipeline.stages.evaluate import _save_figure
 
     return _save_figure(tradeoff_figure(rows, key, xlabel, scale), path)
 
@@ -136,7 +136,7 @@ def plot_training_curves(history, path):
     """Loss and accuracy per epoch, train and validation."""
     from matplotlib.figure import Figure
 
-    from pipeline.evaluate import _save_figure
+    from pipeline.stages.evaluate import _save_figure
 
     epochs = [int(r["epoch"]) + 1 for r in history]
     fig = Figure(figsize=(9, 3.5))
@@ -290,9 +290,9 @@ def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     import tensorflow as tf
 
-    from pipeline.evaluate import plot_confusion_matrix
+    from pipeline.stages.evaluate import plot_confusion_matrix
 
-    from pipeline import manifest
+    from pipeline.core import manifest
 
     model_dir = Path(cfg.paths.models) / run
     compression = _load(model_dir / "compression.json", "compress")
@@ -329,12 +329,12 @@ def run_report_stage(cfg, run):
         "training_curves": plot_training_curves(history, out / "training_curves.png"),
     }
     main, ops = build_tables(rows, benchmark)
-    from pipeline.explain import report_section
+    from pipeline.stages.explain import report_section
 
     errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
     versus = ""  # one sentence above the table: is the Transformer worth it over the baseline?
     if baseline:
-        from pipeline.baseline import verdict
+        from pipeline.measure.baseline import verdict
 
         sentence = verdict(compression["keras"], baseline["dev"])  # the keras row against the baseline row
         if "test" in metrics and "test" in baseline:  # the train stage scored both on the run's test split

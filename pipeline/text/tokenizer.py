@@ -11,8 +11,8 @@ import numpy as np
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
-from pipeline.errors import PipelineError
-from pipeline.files import write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_text
 
 RESERVED_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] must be id 0
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"

@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import files
-from pipeline.errors import PipelineError
+from pipeline.core import files
+from pipeline.core.errors import PipelineError
 
 NAME = "manifest.json"
 COMMANDS = {"data": "make data", "pretrain": "make pretrain", "train": "make train", "distill": "make distill",

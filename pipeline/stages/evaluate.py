@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import INPUT_NAMES  # the package root also sets TF_USE_LEGACY_KERAS before TensorFlow
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, write_json
-from pipeline.tokenizer import encode, load_vocabulary, make_tokenizer
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import atomic_path, write_json
+from pipeline.text.tokenizer import encode, load_vocabulary, make_tokenizer
 
 BATCH_ELEMENTS = 1 << 23  # rows x width^2 of a predict batch: 32 texts of 512 wordpieces, 8 of 1024
 BATCH_SIZE = 256
@@ -79,7 +79,7 @@ class KerasPredictor:
 
 
 def _load_keras_model(model_dir):
-    from pipeline.model import load_model  # knows the custom layers and TFMOT wrappers
+    from pipeline.model.layers import load_model  # knows the custom layers and TFMOT wrappers
 
     try:
         return load_model(model_dir / "model.keras")
@@ -193,14 +193,14 @@ def _check_width(probs, labels, path):
 def load_predictor(path):
     """A predictor for a model directory, a baseline directory (model.joblib) or a .tflite file:
     .labels, .seq_len, .predict_proba(texts)."""
-    from pipeline import manifest
+    from pipeline.core import manifest
 
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: not found; {EXPECTED}")
     manifest.verify_if_listed(path)  # refuse a truncated or altered artifact of a run
     if path.is_dir() and (path / "model.joblib").is_file():  # saved_models/<run>/baseline
-        from pipeline.baseline import BaselinePredictor
+        from pipeline.measure.baseline import BaselinePredictor
 
         run_dir = path.resolve().parent  # saved_models/<run>: verify the directory when its manifest lists it
         if (run_dir / manifest.NAME).is_file() and path.name in manifest.load(run_dir)["artifacts"]:
@@ -393,7 +393,7 @@ def _log_tensorboard(log_dir, result, image_paths):
 
 def run_evaluate(cfg, model_path, data_path, out_dir=None):
     """Evaluate a model on a labelled data file; print one JSON object and, with out_dir, save it with plots."""
-    from pipeline import data
+    from pipeline.stages import data
 
     predictor = load_predictor(model_path)
     examples = data.read_table(data_path, cfg.data)  # with line numbers, for the unknown-label error
@@ -440,7 +440,7 @@ def run_predict(cfg, model_path, texts, runtime="litert", table=False):
     """Classify texts; print one JSON line per text with its label and every label's probability, or with
     `table` an aligned table. runtime "mediapipe" runs a .tflite through MediaPipe Tasks' TextClassifier."""
     if runtime == "mediapipe":
-        from pipeline.metadata import MediaPipeClassifier
+        from pipeline.export.metadata import MediaPipeClassifier
 
         if Path(model_path).suffix != ".tflite":
             raise PipelineError(f"{model_path}: --runtime mediapipe needs a .tflite file")

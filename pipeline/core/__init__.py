@@ -1,0 +1,1 @@
+"""Core: config, manifests, atomic files, downloads and the error type; imports nothing else of pipeline."""

@@ -1,0 +1,1 @@
+"""From a trained model to shipped .tflite files: recipes, TFLite conversion, parity, MediaPipe metadata."""
