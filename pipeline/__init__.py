@@ -11,5 +11,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 __version__ = "0.1.0"
 
 # The model's int32 [batch, seq_len] inputs, named as MediaPipe's BERT text classifier expects. Here, not
-# in model.py, so that modules which must not import TensorFlow (the benchmark worker) share them.
+# in pipeline/model/, so that modules which must not import TensorFlow (the benchmark worker,
+# pipeline/measure/latency.py) share them.
 INPUT_NAMES = ("input_word_ids", "input_mask", "input_type_ids")

@@ -1,13 +1,17 @@
 """The one CLI: `python -m pipeline <stage>` (also installed as `liteformer`)."""
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_text
+from pipeline.text.read import read_texts
 
 DEFAULT_RUN = "SST-2"  # the run name of the GLUE SST-2 download
 CURRENT_RUN = ".current_run"  # in paths.models: the run of the last data or train stage given --data or --run
@@ -38,8 +42,6 @@ def resolve_run(args, cfg):
 
 def remember_run(cfg, run):
     """Make `run` the one later stages without --run work on."""
-    from pipeline.core.files import write_text
-
     write_text(Path(cfg.paths.models) / CURRENT_RUN, run + "\n")
 
 
@@ -60,7 +62,7 @@ def _quiet_libraries():
         os.close(devnull)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import tensorflow as tf
+            import tensorflow as tf  # here, inside the silenced stderr: its start-up lines are what this hides
 
             tf.get_logger().setLevel("ERROR")  # its Python warnings (e.g. slow callbacks) too
             yield
@@ -159,81 +161,15 @@ def main(argv=None):
 def run_stage(args):
     """Run the stage `args` names; print a one-line error and return 2 for bad input."""
     try:
-        from pipeline.core.config import load_config
-
-        config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
-        cfg = load_config(config_path, args.set)
-        if args.stage not in ("predict", "explain") and not (args.stage == "evaluate" and args.model):
-            run, origin = resolve_run(args, cfg)
-            # stdout holds evaluate's JSON result
-            print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
-        if args.stage == "data":
-            from pipeline.stages.data import run_data_stage
-
-            run_data_stage(cfg, args.data, run)
-            if args.data or args.run:
-                remember_run(cfg, run)
-        elif args.stage == "pretrain":
-            from pipeline.stages.pretrain import run_pretrain_stage
-
-            run_pretrain_stage(cfg, run)
-        elif args.stage == "train":
-            from pipeline.stages.train import run_train_stage
-
-            run_train_stage(cfg, run)
-            if args.run:
-                remember_run(cfg, run)
-        elif args.stage == "evaluate":
-            from pipeline.stages.evaluate import run_evaluate
-
-            if args.model:
-                run_evaluate(cfg, args.model, args.data, args.out)
-            else:
-                model_dir = Path(cfg.paths.models) / run
-                run_evaluate(cfg, str(model_dir), args.data or str(Path(cfg.paths.data) / "processed" / run / "dev.jsonl"),
-                             args.out or str(model_dir / "eval"))
-        elif args.stage == "predict":
-            from pipeline.stages.data import read_texts
-            from pipeline.stages.evaluate import run_predict
-
-            texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
-            run_predict(cfg, args.model, texts, args.runtime, args.table)
-        elif args.stage == "explain":
-            from pipeline.stages.data import read_texts
-            from pipeline.stages.explain import run_explain
-
-            texts = list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
-            run_explain(cfg, args.model, texts, args.out, args.label, args.steps)
-        elif args.stage == "distill":
-            from pipeline.stages.distill import run_distill_stage
-
-            run_distill_stage(cfg, run)
-        elif args.stage == "compress":
-            from pipeline.stages.compress import run_compress_stage
-
-            run_compress_stage(cfg, run)
-        elif args.stage == "benchmark":
-            from pipeline.stages.benchmark import run_benchmark_stage
-
-            run_benchmark_stage(cfg, run)
-        else:
-            from pipeline.stages.report import run_report_stage
-
-            run_report_stage(cfg, run)
+        call_stage(args)
     except PipelineError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a full disk, a read-only directory: the file and the reason, nothing half-written
-        tf = sys.modules.get("tensorflow")
-        if isinstance(e, OSError):
-            problem = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
-        elif tf is not None and isinstance(e, tf.errors.OpError):  # TensorFlow's file writers report these
-            problem = e.message.strip().splitlines()[0]
-        else:
-            raise
-        if args.debug:
+        problem = _write_problem(e)
+        if problem is None or args.debug:
             raise
         print(f"error: {problem}; nothing was replaced (free space or fix the permissions, then run again)",
               file=sys.stderr)
@@ -242,6 +178,65 @@ def run_stage(args):
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _write_problem(e):
+    """The file and reason of an OSError or of a TensorFlow file writer's error; None for any other exception."""
+    tf = sys.modules.get("tensorflow")
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+    if tf is not None and isinstance(e, tf.errors.OpError):  # TensorFlow's file writers report these
+        return e.message.strip().splitlines()[0]
+    return None
+
+
+# The module of pipeline/stages/ that runs each CLI stage.
+STAGE_MODULES = {"data": "data", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate",
+                 "predict": "evaluate", "explain": "explain", "distill": "distill", "compress": "compress",
+                 "benchmark": "benchmark", "report": "report"}
+
+
+def stage_module(stage):
+    """pipeline.stages.<module> of `stage`, imported only when it runs: stage modules import TensorFlow, and
+    importing every stage's libraries would slow each command down."""
+    return importlib.import_module(f"pipeline.stages.{STAGE_MODULES[stage]}")
+
+
+def call_stage(args):
+    """Load the config, say which run, and call the stage's function with what the command line gives it."""
+    config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
+    cfg = load_config(config_path, args.set)
+    run = None
+    if args.stage not in ("predict", "explain") and not (args.stage == "evaluate" and args.model):
+        run, origin = resolve_run(args, cfg)
+        # stdout holds evaluate's JSON result
+        print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
+    stage = stage_module(args.stage)
+    if args.stage == "data":
+        stage.run_data_stage(cfg, args.data, run)
+        if args.data or args.run:
+            remember_run(cfg, run)
+    elif args.stage == "train":
+        stage.run_train_stage(cfg, run)
+        if args.run:
+            remember_run(cfg, run)
+    elif args.stage == "evaluate" and args.model:
+        stage.run_evaluate(cfg, args.model, args.data, args.out)
+    elif args.stage == "evaluate":
+        model_dir = Path(cfg.paths.models) / run
+        stage.run_evaluate(cfg, str(model_dir), args.data or str(Path(cfg.paths.data) / "processed" / run / "dev.jsonl"),
+                           args.out or str(model_dir / "eval"))
+    elif args.stage == "predict":
+        stage.run_predict(cfg, args.model, _texts(args, cfg), args.runtime, args.table)
+    elif args.stage == "explain":
+        stage.run_explain(cfg, args.model, _texts(args, cfg), args.out, args.label, args.steps)
+    else:  # pretrain, distill, compress, benchmark, report
+        getattr(stage, f"run_{args.stage}_stage")(cfg, run)
+
+
+def _texts(args, cfg):
+    """The texts given on the command line, then those of --file."""
+    return list(args.texts) + (read_texts(args.file, cfg.data) if args.file is not None else [])
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def test_backbone_in_our_layers_computes_what_bert_computes(tmp_path):
     import tensorflow as tf
 
     from pipeline.model import backbone
-    from pipeline.model import layers as model
+    from pipeline.model import build as model
+    from pipeline.model.quantize import custom_objects
     from pipeline.text import tokenizer
     from pipeline.core.config import ModelConfig
 
@@ -89,7 +90,7 @@ def test_backbone_in_our_layers_computes_what_bert_computes(tmp_path):
     expected = reference_bert(tensors, x["input_word_ids"], x["input_mask"].astype(np.float64))
     np.testing.assert_allclose(pooled, expected, atol=2e-5)
     # the model round-trips through its config: the post-LN blocks and BERT embedding are serialised
-    clone = tf.keras.Model.from_config(m.get_config(), custom_objects=model.custom_objects())
+    clone = tf.keras.Model.from_config(m.get_config(), custom_objects=custom_objects())
     clone.set_weights(m.get_weights())
     np.testing.assert_allclose(clone(x).numpy(), m(x).numpy(), atol=1e-6)
 
@@ -108,7 +109,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
     metrics = run_train_stage(cfg, "toy")
     assert metrics["init"] == f"backbone {directory}"
     assert metrics["dev"]["accuracy"] > 0.9
-    from pipeline.model.layers import load_model
+    from pipeline.model.build import load_model
 
     m = load_model(tmp_path / "saved_models" / "toy" / "model.keras")
     emb = m.get_layer("embedding").embeddings.numpy()
@@ -117,7 +118,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
 
     # explain (and the report's error analysis) work on it: its layer-by-layer pass matches the model (explain
     # checks that itself) and integrated gradients account for the logit's change from the baseline
-    from pipeline.stages.explain import load_explainer
+    from pipeline.measure.attribution import load_explainer
 
     explainer, _ = load_explainer(tmp_path / "saved_models" / "toy")
     inputs = {k: v[0] for k, v in explainer.encode(["the movie was great"]).items()}
@@ -129,7 +130,7 @@ def test_data_and_train_fine_tune_the_backbone(toy_data, tmp_path):
     cfg_again = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}",
                                                                  "train.epochs=4", "train.learning_rate=0.003"))
     from pipeline.core import manifest
-    from pipeline.stages.train import stage_key
+    from pipeline.model.training import train_key as stage_key
 
     key = stage_key(cfg_again, processed, tmp_path / "saved_models" / "toy")
     assert manifest.up_to_date(tmp_path / "saved_models" / "toy", "train", key)
@@ -166,7 +167,7 @@ def test_a_checkpoint_unlike_its_config_names_the_tensor(tmp_path):
     from safetensors.numpy import save_file
 
     from pipeline.model import backbone
-    from pipeline.model import layers as model
+    from pipeline.model import build as model
     from pipeline.core.config import ModelConfig
 
     directory, _, tensors = make_tiny_bert(tmp_path / "bert")
@@ -219,7 +220,7 @@ def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_pa
     from conftest import COMPRESS
     from pipeline.stages.compress import run_compress_stage
     from pipeline.stages.data import run_data_stage
-    from pipeline.stages.evaluate import TFLitePredictor
+    from pipeline.measure.predictors import TFLitePredictor
     from pipeline.stages.train import run_train_stage
 
     directory, _, _ = make_tiny_bert(tmp_path / "bert")

@@ -38,7 +38,7 @@ def write_processed(d, test=True):
 def read_splits(d):
     """{split: (texts, labels)} of a processed directory, as the train stage reads it."""
     from pipeline.core.config import DataConfig
-    from pipeline.stages.data import read_examples
+    from pipeline.text.read import read_examples
 
     return {p.stem: read_examples(p, DataConfig()) for p in sorted(d.glob("*.jsonl"))}
 
@@ -86,7 +86,7 @@ def test_run_baseline_without_test_split_reports_dev_only(tmp_path):
 
 
 def test_predict_proba_columns_follow_labels_txt(fitted):
-    from pipeline.measure.baseline import BaselinePredictor
+    from pipeline.measure.predictors import BaselinePredictor
 
     out, _ = fitted
     predictor = BaselinePredictor(out)
@@ -103,7 +103,7 @@ def test_predict_proba_columns_follow_labels_txt(fitted):
 def test_predictor_rejects_labels_that_are_not_the_models(fitted, tmp_path):
     import shutil
 
-    from pipeline.measure.baseline import BaselinePredictor
+    from pipeline.measure.predictors import BaselinePredictor
 
     out, _ = fitted
     copy = tmp_path / "baseline"
@@ -117,9 +117,10 @@ def test_predictor_rejects_labels_that_are_not_the_models(fitted, tmp_path):
 
 
 def test_load_predictor_and_evaluate_take_a_baseline_directory(fitted, tmp_path, capsys):
-    from pipeline.measure.baseline import BaselinePredictor
+    from pipeline.measure.predictors import BaselinePredictor
     from pipeline.core.config import load_config
-    from pipeline.stages.evaluate import load_predictor, run_evaluate
+    from pipeline.measure.predictors import load_predictor
+    from pipeline.stages.evaluate import run_evaluate
 
     out, result = fitted
     assert isinstance(load_predictor(out), BaselinePredictor)
@@ -137,7 +138,7 @@ def test_load_predictor_and_evaluate_take_a_baseline_directory(fitted, tmp_path,
 def test_load_predictor_refuses_an_altered_baseline_of_a_run(fitted, tmp_path):
     import shutil
 
-    from pipeline.stages.evaluate import load_predictor
+    from pipeline.measure.predictors import load_predictor
 
     out, _ = fitted
     run = tmp_path / "run"

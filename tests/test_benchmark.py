@@ -84,7 +84,7 @@ def test_report_renders_from_fixture_files(tmp_path):
 
 
 def test_pareto_front():
-    from pipeline.stages.report import pareto_front
+    from pipeline.measure.compare import pareto_front
 
     points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (0.5, 70.0), (2.0, 85.0 - 1e-9)]
     assert sorted(pareto_front(points)) == [0, 1, 3]
@@ -92,7 +92,7 @@ def test_pareto_front():
 
 
 def test_one_recommendation_per_goal():
-    from pipeline.stages.report import recommendations
+    from pipeline.measure.compare import recommendations
 
     def row(name, accuracy, gzip_mb, p50):
         return {"variant": name, "accuracy": accuracy, "gzip_bytes": int(gzip_mb * 1e6), "p50_ms": p50}
@@ -131,7 +131,7 @@ def test_report_gives_each_goal_its_numbers_and_ships_what_report_ship_says(tmp_
 
 
 def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
-    from pipeline.stages.report import tradeoff_figure
+    from pipeline.measure.plots import tradeoff_figure
 
     names = ["float32", "float16", "dynamic_range", "int8", "qat_int8", "pruned_int8", "pruned_qat_int8"]
     p50 = [0.30, 0.30, 0.69, 0.70, 0.70, 0.71, 0.70]
@@ -153,7 +153,7 @@ def test_tradeoff_plot_labels_never_overlap_and_ticks_read_plain_numbers():
 def test_training_speed_times_slow_steps_for_its_budget_only(toy_data, tmp_path):
     """A long-text backbone run takes ~14 s a step: benchmark times about budget_s of steps, not 115 of them."""
     from conftest import tiny_overrides
-    from pipeline.stages.benchmark import training_speed
+    from pipeline.measure.training_speed import training_speed
     from pipeline.core.config import load_config
     from pipeline.stages.data import run_data_stage
 

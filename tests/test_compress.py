@@ -13,7 +13,7 @@ from conftest import (COMPRESS, ROOT, assert_one_line_error, cli, make_toy_dir, 
                       sigkill, tiny_overrides)
 
 from pipeline.core import manifest
-from pipeline.export.recipes import DEFAULT_VARIANTS, FINE_TUNED_VARIANTS
+from pipeline.core.config import DEFAULT_VARIANTS, FINE_TUNED_VARIANTS
 
 # Every recipe: the defaults and those that fine-tune while compressing
 ALL_VARIANTS = {**DEFAULT_VARIANTS, **FINE_TUNED_VARIANTS}
@@ -45,7 +45,7 @@ def compressed(tmp_path_factory):
 
 
 def test_every_variant_exists_loads_and_predicts(compressed):
-    from pipeline.stages.evaluate import load_predictor
+    from pipeline.measure.predictors import load_predictor
 
     _, model_dir, summary = compressed
     # the last two words are not in the toy data: only their word vectors say what they mean
@@ -118,7 +118,7 @@ def test_rerun_resumes_without_redoing_steps(compressed, capsys):
 
 def test_a_run_compressed_by_an_older_stage_is_not_up_to_date(compressed, monkeypatch, capsys):
     from pipeline.stages import compress
-    from pipeline.stages.train import load_processed
+    from pipeline.text.processed import load_processed
 
     cfg, model_dir, _ = compressed
     processed = load_processed(cfg, "toy")[0]
@@ -155,10 +155,10 @@ def test_changing_the_recipe_list_rebuilds_only_the_changed_variants(compressed,
 
 
 def test_fine_tuning_weighs_each_row_by_its_class_as_training_does(tmp_path):
-    from pipeline.stages.compress import _fine_tune_data
+    from pipeline.export.recipes import fine_tune_data as _fine_tune_data
     from pipeline.core.config import load_config
     from pipeline.stages.data import run_data_stage
-    from pipeline.stages.train import load_processed
+    from pipeline.text.processed import load_processed
 
     data = make_toy_dir(tmp_path)
     rows = (data / "train.tsv").read_text().splitlines()
@@ -181,9 +181,11 @@ def test_fine_tuning_weighs_each_row_by_its_class_as_training_does(tmp_path):
 def test_qat_output_stays_close_to_float_and_keeps_zeros():
     import tensorflow as tf
 
-    from pipeline.stages.compress import export_tflite, tflite_weight_sparsity
+    from pipeline.export.convert import export_tflite
+    from pipeline.measure.tflite_file import tflite_weight_sparsity
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model, quantize_model
+    from pipeline.model.build import build_model
+    from pipeline.model.quantize import quantize_model
 
     tf.keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0, ngram_order=3), 1000, 2, 16)
@@ -201,9 +203,9 @@ def test_qat_output_stays_close_to_float_and_keeps_zeros():
 
 
 def test_parity_check_catches_a_different_model(compressed):
-    from pipeline.stages.compress import check_parity
+    from pipeline.export.parity import check_parity
     from pipeline.core.errors import PipelineError
-    from pipeline.stages.evaluate import load_predictor
+    from pipeline.measure.predictors import load_predictor
 
     _, model_dir, _ = compressed
     # with two texts without a sentiment word: the others' probabilities are 0 and 1 in every variant
@@ -329,7 +331,7 @@ def test_benchmark_writes_positive_measurements_for_every_variant(benchmark):
 
 
 def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
-    from pipeline.stages.compress import _steps
+    from pipeline.export.recipes import fine_tune_steps as _steps
     from pipeline.core.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", ["train.batch_size=32", "train.max_steps=0", "train.max_tokens=0"])
@@ -342,7 +344,7 @@ def test_fine_tuning_steps_are_capped_by_the_training_step_limit():
 
 
 def test_a_students_chain_prunes_and_fine_tunes_at_the_student_settings():
-    from pipeline.stages.compress import chain_config
+    from pipeline.export.recipes import chain_config
     from pipeline.core.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", ["compress.sparsity=0.8", "compress.student_sparsity=0.5",

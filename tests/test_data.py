@@ -1,4 +1,5 @@
-"""Tests of pipeline/data.py: readers, validation, splits, the data stage, input pipeline, download."""
+"""Tests of the data stage (pipeline/stages/data.py) and pipeline/text/: readers, validation, splits, input
+pipeline, download."""
 import hashlib
 import json
 import zipfile
@@ -11,6 +12,7 @@ import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
 from pipeline.stages import data as D
+from pipeline.text import dataset, processed, read, splits, sst2
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import PipelineError
 
@@ -54,44 +56,44 @@ def test_read_tsv_with_and_without_header(tmp_path):
     with_header = write(tmp_path / "a.tsv", tsv(rows))
     without = write(tmp_path / "b.tsv", tsv(rows, header=None))
     for path in (with_header, without):
-        assert D.read_examples(path, cfg) == (["a good film", 'she said "wow"'], ["1", "0"])
+        assert read.read_examples(path, cfg) == (["a good film", 'she said "wow"'], ["1", "0"])
 
 
 def test_read_header_in_any_order_with_extra_columns_and_text_fallback(tmp_path):
     path = write(tmp_path / "t.tsv", "id\tlabel\ttext\n7\tpos\tnice one\n8\tneg\tbad one\n")
-    assert D.read_examples(path, DataConfig()) == (["nice one", "bad one"], ["pos", "neg"])
+    assert read.read_examples(path, DataConfig()) == (["nice one", "bad one"], ["pos", "neg"])
 
 
 def test_read_csv_quoted_fields(tmp_path):
     path = write(tmp_path / "t.csv", 'sentence,label\n"good, really good",pos\n"two\nlines",neg\nplain,pos\n')
-    texts, labels = D.read_examples(path, DataConfig())
+    texts, labels = read.read_examples(path, DataConfig())
     assert texts == ["good, really good", "two\nlines", "plain"]
     assert labels == ["pos", "neg", "pos"]
 
 
 def test_read_jsonl_int_and_string_labels(tmp_path):
     path = write(tmp_path / "t.jsonl", '{"text": "good", "label": 1}\n\n{"sentence": "bad", "label": " neg "}\n')
-    assert D.read_examples(path, DataConfig()) == (["good", "bad"], ["1", "neg"])
+    assert read.read_examples(path, DataConfig()) == (["good", "bad"], ["1", "neg"])
 
 
 def test_bom_and_crlf_accepted(tmp_path):
     path = write(tmp_path / "t.tsv", b"\xef\xbb\xbfsentence\tlabel\r\ngood film\t1\r\nbad film\t0\r\n")
-    assert D.read_examples(path, DataConfig()) == (["good film", "bad film"], ["1", "0"])
+    assert read.read_examples(path, DataConfig()) == (["good film", "bad film"], ["1", "0"])
     path = write(tmp_path / "t.csv", b'\xef\xbb\xbftext,label\r\n"a, b",1\r\nc,0\r\n')
-    assert D.read_examples(path, DataConfig()) == (["a, b", "c"], ["1", "0"])
+    assert read.read_examples(path, DataConfig()) == (["a, b", "c"], ["1", "0"])
 
 
 def test_single_column_file_has_no_labels(tmp_path):
     path = write(tmp_path / "t.tsv", "just text\nmore text\n")
-    assert D.read_examples(path, DataConfig(), require_labels=False) == (["just text", "more text"], [])
+    assert read.read_examples(path, DataConfig(), require_labels=False) == (["just text", "more text"], [])
     with pytest.raises(PipelineError, match=r"t\.tsv:1: one column and no header"):
-        D.read_examples(path, DataConfig())
+        read.read_examples(path, DataConfig())
 
 
 def test_long_line_is_read(tmp_path):
     big = "word " * 200_000  # 1 MB field: over csv's default field size limit
     path = write(tmp_path / "t.tsv", f"sentence\tlabel\n{big}\t1\nshort\t0\n")
-    texts, _ = D.read_examples(path, DataConfig())
+    texts, _ = read.read_examples(path, DataConfig())
     assert len(texts[0]) == len(big.strip())
 
 
@@ -106,7 +108,7 @@ NEWS = [("World", "Leaders meet in Geneva to talk about trade"), ("Sports", "Hom
 
 def test_csv_header_with_other_column_names_is_a_header(tmp_path, capsys):
     path = write(tmp_path / "review.csv", "review,sentiment\n" + "".join(f'"{t}",{l}\n' for t, l in REVIEWS))
-    out = D.read_table(path, DataConfig())
+    out = read.read_table(path, DataConfig())
     assert out["texts"] == [t for t, _ in REVIEWS] and out["labels"] == [l for _, l in REVIEWS]
     assert out["lines"][0] == 2 and (out["text_column"], out["label_column"]) == ("review", "sentiment")
     err = capsys.readouterr().err
@@ -116,7 +118,7 @@ def test_csv_header_with_other_column_names_is_a_header(tmp_path, capsys):
 
 def test_label_first_headerless_tsv_with_string_labels(tmp_path, capsys):
     path = write(tmp_path / "news.tsv", tsv(NEWS, header=None))
-    assert D.read_examples(path, DataConfig()) == ([t for _, t in NEWS], [l for l, _ in NEWS])
+    assert read.read_examples(path, DataConfig()) == ([t for _, t in NEWS], [l for l, _ in NEWS])
     assert "text column 'column 2', label column 'column 1'" in capsys.readouterr().err
 
 
@@ -124,13 +126,13 @@ def test_headerless_text_label_tsv_keeps_its_first_row(tmp_path):
     # A short first text and a word label look like names, but "pos" recurs below: an example.
     rows = [("great fun", "pos"), ("a dull and slow plot", "neg"), ("wonderful acting", "pos"), ("boring", "neg")]
     path = write(tmp_path / "t.tsv", tsv(rows, header=None))
-    assert D.read_examples(path, DataConfig()) == ([t for t, _ in rows], [l for _, l in rows])
+    assert read.read_examples(path, DataConfig()) == ([t for t, _ in rows], [l for _, l in rows])
 
 
 def test_header_with_configured_names(tmp_path, capsys):
     cfg = DataConfig(text_column="review", label_column="sentiment")
     path = write(tmp_path / "t.csv", "sentiment,id,review\npos,1,great fun\nneg,2,dull\n")  # too short to judge
-    assert D.read_examples(path, cfg) == (["great fun", "dull"], ["pos", "neg"])
+    assert read.read_examples(path, cfg) == (["great fun", "dull"], ["pos", "neg"])
     assert "chosen by content" not in capsys.readouterr().err  # nothing was guessed
 
 
@@ -139,25 +141,25 @@ def test_csv_with_four_columns_picks_text_and_label_by_content(tmp_path, capsys)
     body = "".join(f'{i},{title},"{t}",{r}\n' for i, title, t, r in rows)
     expected = ([t for _, _, t, _ in rows], [str(r) for *_, r in rows])
     path = write(tmp_path / "h.csv", "id,title,review,rating\n" + body)
-    assert D.read_examples(path, DataConfig()) == expected
+    assert read.read_examples(path, DataConfig()) == expected
     assert "text column 'review', label column 'rating'" in capsys.readouterr().err
     path = write(tmp_path / "n.csv", body)  # the same without a header: chosen by content all the same
-    assert D.read_examples(path, DataConfig()) == expected
+    assert read.read_examples(path, DataConfig()) == expected
     assert "text column 'column 3', label column 'column 4'" in capsys.readouterr().err
 
 
 def test_one_column_header_is_found_by_text_length(tmp_path):
     texts = [t for t, _ in REVIEWS]
     path = write(tmp_path / "t.csv", "review\n" + "".join(f'"{t}"\n' for t in texts))
-    assert D.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
+    assert read.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
     path = write(tmp_path / "u.csv", "".join(f'"{t}"\n' for t in texts))
-    assert D.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
+    assert read.read_examples(path, DataConfig(), require_labels=False) == (texts, [])
 
 
 def test_jsonl_with_other_keys(tmp_path, capsys):
     path = write(tmp_path / "t.jsonl", "".join(json.dumps({"id": i, "review": t, "sentiment": l}) + "\n"
                                                for i, (t, l) in enumerate(REVIEWS)))
-    out = D.read_table(path, DataConfig())
+    out = read.read_table(path, DataConfig())
     assert out["texts"] == [t for t, _ in REVIEWS] and out["labels"] == [l for _, l in REVIEWS]
     assert "text column 'review', label column 'sentiment'" in capsys.readouterr().err
 
@@ -185,7 +187,7 @@ def test_jsonl_with_other_keys(tmp_path, capsys):
 def test_validation_errors_name_file_and_line(tmp_path, name, content, where, problem):
     path = write(tmp_path / name, content)
     with pytest.raises(PipelineError) as e:
-        D.read_examples(path, DataConfig())
+        read.read_examples(path, DataConfig())
     msg = str(e.value)
     assert msg.startswith(f"{name}:{where}: "), msg
     assert problem in msg and "\n" not in msg
@@ -194,7 +196,7 @@ def test_validation_errors_name_file_and_line(tmp_path, name, content, where, pr
 def test_duplicates_and_imbalance_warn_but_do_not_fail(tmp_path, capsys):
     rows = [("good", 1)] * 2 + [(f"fine {i}", 1) for i in range(8)] + [("bad", 0), ("good", 0)]
     path = write(tmp_path / "t.tsv", tsv(rows))
-    texts, labels = D.read_examples(path, DataConfig())
+    texts, labels = read.read_examples(path, DataConfig())
     assert len(texts) == 12
     err = capsys.readouterr().err
     assert "t.tsv: 2 duplicate texts, 1 of them with a different label (e.g. line 3 repeats line 2)" in err
@@ -205,26 +207,26 @@ def test_duplicates_and_imbalance_warn_but_do_not_fail(tmp_path, capsys):
 
 def test_find_splits_errors(tmp_path):
     with pytest.raises(PipelineError, match="no train.tsv, train.csv or train.jsonl"):
-        D.find_splits(write(tmp_path / "d" / "dev.tsv", "x\t1\n").parent)
+        splits.find_splits(write(tmp_path / "d" / "dev.tsv", "x\t1\n").parent)
     write(tmp_path / "d" / "train.tsv", "x\t1\n")
     write(tmp_path / "d" / "dev.jsonl", "{}\n")
     with pytest.raises(PipelineError, match="both dev.tsv and dev.jsonl"):
-        D.find_splits(tmp_path / "d")
+        splits.find_splits(tmp_path / "d")
 
 
 def test_label_order():
-    assert D.sort_labels(["10", "2", "1", "2"]) == ["1", "2", "10"]
-    assert D.sort_labels(["pos", "neg", "10"]) == ["10", "neg", "pos"]
+    assert splits.sort_labels(["10", "2", "1", "2"]) == ["1", "2", "10"]
+    assert splits.sort_labels(["pos", "neg", "10"]) == ["10", "neg", "pos"]
 
 
 def test_stratified_split_is_deterministic_and_keeps_ratio():
     labels = ["a"] * 80 + ["b"] * 20
-    keep, held = D.stratified_split(labels, 0.1, seed=1)
-    keep2, held2 = D.stratified_split(labels, 0.1, seed=1)
+    keep, held = splits.stratified_split(labels, 0.1, seed=1)
+    keep2, held2 = splits.stratified_split(labels, 0.1, seed=1)
     assert (held == held2).all() and (keep == keep2).all()
     assert sorted(keep.tolist() + held.tolist()) == list(range(100))
     assert [labels[i] for i in held].count("a") == 8 and [labels[i] for i in held].count("b") == 2
-    _, other = D.stratified_split(labels, 0.1, seed=2)
+    _, other = splits.stratified_split(labels, 0.1, seed=2)
     assert set(other.tolist()) != set(held.tolist())
 
 
@@ -251,7 +253,7 @@ def test_run_data_stage_writes_everything(tmp_path, capsys):
         "vocab.txt", "labels.txt", "train.tfrecord", "dev.tfrecord", "test.tfrecord",
         "train.jsonl", "dev.jsonl", "test.jsonl", "stats.json", "manifest.json"])
     assert json.loads((out / "stats.json").read_text()) == stats
-    assert D.load_labels(out) == ["neg", "pos"]
+    assert processed.load_labels(out) == ["neg", "pos"]
     vocab = (out / "vocab.txt").read_text().split("\n")[:-1]
     assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and stats["vocab_size"] == len(vocab)
     assert stats["rows"] == {"train": 60, "dev": 2, "test": 1}
@@ -266,8 +268,8 @@ def test_run_data_stage_writes_everything(tmp_path, capsys):
     assert [vocab[i] for i in read_tfrecord(out / "dev.tfrecord")[1][0]] == ["[CLS]", "dull", "[UNK]", "slow", "[SEP]"]
     assert stats["oov_rate"]["dev"] == 0.2 and stats["oov_rate"]["train"] == 0.0
     # dev.jsonl carries the raw text for text-level runtimes, and read_examples reads it back.
-    assert D.read_examples(out / "dev.jsonl", cfg.data) == (["wonderful story", "dull, slow"], ["pos", "neg"])
-    assert D.read_examples(out / "train.jsonl", cfg.data) == D.read_examples(src / "train.tsv", cfg.data)
+    assert read.read_examples(out / "dev.jsonl", cfg.data) == (["wonderful story", "dull, slow"], ["pos", "neg"])
+    assert read.read_examples(out / "train.jsonl", cfg.data) == read.read_examples(src / "train.tsv", cfg.data)
     printed = capsys.readouterr().out
     assert "train 60, dev 2, test 1" in printed and f"seq_len: {stats['seq_len']}" in printed
 
@@ -282,9 +284,9 @@ def test_hold_out_dev_when_missing_and_seq_len_cap(tmp_path):
     assert stats["rows"] == {"train": 31, "dev": 10}
     assert stats["class_counts"]["dev"] == {"neg": 5, "pos": 5}
     assert "hold-out" in stats["files"]["dev"]
-    dev_texts, _ = D.read_examples(out / "dev.jsonl", cfg.data)
+    dev_texts, _ = read.read_examples(out / "dev.jsonl", cfg.data)
     assert len(set(dev_texts)) == 10 and set(dev_texts) <= {t.strip() for t, _ in rows}
-    train_texts, _ = D.read_examples(out / "train.jsonl", cfg.data)  # what was trained on: the rest
+    train_texts, _ = read.read_examples(out / "train.jsonl", cfg.data)  # what was trained on: the rest
     assert len(train_texts) == 31 and sorted(train_texts + dev_texts) == sorted(t.strip() for t, _ in rows)
     assert stats["seq_len"] == 8 and stats["train_token_lengths"]["max"] > 8
     assert stats["truncated_fraction"]["train"] > 0
@@ -338,9 +340,9 @@ def test_singleton_class_elsewhere_names_its_line_without_the_hint(tmp_path):
 @pytest.mark.skipif(not SST2.exists(), reason="no ../shared/data/sst2")
 def test_reads_real_sst2_dev():
     """The shared SST-2 as its README describes it: 1,000 whole dev sentences (>= 10 words), none of them in train."""
-    texts, labels = D.read_examples(SST2 / "dev.tsv", DataConfig())
+    texts, labels = read.read_examples(SST2 / "dev.tsv", DataConfig())
     assert len(texts) == 1000 and set(labels) == {"0", "1"} and min(len(t.split()) for t in texts) >= 10
-    train, train_labels = D.read_examples(SST2 / "train.tsv", DataConfig())
+    train, train_labels = read.read_examples(SST2 / "train.tsv", DataConfig())
     assert len(train) == 53438 and set(train_labels) == {"0", "1"} and not set(texts) & set(train)
 
 
@@ -367,7 +369,7 @@ def check_batch(features, labels, seq_len):
 
 def test_data_made_by_an_older_stage_is_refused_until_remade(tmp_path):
     from pipeline.core.errors import PipelineError
-    from pipeline.stages.train import load_processed
+    from pipeline.text.processed import load_processed
 
     src = tmp_path / "d"
     write(src / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in sample_rows(20)))
@@ -375,7 +377,7 @@ def test_data_made_by_an_older_stage_is_refused_until_remade(tmp_path):
     D.run_data_stage(cfg, str(src), "r")
     path = Path(cfg.paths.data) / "processed" / "r" / "manifest.json"
     m = json.loads(path.read_text())
-    m["stages"]["data"]["config"]["data_stage"]["version"] = D.STAGE_VERSION - 1  # stats without newer fields
+    m["stages"]["data"]["config"]["data_stage"]["version"] = processed.STAGE_VERSION - 1  # stats without newer fields
     path.write_text(json.dumps(m))
     with pytest.raises(PipelineError, match=r"made by an older data stage .*`python -m pipeline data --run r` again"):
         load_processed(cfg, "r")
@@ -386,7 +388,7 @@ def test_data_made_by_an_older_stage_is_refused_until_remade(tmp_path):
 def encoder_lengths(processed, encoder_len):
     """Wordpieces of each train record as the encoder reads it (cut to encoder_len, [CLS] and [SEP] included)."""
     ds = tf.data.TFRecordDataset(str(processed / "train.tfrecord"))
-    return [int(tf.shape(D.parse_record(r, encoder_len)[0])[0]) for r in ds]
+    return [int(tf.shape(dataset.parse_record(r, encoder_len)[0])[0]) for r in ds]
 
 
 def test_seq_len_reaches_past_the_encoder_only_for_the_ngram_term(tmp_path):
@@ -410,9 +412,9 @@ def test_make_dataset_bucketed_training(tmp_path):
     lengths = list(range(3, 60)) * 2  # some longer than seq_len
     path = tmp_path / "t.tfrecord"
     write_records(path, lengths)
-    assert D.count_records(path) == len(lengths)
+    assert dataset.count_records(path) == len(lengths)
     seq_len, total, widths = 32, 0, set()
-    ds = D.make_dataset(path, seq_len, 8, training=True, seed=3)
+    ds = dataset.make_dataset(path, seq_len, 8, training=True, seed=3)
     for features, labels in ds:
         ids, mask = check_batch(features, labels, seq_len)
         real = mask.sum(axis=1)
@@ -422,9 +424,9 @@ def test_make_dataset_bucketed_training(tmp_path):
         widths.add(ids.shape[1])
     assert total == len(lengths) and len(widths) > 3
     first = lambda d: [f["input_word_ids"].numpy()[:, 1].tolist() for f, _ in d]
-    again = D.make_dataset(path, seq_len, 8, training=True, seed=3)
+    again = dataset.make_dataset(path, seq_len, 8, training=True, seed=3)
     assert first(ds) != first(ds)  # reshuffled every epoch
-    assert first(D.make_dataset(path, seq_len, 8, training=True, seed=3)) == first(again)  # seeded
+    assert first(dataset.make_dataset(path, seq_len, 8, training=True, seed=3)) == first(again)  # seeded
 
 
 def test_epoch_seeded_order_is_the_same_after_a_restart(tmp_path):
@@ -433,7 +435,7 @@ def test_epoch_seeded_order_is_the_same_after_a_restart(tmp_path):
     write_records(path, list(range(3, 60)))
     order = lambda d: [f["input_word_ids"].numpy()[:, 1].tolist() for f, _ in d]  # noqa: E731
     epoch = tf.Variable(0, dtype=tf.int64)
-    ds = D.make_dataset(path, 32, 8, training=True, seed=3, epoch=epoch)
+    ds = dataset.make_dataset(path, 32, 8, training=True, seed=3, epoch=epoch)
     orders = []
     for e in range(3):
         epoch.assign(e)
@@ -442,23 +444,23 @@ def test_epoch_seeded_order_is_the_same_after_a_restart(tmp_path):
     epoch.assign(1)
     assert order(ds) == orders[1]
     fresh = tf.Variable(2, dtype=tf.int64)  # a new process that resumes at epoch 2
-    assert order(D.make_dataset(path, 32, 8, training=True, seed=3, epoch=fresh)) == orders[2]
+    assert order(dataset.make_dataset(path, 32, 8, training=True, seed=3, epoch=fresh)) == orders[2]
     other = tf.Variable(2, dtype=tf.int64)
-    assert order(D.make_dataset(path, 32, 8, training=True, seed=4, epoch=other)) != orders[2]
+    assert order(dataset.make_dataset(path, 32, 8, training=True, seed=4, epoch=other)) != orders[2]
 
 
 def test_make_dataset_fixed_padding_and_eval_order(tmp_path):
     lengths = [5, 40, 12, 7, 9]
     path = tmp_path / "t.tfrecord"
     write_records(path, lengths)
-    batches = list(D.make_dataset(path, 16, 2, training=False))
+    batches = list(dataset.make_dataset(path, 16, 2, training=False))
     assert [len(l) for _, l in batches] == [2, 2, 1]  # the remainder is kept
     labels = np.concatenate([l.numpy() for _, l in batches])
     assert labels.tolist() == [i % 3 for i in range(5)]  # file order
     for features, l in batches:
         ids, _ = check_batch(features, l, 16)
         assert ids.shape[1] == 16
-    train = list(D.make_dataset(path, 16, 2, training=True, bucketing=False, seed=0))
+    train = list(dataset.make_dataset(path, 16, 2, training=True, bucketing=False, seed=0))
     assert sum(len(l) for _, l in train) == 5
     assert all(f["input_word_ids"].shape[1] == 16 for f, _ in train)
 
@@ -479,18 +481,18 @@ def test_download_sst2_from_file_url(tmp_path):
         "SST-2/test.tsv": "index\tsentence\n0\tunlabelled\n",
     })
     raw = tmp_path / "raw"
-    got = D.download_sst2(raw, url=zip_path.as_uri(), sha256=sha)
+    got = sst2.download_sst2(raw, url=zip_path.as_uri(), sha256=sha)
     assert got == raw / "SST-2" and sorted(p.name for p in got.iterdir()) == ["dev.tsv", "train.tsv"]
-    assert D.read_examples(got / "train.tsv", DataConfig()) == (["good", "bad"], ["1", "0"])
+    assert read.read_examples(got / "train.tsv", DataConfig()) == (["good", "bad"], ["1", "0"])
     zip_path.unlink()  # already there: nothing is fetched again
-    assert D.download_sst2(raw, url=zip_path.as_uri(), sha256=sha) == got
+    assert sst2.download_sst2(raw, url=zip_path.as_uri(), sha256=sha) == got
 
 
 def test_checksum_mismatch_is_refused(tmp_path):
     zip_path, _ = make_zip(tmp_path / "src.zip", {"SST-2/train.tsv": "x\t1\n", "SST-2/dev.tsv": "x\t1\n"})
     raw = tmp_path / "raw"
     with pytest.raises(PipelineError, match="SHA-256 mismatch"):
-        D.download_sst2(raw, url=zip_path.as_uri(), sha256="0" * 64)
+        sst2.download_sst2(raw, url=zip_path.as_uri(), sha256="0" * 64)
     assert not (raw / "SST-2.zip").exists() and not (raw / "SST-2").exists()
     assert list(raw.iterdir()) == []  # no temp file left behind
 
@@ -501,6 +503,6 @@ def test_unsafe_zip_member_is_refused(tmp_path, evil):
         "SST-2/train.tsv": "x\t1\n", "SST-2/dev.tsv": "x\t1\n", evil: "gotcha"})
     raw = tmp_path / "a" / "raw"
     with pytest.raises(PipelineError, match="outside"):
-        D.download_sst2(raw, url=zip_path.as_uri(), sha256=sha)
+        sst2.download_sst2(raw, url=zip_path.as_uri(), sha256=sha)
     assert not (raw / "SST-2").exists()
     assert not list(tmp_path.rglob("evil.txt")) and not Path("/tmp/liteformer-evil.txt").exists()

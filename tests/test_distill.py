@@ -14,7 +14,7 @@ STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.
 
 
 def test_distillation_loss_on_known_values():
-    from pipeline.stages.distill import distillation_loss
+    from pipeline.model.distillation import distillation_loss
 
     teacher = np.array([[2.0, 0.0], [0.0, 0.0]], np.float32)
     student = np.array([[0.0, 0.0], [1.0, -1.0]], np.float32)
@@ -36,7 +36,7 @@ def test_distillation_loss_on_known_values():
 
 
 def test_augment_keeps_cls_sep_and_masks_or_cuts():
-    from pipeline.stages.distill import augment
+    from pipeline.model.distillation import augment
 
     ids = np.array([2, 10, 11, 12, 13, 14, 15, 3, 0, 0])
     rng = np.random.default_rng(0)
@@ -54,7 +54,7 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
 def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
     """The student's embeddings start as the teacher's principal components: tokens close in the teacher stay
     close, at the student's initial spread."""
-    from pipeline.stages.distill import projected_embeddings
+    from pipeline.model.distillation import projected_embeddings
 
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(3, 32))
@@ -74,9 +74,9 @@ def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
 def test_the_labelling_copy_gives_the_teachers_logits_in_bfloat16(tmp_path):
     import tensorflow as tf
 
-    from pipeline.stages.distill import labelling_copy, predict_logits
-    from pipeline.model.layers import logits_model
-    from pipeline.stages.train import build_run_model
+    from pipeline.model.distillation import labelling_copy, predict_logits
+    from pipeline.model.build import logits_model
+    from pipeline.model.build import build_run_model
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.mixed_precision=mixed_bfloat16",
                                                            "model.d_model=32", "model.ff_dim=64"))
@@ -100,8 +100,8 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     from pipeline.stages.compress import run_compress_stage
     from pipeline.stages.data import run_data_stage
     from pipeline.stages.distill import run_distill_stage
-    from pipeline.stages.evaluate import load_predictor
-    from pipeline.model.layers import load_model
+    from pipeline.measure.predictors import load_predictor
+    from pipeline.model.build import load_model
     from pipeline.stages.train import run_train_stage
 
     data = make_toy_dir(tmp_path)

@@ -8,8 +8,10 @@ import pytest
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from pipeline.core.config import Config
 from pipeline.core.errors import PipelineError
-from pipeline.stages.evaluate import (classification_metrics, load_predictor, plot_confusion_matrix,
-                               plot_roc_curves, run_evaluate, run_predict)
+from pipeline.measure.metrics import classification_metrics
+from pipeline.measure.plots import plot_confusion_matrix, plot_roc_curves
+from pipeline.measure.predictors import load_predictor
+from pipeline.stages.evaluate import run_evaluate, run_predict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +74,7 @@ def test_binary_roc_auc(y, scores, expected):
 
 
 def test_rank_auc_matches_pairs_and_curve_area_with_ties():
-    from pipeline.stages.evaluate import _roc_points
+    from pipeline.measure.metrics import roc_points as _roc_points
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -210,11 +212,11 @@ def test_keras_and_tflite_predictors_agree(model_dir, keras_probs):
 
 
 def test_predictors_on_the_pipeline_transformer(tmp_path):
-    """The real model class (custom layers, loaded through pipeline.model.load_model) and its TFLite export."""
+    """The real model class (custom layers, loaded through pipeline.model.build.load_model) and its TFLite export."""
     import tensorflow as tf
 
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model, serving_function
+    from pipeline.model.build import build_model, serving_function
 
     tf.keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3),
@@ -239,12 +241,12 @@ def test_keras_predictor_cuts_padding_without_changing_predictions(tmp_path, mon
     the probabilities stay those of full-length inputs."""
     import tensorflow as tf
 
-    from pipeline.stages import evaluate
+    from pipeline.measure import predictors as evaluate
 
     monkeypatch.setattr(evaluate, "BATCH_ELEMENTS", elements)  # the second: 2 rows of the longest texts a batch
 
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model
+    from pipeline.model.build import build_model
     from pipeline.text.tokenizer import encode
 
     tf.keras.utils.set_random_seed(0)
@@ -290,7 +292,7 @@ def test_int8_output_is_dequantized(model_dir, keras_probs):
 
 
 def test_keras_batches_match_whole(model_dir, keras_probs, monkeypatch):
-    import pipeline.stages.evaluate as ev
+    import pipeline.measure.predictors as ev
 
     monkeypatch.setattr(ev, "BATCH_SIZE", 4)  # 6 texts -> batches of 4 and 2
     np.testing.assert_allclose(load_predictor(model_dir).predict_proba(TEXTS), keras_probs, atol=1e-6)

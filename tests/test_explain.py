@@ -1,4 +1,4 @@
-"""Tests of pipeline/explain.py on a tiny two-block model with a non-zero n-gram term (vocab 16, seq_len 12)."""
+"""Tests of explain (pipeline/stages/explain.py, pipeline/measure/attribution.py) on a tiny two-block model with a non-zero n-gram term (vocab 16, seq_len 12)."""
 import json
 import re
 import shutil
@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
     import tensorflow as tf
 
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model
+    from pipeline.model.build import build_model
 
     tf.keras.utils.set_random_seed(3)
     model = build_model(ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3,
@@ -48,7 +48,7 @@ def exported(model_dir, tmp_path_factory):
     """A copy of model_dir with tflite/float32.tflite exported as compress does (a converter run: slow)."""
     import tensorflow as tf
 
-    from pipeline.model.layers import load_model, serving_function
+    from pipeline.model.build import load_model, serving_function
 
     root = tmp_path_factory.mktemp("exported") / "toy"
     shutil.copytree(model_dir, root)
@@ -61,7 +61,7 @@ def exported(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer(model_dir):
-    from pipeline.stages.explain import Explainer
+    from pipeline.measure.attribution import Explainer
 
     return Explainer(model_dir)
 
@@ -157,7 +157,7 @@ FAKE_TFLITE = b"\x1c\x00\x00\x00TFL3" + b"\x00" * 24  # the FlatBuffer identifie
 
 
 def test_a_tflite_file_maps_to_the_keras_model_it_was_exported_from(tmp_path):
-    from pipeline.stages.explain import keras_source
+    from pipeline.measure.attribution import keras_source
 
     run = tmp_path / "run"
     for name, data in (("tflite/int8.tflite", FAKE_TFLITE + b"int8"), ("tflite/distilled_int8.tflite",
@@ -210,8 +210,8 @@ def dev_split(n=40):
 
 
 def test_error_analysis_lists_the_most_confident_errors_with_their_words(model_dir, explainer, tmp_path):
-    from pipeline.stages.evaluate import KerasPredictor
-    from pipeline.stages.explain import WRONG_EXAMPLES, error_analysis, log_examples, render_section
+    from pipeline.measure.predictors import KerasPredictor
+    from pipeline.measure.error_analysis import error_analysis, log_examples, render_section, WRONG_EXAMPLES
 
     texts, labels = dev_split()
     predictor = KerasPredictor(model_dir)
@@ -244,7 +244,7 @@ def test_error_analysis_lists_the_most_confident_errors_with_their_words(model_d
 @pytest.mark.e2e
 def test_report_section_analyses_the_shipped_tflite(exported, tmp_path):
     from pipeline.core.config import load_config
-    from pipeline.stages.explain import report_section
+    from pipeline.measure.error_analysis import report_section
 
     run_dir = tmp_path / "saved_models" / "toy"
     shutil.copytree(exported, run_dir)
@@ -261,7 +261,7 @@ def test_report_section_analyses_the_shipped_tflite(exported, tmp_path):
 
 
 def test_length_buckets_and_words():
-    from pipeline.stages.explain import length_buckets, words
+    from pipeline.measure.error_analysis import length_buckets, words
 
     buckets = length_buckets([0, 8, 9, 16, 40, 600], [True, False, True, True, False, True])
     assert buckets == [{"bucket": "0-8", "n": 2, "accuracy": 0.5}, {"bucket": "9-16", "n": 2, "accuracy": 1.0},

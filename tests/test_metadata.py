@@ -7,7 +7,8 @@ import pytest
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from pipeline.core.errors import PipelineError
-from pipeline.export.metadata import MEDIAPIPE_INPUT_NAMES, MediaPipeClassifier, add_metadata, read_metadata
+from pipeline.export.metadata import add_metadata, MEDIAPIPE_INPUT_NAMES, read_metadata
+from pipeline.measure.predictors import MediaPipeClassifier
 
 LABELS = ["negative", "positive", "neutral"]
 SEQ_LEN = 16
@@ -32,9 +33,9 @@ def exported(tmp_path_factory):
     without metadata (bytes) and with it (path)."""
     import tensorflow as tf
 
-    from pipeline.stages.compress import export_tflite
+    from pipeline.export.convert import export_tflite
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model
+    from pipeline.model.build import build_model
     from pipeline.text.tokenizer import encode, learn_vocabulary, save_vocabulary
 
     root = tmp_path_factory.mktemp("mediapipe")
@@ -64,7 +65,7 @@ def test_mediapipe_text_classifier_matches_the_pipeline(exported, mode, atol):
     from mediapipe.tasks.python.core.base_options import BaseOptions
     from mediapipe.tasks.python.text import TextClassifier, TextClassifierOptions
 
-    from pipeline.stages.evaluate import TFLitePredictor
+    from pipeline.measure.predictors import TFLitePredictor
 
     path = exported[mode][1]
     texts = SENTENCES + ["a good film", "awful, boring movie"]
@@ -134,7 +135,7 @@ def test_metadata_and_files_survive_and_the_model_is_unchanged(exported):
 
 def test_tokenizer_matches_mediapipe_on_tricky_text(exported):
     """Same scores means same token ids: the random model gives different ids different scores."""
-    from pipeline.stages.evaluate import TFLitePredictor
+    from pipeline.measure.predictors import TFLitePredictor
 
     path = exported["float32"][1]
     ours = TFLitePredictor(path).predict_proba(TRICKY)

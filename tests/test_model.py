@@ -1,4 +1,4 @@
-"""Tests of pipeline/model.py on tiny models (d=16, 1-2 layers, vocab 50, sequences of up to 12)."""
+"""Tests of pipeline/model/ (layers, encoder, build, quantize) on tiny models (d=16, 1-2 layers, vocab 50, sequences of up to 12)."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,8 @@ import tensorflow_model_optimization as tfmot
 
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
-from pipeline.model import layers as M
+from pipeline import INPUT_NAMES
+from pipeline.model import build, encoder, layers, quantize
 from pipeline.core.config import ModelConfig
 from pipeline.core.errors import PipelineError
 
@@ -57,7 +58,7 @@ def trained():
     """A tiny model trained on the 7-vs-8 task, with its data and train accuracy."""
     tf.keras.utils.set_random_seed(1)
     x, y = toy_data()
-    model = M.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
+    model = build.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
     model.compile(tf.keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, batch_size=32, epochs=12, verbose=0)
     acc = float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))
@@ -65,7 +66,7 @@ def trained():
 
 
 def test_sinusoidal_encoding_values():
-    pe = M.sinusoidal_encoding(6, 16)
+    pe = layers.sinusoidal_encoding(6, 16)
     assert pe.shape == (6, 16) and pe.dtype == np.float32
     np.testing.assert_array_equal(pe[0], np.tile([0.0, 1.0], 8))
     np.testing.assert_allclose(pe[1, :4], [0.84147098, 0.54030231, 0.31098359, 0.95041528], atol=1e-6)
@@ -74,32 +75,32 @@ def test_sinusoidal_encoding_values():
 
 
 def test_layer_and_model_shapes():
-    model = M.build_model(tiny_cfg(), VOCAB, 3, SEQ)
-    assert sorted(model.input_names) == sorted(M.INPUT_NAMES)
+    model = build.build_model(tiny_cfg(), VOCAB, 3, SEQ)
+    assert sorted(model.input_names) == sorted(INPUT_NAMES)
     assert all(t.dtype == tf.int32 and t.shape.as_list() == [None, None] for t in model.inputs)
     x = random_batch(n=2)
     probs = model(x, training=False).numpy()
     assert probs.shape == (2, 3) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
 
-    emb = M.TokenAndPositionEmbedding(VOCAB, 16, SEQ)
+    emb = layers.TokenAndPositionEmbedding(VOCAB, 16, SEQ)
     h = emb(x["input_word_ids"])
     assert h.shape == (2, SEQ, 16)
-    mask = M.PaddingMask()(x["input_mask"])
+    mask = layers.PaddingMask()(x["input_mask"])
     assert mask.shape == (2, SEQ) and mask.dtype == tf.float32
-    block = M.EncoderBlock(16, 2, 32)
+    block = encoder.EncoderBlock(16, 2, 32)
     assert block([h, mask]).shape == (2, SEQ, 16)
-    assert M.LayerNorm()(h).shape == (2, SEQ, 16)
-    assert M.SequencePooling("mean")([h, mask]).shape == (2, 16)
-    assert M.SequencePooling("cls")([h, mask]).shape == (2, 16)
+    assert layers.LayerNorm()(h).shape == (2, SEQ, 16)
+    assert layers.SequencePooling("mean")([h, mask]).shape == (2, 16)
+    assert layers.SequencePooling("cls")([h, mask]).shape == (2, 16)
     assert block.compute_output_shape([h.shape, mask.shape]) == (2, SEQ, 16)
     # variable length: shorter batches run through the same model
     assert model(random_batch(n=2, length=5, real=5)).shape == (2, 3)
 
     with pytest.raises(PipelineError):
-        M.build_model(tiny_cfg(num_heads=3), VOCAB, 3, SEQ)
+        build.build_model(tiny_cfg(num_heads=3), VOCAB, 3, SEQ)
     with pytest.raises(PipelineError, match="conv_width"):  # a window must be centred on its token
-        M.build_model(tiny_cfg(conv_width=2), VOCAB, 3, SEQ)
+        build.build_model(tiny_cfg(conv_width=2), VOCAB, 3, SEQ)
 
 
 @pytest.mark.parametrize("pooling,position,conv_width", [("mean", "sinusoidal", 3), ("cls", "learned", 0),
@@ -107,7 +108,7 @@ def test_layer_and_model_shapes():
 def test_padding_does_not_change_outputs(pooling, position, conv_width):
     tf.keras.utils.set_random_seed(0)
     cfg = tiny_cfg(num_layers=2, pooling=pooling, position=position, conv_width=conv_width)
-    model = M.build_model(cfg, VOCAB, CLASSES, SEQ)
+    model = build.build_model(cfg, VOCAB, CLASSES, SEQ)
     short = random_batch(n=4, length=7, real=7)
     long = random_batch(n=4, length=SEQ, real=7)
     long["input_word_ids"][:, :7] = short["input_word_ids"]
@@ -135,17 +136,17 @@ def test_save_and_reload_keras_and_savedmodel(trained, tmp_path):
     sm_path = tmp_path / "savedmodel"
     model.save(sm_path, save_format="tf")
     for path in (keras_path, sm_path):
-        loaded = M.load_model(path)
+        loaded = build.load_model(path)
         assert [type(l) for l in loaded.layers] == [type(l) for l in model.layers], path
         np.testing.assert_allclose(loaded.predict(x, verbose=0), ref, atol=1e-6, rtol=0)
     with pytest.raises(PipelineError):
-        M.load_model(tmp_path / "missing.keras")
+        build.load_model(tmp_path / "missing.keras")
 
 
 def _prunable_kernels(model):
     out = {}
     for layer in model.layers:
-        if isinstance(layer, M._Layer):
+        if isinstance(layer, layers.BaseLayer):
             for w in layer.get_prunable_weights():
                 out[w.name] = w.numpy()
     return out
@@ -155,10 +156,10 @@ def test_prunable_weights_are_kernels_only():
     def short_names(model):
         return sorted(name.split("/")[-1].split(":")[0] for name in _prunable_kernels(model))
 
-    model = M.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
+    model = build.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
     blocks = ["q_kernel", "k_kernel", "v_kernel", "o_kernel", "ff1_kernel", "ff2_kernel"]
     assert short_names(model) == sorted(["embeddings", "conv_kernel", *blocks])
-    plain = M.build_model(tiny_cfg(conv_width=0), VOCAB, CLASSES, SEQ)  # no convolution: no conv weights
+    plain = build.build_model(tiny_cfg(conv_width=0), VOCAB, CLASSES, SEQ)  # no convolution: no conv weights
     assert short_names(plain) == sorted(["embeddings", *blocks])
     assert not any("conv" in w.name or "ln0" in w.name for w in plain.weights)
 
@@ -166,7 +167,7 @@ def test_prunable_weights_are_kernels_only():
 def test_prune_whole_model_reaches_target_sparsity():
     tf.keras.utils.set_random_seed(2)
     x, y = toy_data(n=32, seed=3)
-    model = M.build_model(tiny_cfg(dropout=0.1), VOCAB, CLASSES, SEQ)
+    model = build.build_model(tiny_cfg(dropout=0.1), VOCAB, CLASSES, SEQ)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
         model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.8, 0))
     assert all(isinstance(l, PruneLowMagnitude)
@@ -182,7 +183,7 @@ def test_prune_whole_model_reaches_target_sparsity():
     for name, w in kernels.items():
         assert abs(np.mean(w == 0) - 0.8) < 0.02, (name, np.mean(w == 0))
     for layer in stripped.layers:  # biases and LayerNorm parameters are not pruned
-        if isinstance(layer, M.EncoderBlock):
+        if isinstance(layer, encoder.EncoderBlock):
             assert np.mean(layer.ln1_gamma.numpy() == 0) == 0 and np.mean(layer.q_bias.numpy() == 0) < 0.5
     np.testing.assert_allclose(stripped.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-6)
 
@@ -190,8 +191,8 @@ def test_prune_whole_model_reaches_target_sparsity():
 @pytest.fixture(scope="module")
 def qat(trained):
     model, x, y, _ = trained
-    annotated = M.annotate_for_qat(model)
-    with M.qat_scope():
+    annotated = quantize.annotate_for_qat(model)
+    with quantize.qat_scope():
         qmodel = tfmot.quantization.keras.quantize_apply(annotated)
     qmodel.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
     history = qmodel.fit(x, y, batch_size=32, epochs=1, verbose=0)
@@ -201,15 +202,15 @@ def qat(trained):
 def test_qat_trains_and_stays_close_to_float(qat):
     model, qmodel, x, y, losses = qat
     wrapped = {type(l.layer) for l in qmodel.layers if isinstance(l, tfmot.quantization.keras.QuantizeWrapperV2)}
-    assert wrapped == {M.TokenAndPositionEmbedding, M.EncoderBlock, M.LayerNorm, M.SequencePooling,
-                       M.ClassifierHead}
+    assert wrapped == {layers.TokenAndPositionEmbedding, encoder.EncoderBlock, layers.LayerNorm, layers.SequencePooling,
+                       layers.ClassifierHead}
     names = {w.name.split("/")[-1].split(":")[0] for w in qmodel.weights}
     assert {"q_kernel_min", "ff2_kernel_max", "embeddings_min", "scores_post_activation_min",
             "ffn_hidden_pre_activation_max", "output_max", "logits_post_activation_min"} <= names
     assert all(np.isfinite(losses))
     # run eagerly once: the block now computes with fake-quantized kernels (<= 255 levels, not the floats)
     qmodel({k: v[:2] for k, v in x.items()}, training=False)
-    block = next(l.layer for l in qmodel.layers if isinstance(getattr(l, "layer", None), M.EncoderBlock))
+    block = next(l.layer for l in qmodel.layers if isinstance(getattr(l, "layer", None), encoder.EncoderBlock))
     for name in ("q_kernel", "ff1_kernel"):
         used = block._weight_overrides[name].numpy()
         assert np.unique(used).size <= 255 and not np.array_equal(used, getattr(block, name).numpy()), name
@@ -228,7 +229,7 @@ def test_qat_trains_and_stays_close_to_float(qat):
 def test_qat_model_saves_and_reloads(qat, tmp_path):
     _, qmodel, x, _, _ = qat
     qmodel.save(tmp_path / "qat.keras")
-    loaded = M.load_model(tmp_path / "qat.keras")
+    loaded = build.load_model(tmp_path / "qat.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), atol=1e-6, rtol=0)
 
 
@@ -247,7 +248,7 @@ def _tflite_predict(content, x):
 def test_tflite_float32_matches_keras(trained):
     model, x, _, _ = trained
     x = {k: v[:16] for k, v in x.items()}
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([M.serving_function(model, SEQ)], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([build.serving_function(model, SEQ)], model)
     content = converter.convert()
     np.testing.assert_allclose(_tflite_predict(content, x), model.predict(x, verbose=0), atol=1e-4, rtol=0)
 
@@ -255,7 +256,7 @@ def test_tflite_float32_matches_keras(trained):
 def test_tflite_qat_converts_with_default_optimizations(qat):
     _, qmodel, x, _, _ = qat
     x = {k: v[:16] for k, v in x.items()}
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([M.serving_function(qmodel, SEQ)], qmodel)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([build.serving_function(qmodel, SEQ)], qmodel)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     content = converter.convert()
     from ai_edge_litert.interpreter import Interpreter
@@ -266,10 +267,10 @@ def test_tflite_qat_converts_with_default_optimizations(qat):
 
 
 def test_mixed_bfloat16_forward():
-    float_model = M.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
+    float_model = build.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model = M.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
+        model = build.build_model(tiny_cfg(), VOCAB, CLASSES, SEQ)
         block = model.get_layer("encoder_0")
         assert block.compute_dtype == "bfloat16" and block.variable_dtype == "float32"
         model.set_weights(float_model.get_weights())

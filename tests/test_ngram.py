@@ -6,7 +6,7 @@ import pytest
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
-from pipeline.model import layers as M
+from pipeline.model import build
 from pipeline.model import ngram
 from pipeline.core.config import ModelConfig
 
@@ -37,7 +37,7 @@ def _random_weights(order, seed=1, idf_range=(1.0, 3.0)):
 def test_layer_matches_numpy_reference(order):
     ids, mask = _padded()
     table, idf, bias = _random_weights(order)
-    layer = M.NgramLogits(V, C, order, BUCKETS)
+    layer = ngram.NgramLogits(V, C, order, BUCKETS)
     layer([tf.constant(ids), tf.constant(mask)])
     layer.set_weights([table, idf, bias])
     got = layer([tf.constant(ids), tf.constant(mask)]).numpy()
@@ -48,7 +48,7 @@ def test_layer_matches_numpy_reference(order):
 def test_padding_and_zero_weights_change_nothing():
     ids, mask = _padded(n=4, length=8)
     table, idf, bias = _random_weights(3)
-    layer = M.NgramLogits(V, C, 3, BUCKETS)
+    layer = ngram.NgramLogits(V, C, 3, BUCKETS)
     x = [tf.constant(ids), tf.constant(mask)]
     np.testing.assert_array_equal(layer(x).numpy(), 0.0)  # initial weights: a no-op term
     layer.set_weights([table, idf, bias])
@@ -130,15 +130,15 @@ def test_model_with_fitted_ngrams_saves_reloads_and_converts(tmp_path):
     seq = 12
     cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3,
                       ngram_buckets=BUCKETS)
-    model = M.build_model(cfg, V, C, seq)
+    model = build.build_model(cfg, V, C, seq)
     model.get_layer("ngrams").set_weights(list(_random_weights(3)))
     ids, mask = _padded(n=6, length=seq)
     x = {"input_word_ids": ids, "input_mask": mask, "input_type_ids": np.zeros_like(ids)}
     ref = model.predict(x, verbose=0)
     model.save(tmp_path / "model.keras")
-    np.testing.assert_allclose(M.load_model(tmp_path / "model.keras").predict(x, verbose=0), ref, atol=1e-6)
+    np.testing.assert_allclose(build.load_model(tmp_path / "model.keras").predict(x, verbose=0), ref, atol=1e-6)
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([M.serving_function(model, seq)], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([build.serving_function(model, seq)], model)
     runner = Interpreter(model_content=converter.convert()).get_signature_runner()
     got = np.concatenate([next(iter(runner(**{k: v[i:i + 1] for k, v in x.items()}).values()))
                           for i in range(len(ids))])
@@ -153,20 +153,20 @@ def test_encoder_reads_the_first_wordpieces_and_the_ngram_term_all(tmp_path):
     seq, reach = 24, 8
     cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=2,
                       ngram_buckets=BUCKETS, max_encoder_len=reach)
-    model = M.build_model(cfg, V, C, seq)
-    assert M.encoder_length(cfg, seq) == reach and model.get_layer("embedding").max_len == reach
+    model = build.build_model(cfg, V, C, seq)
+    assert build.encoder_length(cfg, seq) == reach and model.get_layer("embedding").max_len == reach
     ids = np.repeat(np.random.default_rng(3).integers(3, V, (1, seq)).astype(np.int32), 2, axis=0)
     ids[1, reach:] = (ids[0, reach:] + 1) % (V - 3) + 3  # the two texts differ only past the reach
     x = {"input_word_ids": ids, "input_mask": np.ones_like(ids), "input_type_ids": np.zeros_like(ids)}
-    logits = M.logits_model(model)
+    logits = build.logits_model(model)
     without = logits(x).numpy()
     np.testing.assert_allclose(without[0], without[1], atol=1e-6)  # the n-gram term is still all zero
     model.get_layer("ngrams").set_weights(list(_random_weights(2)))
     ref = model.predict(x, verbose=0)
     assert np.abs(logits(x).numpy()[0] - logits(x).numpy()[1]).max() > 1e-3
     model.save(tmp_path / "model.keras")
-    np.testing.assert_allclose(M.load_model(tmp_path / "model.keras").predict(x, verbose=0), ref, atol=1e-6)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([M.serving_function(model, seq)], model)
+    np.testing.assert_allclose(build.load_model(tmp_path / "model.keras").predict(x, verbose=0), ref, atol=1e-6)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([build.serving_function(model, seq)], model)
     runner = Interpreter(model_content=converter.convert()).get_signature_runner()
     got = np.concatenate([next(iter(runner(**{k: v[i:i + 1] for k, v in x.items()}).values())) for i in range(2)])
     np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -177,11 +177,11 @@ def test_int8_export_runs_on_texts_too_short_for_bigrams_and_trigrams():
     division refused ('data[i] != zero_point') before the term multiplied by RSQRT instead."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.stages.compress import export_tflite
+    from pipeline.export.convert import export_tflite
 
     seq = 12
     cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=3, ngram_buckets=BUCKETS)
-    model = M.build_model(cfg, V, C, seq)
+    model = build.build_model(cfg, V, C, seq)
     # large idf and full-length calibration texts: norm2 spans hundreds, so in int8 a norm of 1 rounds to 0
     model.get_layer("ngrams").set_weights(list(_random_weights(3, idf_range=(6.0, 8.0))))
     ids = np.random.default_rng(5).integers(3, V, (40, seq)).astype(np.int32)
@@ -205,11 +205,11 @@ def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text(tmp_path):
     term holds a value per pair of positions; and the counts do not split XNNPACK's graph in two."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.stages.benchmark import op_placement
+    from pipeline.measure.tflite_file import op_placement
 
     seq = 256
     ids_in, mask_in = tf.keras.Input((seq,), dtype=tf.int32), tf.keras.Input((seq,), dtype=tf.int32)
-    layer = M.NgramLogits(V, C, 3, BUCKETS)
+    layer = ngram.NgramLogits(V, C, 3, BUCKETS)
     model = tf.keras.Model([ids_in, mask_in], layer([ids_in, mask_in]))
     layer.set_weights(list(_random_weights(3)))
     fn = tf.function(lambda i, m: model([i, m]), input_signature=[tf.TensorSpec([1, seq], tf.int32)] * 2)

@@ -35,7 +35,7 @@ def pretrained_run(tmp_path_factory):
 
 
 def test_masking_follows_bert_statistics(pretrained_run):
-    from pipeline.stages.pretrain import make_mlm_dataset
+    from pipeline.text.dataset import make_mlm_dataset
     from pipeline.text.tokenizer import load_vocabulary
 
     _, processed, _, _ = pretrained_run
@@ -96,8 +96,9 @@ def test_pretrain_is_skipped_when_up_to_date(pretrained_run, capsys):
 def test_training_starts_from_the_pretrained_encoder(pretrained_run):
     import tensorflow as tf
 
-    from pipeline.model.layers import build_model, encoder_layer_names, load_model
-    from pipeline.stages.train import initialize_encoder, stage_key
+    from pipeline.model.build import build_model, encoder_layer_names, load_model
+    from pipeline.model.build import initialize_encoder
+    from pipeline.model.training import train_key as stage_key
 
     cfg, processed, model_dir, _ = pretrained_run
     source = load_model(model_dir / "pretrained" / "model.keras")

@@ -10,7 +10,7 @@ def _tiny(seed=0, conv_width=5):
     import tensorflow as tf
 
     from pipeline.core.config import ModelConfig
-    from pipeline.model.layers import build_model
+    from pipeline.model.build import build_model
 
     tf.keras.utils.set_random_seed(seed)
     return build_model(ModelConfig(d_model=32, num_layers=1, num_heads=2, ff_dim=64, dropout=0.0,
@@ -76,10 +76,10 @@ def test_choose_rank_keeps_the_energy_asked_for():
 
 
 def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
-    from pipeline.stages.benchmark import matmul_flops
-    from pipeline.stages.compress import export_tflite
-    from pipeline.model.lowrank import LowRankEncoderBlock, factorise
-    from pipeline.model.layers import load_model
+    from pipeline.measure.flops import matmul_flops
+    from pipeline.export.convert import export_tflite
+    from pipeline.model.lowrank import factorise, LowRankEncoderBlock
+    from pipeline.model.build import load_model
 
     model = _tiny()
     low, ranks = factorise(model, energy=0.5, fixed_rank=4)
@@ -112,7 +112,8 @@ def test_lowrank_reduces_rank_and_flops_and_saves(tmp_path):
 def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preserving_qat(tmp_path, pruned):
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.stages.compress import cluster_model, export_tflite, kernel_sparsity, qat_model, unique_values
+    from pipeline.export.convert import export_tflite
+    from pipeline.export.recipes import cluster_model, kernel_sparsity, qat_model, unique_values
     from pipeline.core.config import load_config
 
     cfg = load_config(None, ["compress.clusters=4", "compress.learning_rate=0.001", "train.batch_size=8"])
@@ -142,8 +143,8 @@ def test_clustering_leaves_at_most_k_values_per_kernel_through_cluster_preservin
 
 
 def test_float_ops_keep_the_int8_graph_in_one_xnnpack_partition(tmp_path):
-    from pipeline.stages.benchmark import op_placement
-    from pipeline.stages.compress import export_tflite
+    from pipeline.measure.tflite_file import op_placement
+    from pipeline.export.convert import export_tflite
     from pipeline.core.config import CompressConfig
 
     model, rep, float_ops = _tiny(), _representative(), CompressConfig().float_ops

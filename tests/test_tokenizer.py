@@ -1,4 +1,4 @@
-"""Tests of pipeline/tokenizer.py: BERT-style WordPiece with a small vocabulary learned here."""
+"""Tests of pipeline/text/tokenizer.py: BERT-style WordPiece with a small vocabulary learned here."""
 import numpy as np
 import pytest
 

@@ -15,7 +15,7 @@ from pipeline.core.config import load_config
 
 
 def test_warmup_linear_decay_schedule():
-    from pipeline.stages.train import WarmupLinearDecay
+    from pipeline.model.training import WarmupLinearDecay
 
     s = WarmupLinearDecay(1.0, warmup_steps=10, total_steps=110)
     values = [float(s(step)) for step in (0, 4, 9, 10, 60, 110, 200)]
@@ -24,7 +24,7 @@ def test_warmup_linear_decay_schedule():
 
 
 def test_best_in_log_rebuilds_early_stopping_state():
-    from pipeline.stages.train import best_in_log
+    from pipeline.model.training import best_in_log
 
     rows = [{"epoch": 0, "val_loss": 0.9}, {"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.6},
             {"epoch": 3, "val_loss": 0.7}]
@@ -34,7 +34,7 @@ def test_best_in_log_rebuilds_early_stopping_state():
 
 def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
     from pipeline.stages.data import run_data_stage
-    from pipeline.stages.evaluate import load_predictor
+    from pipeline.measure.predictors import load_predictor
     from pipeline.stages.train import run_train_stage
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.epochs=6"))
@@ -69,7 +69,7 @@ def test_train_stage_writes_a_model_that_learns(toy_data, tmp_path):
 
 def test_small_data_gets_enough_steps_and_rare_classes_weigh_more():
     from pipeline.core.config import TrainConfig
-    from pipeline.stages.train import class_weights, epochs_for, step_limit, steps_for
+    from pipeline.model.training import class_weights, epochs_for, step_limit, steps_for
 
     assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 50) == 30  # 3 epochs of 50 steps: too few
     assert epochs_for(TrainConfig(epochs=3, min_steps=1500, max_steps=0), 800) == 3
@@ -104,7 +104,7 @@ def test_max_steps_stops_training_mid_epoch(toy_data, tmp_path, capsys):
 def test_step_budget_stops_mid_epoch():
     import tensorflow as tf
 
-    from pipeline.stages.train import StepBudget
+    from pipeline.model.training import StepBudget
 
     model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(3,))])
     model.compile("adam", "mse")
@@ -115,7 +115,7 @@ def test_step_budget_stops_mid_epoch():
 
 def test_a_model_trained_in_mixed_precision_is_saved_in_float32(toy_data, tmp_path):
     from pipeline.stages.data import run_data_stage
-    from pipeline.model.layers import load_model
+    from pipeline.model.build import load_model
     from pipeline.stages.train import run_train_stage
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "train.mixed_precision=mixed_bfloat16",
@@ -219,7 +219,7 @@ def read_scalars(logdir):
 
 def test_step_log_draws_each_window_of_steps_as_a_point(tmp_path):
     """TensorBoard gets a point every `every` steps: the mean loss of exactly those steps and the learning rate."""
-    from pipeline.stages.train import StepLog, WarmupLinearDecay
+    from pipeline.model.training import StepLog, WarmupLinearDecay
 
     x = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]
     model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(1,))])

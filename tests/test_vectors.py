@@ -100,7 +100,7 @@ def test_data_stage_writes_the_vectors_and_a_new_vectors_file_remakes_it(run):
 
 
 def test_a_trained_model_understands_words_it_only_knows_from_their_vectors(run):
-    from pipeline.stages.evaluate import load_predictor
+    from pipeline.measure.predictors import load_predictor
 
     _, root = run
     texts = [f"the movie was {w}" for w in UNSEEN_POSITIVE + UNSEEN_NEGATIVE]
@@ -109,7 +109,7 @@ def test_a_trained_model_understands_words_it_only_knows_from_their_vectors(run)
 
 
 def test_pretraining_and_training_keep_the_vectors_and_no_embedding_for_words_without_training_text(run):
-    from pipeline.model.layers import load_model
+    from pipeline.model.build import load_model
 
     _, root = run
     table, seen, learned = V.load_table(root / "data" / "processed" / "toy")

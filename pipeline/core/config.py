@@ -1,4 +1,5 @@
-"""One config for every stage: dataclasses with defaults, read from params.yaml, overridable by --set."""
+"""One config for every stage: dataclasses with defaults, read from params.yaml, overridable by --set; and the
+steps a compression recipe (compress.variants) may chain, checked here without TensorFlow."""
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -6,7 +7,79 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.errors import PipelineError
-from pipeline.export.recipes import DEFAULT_VARIANTS, check_variants
+from pipeline.core.files import write_text
+
+# ---------------------------------------------------------------- compression recipes (compress.variants)
+# Each .tflite variant is a chain of these steps; pipeline/export/recipes.py has the function behind each one.
+
+# Steps that change the Keras model, in the order they may appear; "student" only first.
+MODEL_STEPS = {
+    "student": "start from the distilled student (the variant is built when the run has one)",
+    "prune": "magnitude pruning to compress.sparsity while fine-tuning",
+    "lowrank": "factorise every encoder kernel W into U·V (compress.lowrank_energy or lowrank_rank)",
+    "cluster": "k-means weight clustering (compress.clusters) while fine-tuning, then strip",
+    "fine_tune": "plain fine-tuning for compress.fine_tune_epochs",
+    "qat": "quantization-aware fine-tuning",
+    "prune_qat": "prune-preserving quantization-aware fine-tuning",
+    "cluster_qat": "cluster-preserving quantization-aware fine-tuning",
+}
+# Steps that write the .tflite file: the last step of every recipe.
+EXPORT_STEPS = {
+    "float32": "no optimization",
+    "dynamic_range": "int8 weights, float activations",
+    "float16": "float16 weights",
+    "int8": "int8 weights and activations; the ops in compress.float_ops stay float32 (kernels per tensor after cluster)",
+}
+STEPS = {**MODEL_STEPS, **EXPORT_STEPS}
+
+# Built by default: the trained model exported as it is, and the distilled student (when the run has one, or
+# compress distils it: a backbone run) exported as it is and pruned + QAT-trained.
+DEFAULT_VARIANTS = {
+    "float32": ["float32"],
+    "dynamic_range": ["dynamic_range"],
+    "float16": ["float16"],
+    "int8": ["int8"],
+    "distilled_float32": ["student", "float32"],
+    "distilled_int8": ["student", "int8"],
+    # the distilled student pruned, then quantization-aware trained keeping its zeros (TFMOT), then int8
+    "distilled_pruned_qat_int8": ["student", "prune", "prune_qat", "int8"],
+}
+# Recipes that fine-tune while compressing: they shrink a from-scratch model (model.backbone: none) at a small
+# cost, but in the few epochs compress gives them they ruin a fine-tuned backbone (tweet_emotion dev: 12 to 51
+# points lost) and take most of compress's time, so they run only when compress.variants lists them.
+FINE_TUNED_VARIANTS = {
+    "pruned_int8": ["prune", "int8"],
+    "qat_int8": ["qat", "int8"],
+    "pruned_qat_int8": ["prune", "prune_qat", "int8"],
+    "lowrank_int8": ["lowrank", "fine_tune", "int8"],
+    "clustered_qat_int8": ["prune", "cluster", "cluster_qat", "int8"],  # TFMOT's prune-cluster-QAT chain
+}
+
+
+def check_variants(variants, where):
+    """Raise a one-line PipelineError unless `variants` maps names to valid chains of steps."""
+    if not isinstance(variants, dict) or not variants:
+        raise PipelineError(f"{where}: compress.variants must map variant names to lists of steps")
+    if variants.get("float32") != ["float32"]:
+        raise PipelineError(f"{where}: compress.variants needs float32: [float32] (the parity check's reference)")
+    for name, steps in variants.items():
+        at = f"{where}: compress.variants.{name}"
+        if name in MODEL_STEPS or "+" in name:
+            raise PipelineError(f"{at}: a variant cannot be named like a step or contain '+'")
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise PipelineError(f"{at}: expected a non-empty list of steps")
+        for i, step in enumerate(steps):
+            if step not in STEPS:
+                raise PipelineError(f"{at}: unknown step '{step}' (steps: {', '.join(STEPS)})")
+            if (step in EXPORT_STEPS) != (i == len(steps) - 1):
+                raise PipelineError(f"{at}: '{step}' at position {i + 1}; a recipe ends with exactly one export "
+                                    f"({', '.join(EXPORT_STEPS)})")
+            if step == "student" and i:
+                raise PipelineError(f"{at}: 'student' can only be the first step")
+    return variants
+
+
+# ---------------------------------------------------------------- the config
 
 
 @dataclass
@@ -25,7 +98,7 @@ class DataConfig:
     length_percentile: float = 100.0  # sequence length = this percentile of train token lengths (100: longest)
     dev_fraction: float = 0.1  # held out of train (stratified) when the data has no dev split
     seed: int = 1234
-    word_vectors: str = "none"  # a `word v1 .. vn` file of pretrained word vectors (pipeline/vectors.py), or none
+    word_vectors: str = "none"  # a `word v1 .. vn` file of pretrained word vectors (pipeline/text/vectors.py), or none
     vector_words: int = 50000  # the most frequent words with a vector that join the vocabulary
 
 
@@ -45,7 +118,7 @@ class ModelConfig:
     ngram_order: int = 3  # bag-of-n-grams logits added to the Transformer's (1-3); 0: none
     ngram_max_rows: int = 20000  # ... only when the train split has at most this many rows; 0: any number
     ngram_buckets: int = 131072  # hash buckets for each of bigrams and trigrams
-    # a pretrained BERT to fine-tune (pipeline/backbone.py): a known name, or a directory with config.json,
+    # a pretrained BERT to fine-tune (pipeline/model/backbone.py): a known name, or a directory with config.json,
     # vocab.txt and model.safetensors; it sets the vocabulary, the encoder's shape and dropout (d_model ..
     # position above are then unused). none: the encoder above, from scratch
     backbone: str = "all-minilm-l6-v2"
@@ -256,6 +329,4 @@ def load_config(path=None, overrides=()):
 
 
 def save_config(cfg, path):
-    from pipeline.core.files import write_text
-
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,5 +1,6 @@
 """Atomic writes: an artifact appears at its final path complete or not at all."""
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -49,6 +50,4 @@ def write_json(path, obj):
 
 def gzip_size(content: bytes) -> int:
     """Bytes after gzip -9 (no timestamp): what a download of the file costs."""
-    import gzip
-
     return len(gzip.compress(content, compresslevel=9, mtime=0))

@@ -8,9 +8,11 @@ import io
 import zipfile
 from pathlib import Path
 
+import flatbuffers
 import numpy as np
+from ai_edge_litert import schema_py_generated as tfl
+from mediapipe.tasks.metadata import metadata_schema_py_generated as md
 
-import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from pipeline.core.errors import PipelineError
 
 METADATA_NAME = "TFLITE_METADATA"
@@ -25,13 +27,6 @@ _INPUT_DESCRIPTIONS = {
     "input_mask": "1 for each real token, 0 for padding.",
     "input_type_ids": "Segment ids, all 0 (one sentence).",
 }
-
-
-def _schemas():
-    from ai_edge_litert import schema_py_generated as tfl
-    from mediapipe.tasks.metadata import metadata_schema_py_generated as md
-
-    return tfl, md
 
 
 def _input_keys(subgraph, name):
@@ -49,7 +44,7 @@ def _input_keys(subgraph, name):
     return keys
 
 
-def _model_metadata(md, input_keys, name, description):
+def _model_metadata(input_keys, name, description):
     feature = lambda: md.ContentT(contentPropertiesType=md.ContentProperties.FeatureProperties,  # noqa: E731
                                   contentProperties=md.FeaturePropertiesT())
     vocab = md.AssociatedFileT(name=VOCAB_FILE, description="WordPiece vocabulary, one token per line.",
@@ -70,8 +65,6 @@ def _model_metadata(md, input_keys, name, description):
 
 
 def _pack(obj, identifier):
-    import flatbuffers
-
     builder = flatbuffers.Builder(1024)
     builder.Finish(obj.Pack(builder), file_identifier=identifier)
     return bytes(builder.Output())
@@ -79,12 +72,11 @@ def _pack(obj, identifier):
 
 def add_metadata(model_content: bytes, vocab_path, labels_path, name: str, description: str) -> bytes:
     """The .tflite bytes with MediaPipe text-classifier metadata and vocab.txt/labels.txt packed in."""
-    tfl, md = _schemas()
     # Unpacking parses the flatbuffer only, so a zip already appended (earlier metadata) is dropped.
     model = tfl.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
     if len(model.subgraphs) != 1:
         raise PipelineError(f"{name}: MediaPipe text models must have one subgraph, found {len(model.subgraphs)}")
-    meta = _pack(_model_metadata(md, _input_keys(model.subgraphs[0], name), name, description), b"M001")
+    meta = _pack(_model_metadata(_input_keys(model.subgraphs[0], name), name, description), b"M001")
     buffer = tfl.BufferT(data=np.frombuffer(meta, np.uint8))
     model.metadata = model.metadata or []  # the converter's own entries (runtime version...) stay
     entry = _metadata_entry(model)
@@ -112,7 +104,6 @@ def _metadata_entry(model):
 def read_metadata(model_content: bytes) -> dict:
     """{"name", "description", "inputs", "output", "associated_files", "files"} of a model's metadata
     ("files": the names in the appended zip)."""
-    tfl, md = _schemas()
     model = tfl.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
     entry = _metadata_entry(model)
     if entry is None:
@@ -128,50 +119,3 @@ def read_metadata(model_content: bytes) -> dict:
         "associated_files": [f.name.decode("utf-8") for f in vocab_files + (output.associatedFiles or [])],
         "files": zipfile.ZipFile(data).namelist() if zipfile.is_zipfile(data) else [],
     }
-
-
-class MediaPipeClassifier:
-    """A .tflite with our metadata run by MediaPipe Tasks' TextClassifier, as an app would."""
-
-    def __init__(self, path):
-        from mediapipe.tasks.python.core.base_options import BaseOptions
-        from mediapipe.tasks.python.text import TextClassifier, TextClassifierOptions
-
-        self.path = Path(path)
-        options = TextClassifierOptions(base_options=BaseOptions(model_asset_path=str(self.path)), max_results=-1)
-        try:
-            self._classifier = TextClassifier.create_from_options(options)
-        except (OSError, ValueError, RuntimeError) as e:
-            # MediaPipe's messages span lines and name graph nodes; the cause follows the last "failed: ".
-            cause = " ".join(str(e).split()).rsplit("failed: ", 1)[-1]
-            raise PipelineError(f"{self.path}: MediaPipe cannot load it as a text classifier: {cause}") from None
-        try:
-            with zipfile.ZipFile(self.path) as z:
-                text = z.read(LABELS_FILE).decode("utf-8")
-        except (KeyError, zipfile.BadZipFile):
-            self.close()
-            raise PipelineError(f"{self.path}: no {LABELS_FILE} in its metadata") from None
-        self.labels = [line.strip() for line in text.splitlines() if line.strip()]
-
-    def predict_proba(self, texts) -> np.ndarray:
-        """Scores [len(texts), len(labels)] float32, columns in label (model output) order."""
-        probs = np.zeros((len(texts), len(self.labels)), np.float32)
-        for i, text in enumerate(texts):
-            categories = self._classifier.classify(text).classifications[0].categories
-            if len(categories) != len(self.labels):
-                raise PipelineError(f"{self.path}: the model outputs {len(categories)} scores per text, "
-                                    f"but its {LABELS_FILE} has {len(self.labels)} labels")
-            for c in categories:
-                probs[i, c.index] = c.score  # MediaPipe sorts categories by score
-        return probs
-
-    def close(self):
-        """Release MediaPipe's graph. Close (or use `with`) before exit: MediaPipe's own __del__ fails
-        with a TypeError once interpreter shutdown has begun."""
-        self._classifier.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

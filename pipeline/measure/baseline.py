@@ -3,22 +3,20 @@ logistic regression (scikit-learn), fitted on the same processed train split as 
 import time
 from pathlib import Path
 
-import numpy as np
+import joblib
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import FeatureUnion, Pipeline
 
 from pipeline.core import files
-from pipeline.core.errors import PipelineError
-from pipeline.stages.evaluate import read_labels
+from pipeline.measure.metrics import classification_metrics  # the model's metrics code, so the numbers compare
+from pipeline.measure.predictors import BASELINE_FILE, BaselinePredictor
 
-MODEL_FILE = "model.joblib"
 NAME = "bag-of-words baseline"
 
 
 def make_baseline():
     """The published comparison recipe: word 1-2-grams and char_wb 2-5-grams, TF-IDF, logistic regression."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import FeatureUnion, Pipeline
-
     features = FeatureUnion([
         ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
         ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
@@ -26,44 +24,10 @@ def make_baseline():
     return Pipeline([("tfidf", features), ("logreg", LogisticRegression(C=4, max_iter=2000))])
 
 
-class BaselinePredictor:
-    """A baseline directory (model.joblib, labels.txt): .labels, .path, .predict_proba(texts)."""
-
-    seq_len = None  # the vectorizers read whole texts; there is no token limit
-
-    def __init__(self, path):
-        import joblib
-
-        path = Path(path)
-        for name in (MODEL_FILE, "labels.txt"):
-            if not (path / name).is_file():
-                raise PipelineError(f"{path}: no {name}; expected a baseline directory (model.joblib, labels.txt)")
-        self.path = path
-        self.labels = read_labels(path / "labels.txt")
-        try:
-            self.model = joblib.load(path / MODEL_FILE)
-            classes = [str(c) for c in self.model.classes_]
-        except Exception as e:  # truncated, or pickled by an incompatible scikit-learn
-            raise PipelineError(f"{path / MODEL_FILE}: cannot load the baseline ({type(e).__name__}: {e})") from None
-        # sklearn orders classes_ by sorting; labels.txt is the model's order, so map each label to its column
-        if sorted(classes) != sorted(self.labels) or len(classes) != len(self.labels):
-            raise PipelineError(f"{path}: model.joblib knows classes {classes}, labels.txt has {self.labels}")
-        self.columns = np.array([classes.index(label) for label in self.labels])
-
-    def predict_proba(self, texts):
-        if not len(texts):
-            return np.zeros((0, len(self.labels)), np.float32)
-        return np.asarray(self.model.predict_proba(list(texts)), np.float32)[:, self.columns]
-
-
 def run_baseline(splits, out_dir, labels) -> dict:
     """Fit the baseline on splits["train"], save it to out_dir, score dev (and test when present).
     splits: {split: (texts, label strings)}, as the train stage read them.
     Returns {"dev", "test"?, "bytes", "gzip_bytes", "fit_seconds", "path"}."""
-    import joblib
-
-    from pipeline.stages.evaluate import classification_metrics  # the model's metrics code, so the numbers compare
-
     out_dir, labels = Path(out_dir), list(labels)
     model = make_baseline()
     t0 = time.perf_counter()
@@ -73,13 +37,13 @@ def run_baseline(splits, out_dir, labels) -> dict:
     # the directory appears whole or not at all: a predictor never sees a model without its labels
     with files.atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        joblib.dump(model, tmp / MODEL_FILE)
+        joblib.dump(model, tmp / BASELINE_FILE)
         (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
 
     predictor = BaselinePredictor(out_dir)  # score the saved model, as `pipeline evaluate` would load it
     result = {split: classification_metrics([labels.index(g) for g in gold], predictor.predict_proba(texts), labels)
               for split, (texts, gold) in splits.items() if split in ("dev", "test")}
-    content = (out_dir / MODEL_FILE).read_bytes()
+    content = (out_dir / BASELINE_FILE).read_bytes()
     return {**result, "bytes": len(content),
             "gzip_bytes": files.gzip_size(content),  # as compress.py measures the .tflite variants
             "fit_seconds": fit_seconds, "path": str(out_dir)}

@@ -3,7 +3,7 @@
 A backbone is a directory with Hugging Face's three files of a BERT model: config.json (its shape),
 vocab.txt (its uncased WordPiece vocabulary: the run's vocabulary, read by MediaPipe's BERT tokenizer as
 any other) and model.safetensors (its weights). Its encoder is rebuilt from our own layers
-(pipeline/model.py, post-LN blocks), so pruning, QAT, clustering and the TFLite export treat it like the
+(pipeline/model/, post-LN blocks), so pruning, QAT, clustering and the TFLite export treat it like the
 model trained from scratch.
 """
 import functools
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from pipeline.core import manifest
 from pipeline.core.download import fetch
@@ -130,8 +131,6 @@ def read_spec(directory) -> BackboneSpec:
 
 def read_tensors(directory) -> dict:
     """name -> float32 array of model.safetensors, without the "bert." prefix of task checkpoints."""
-    from safetensors.numpy import load_file
-
     path = Path(directory) / "model.safetensors"
     try:
         tensors = load_file(str(path))

@@ -3,7 +3,8 @@ with r from a truncated SVD (the share of squared singular values kept, or a fix
 import numpy as np
 import tensorflow as tf
 
-from pipeline.model.layers import PACKAGE, EncoderBlock
+from pipeline.model.encoder import EncoderBlock
+from pipeline.model.layers import PACKAGE
 
 
 @tf.keras.utils.register_keras_serializable(package=PACKAGE)

@@ -1,108 +1,68 @@
-"""Pretraining stage: masked-language-model training of the encoder on every train text and the data
-directory's unlabelled texts, so that `make train` starts from an encoder that already knows the language."""
+"""Pretraining stage (`make pretrain`): masked-language-model training of the encoder on every train text and the
+data directory's unlabelled texts, so that `make train` starts from an encoder that already knows the language;
+writes saved_models/<run>/pretrained/. The MLM head, loss and metrics are in pipeline/model/mlm.py."""
 import json
 import math
 import shutil
 import sys
 from pathlib import Path
 
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.core import files
-from pipeline.core import manifest
-from pipeline.text import vectors
+from pipeline.core import files, manifest
 from pipeline.core.config import save_config
 from pipeline.core.errors import PipelineError
+from pipeline.model.build import build_mlm_model, set_word_vectors
+from pipeline.model.mlm import MaskedAccuracy, MaskedPerplexity, masked_lm_loss
+from pipeline.model.training import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
+from pipeline.text import vectors
+from pipeline.text.dataset import make_mlm_dataset
+from pipeline.text.processed import load_processed
+from pipeline.text.tokenizer import load_vocabulary
 
 ENCODER_KEYS = ("d_model", "num_layers", "num_heads", "ff_dim", "conv_width", "dropout", "token_dropout", "position")
-SHUFFLE_BUFFER = 100_000
-_register = tf.keras.utils.register_keras_serializable(package="liteformer")
 
 
-@_register
-def masked_lm_loss(y_true, logits):
-    """Mean cross-entropy over the masked positions; y_true holds the original ids, -1 where nothing was masked."""
-    y = tf.cast(y_true, tf.int32)
-    w = tf.cast(y >= 0, tf.float32)
-    ce = tf.keras.losses.sparse_categorical_crossentropy(tf.maximum(y, 0), logits, from_logits=True)
-    return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+def run_pretrain_stage(cfg, run):
+    """`python -m pipeline pretrain`: write saved_models/<run>/pretrained/ (MLM model, config, history)."""
+    if cfg.model.backbone != "none":
+        raise PipelineError(f"pretrain: model.backbone is {cfg.model.backbone}, already pretrained; train fine-tunes it")
+    processed, stats, _ = load_processed(cfg, run)
+    model_dir = Path(cfg.paths.models) / run
+    key = stage_key(cfg, processed)
+    if manifest.up_to_date(model_dir, "pretrain", key):
+        return json.loads((model_dir / "pretrained" / "summary.json").read_text())
+    manifest.begin(model_dir, "pretrain")
+    state = model_dir / "pretrain_state"
+    model, rows = pretrain_encoder(cfg, processed, int(stats.get("encoder_len", stats["seq_len"])), state,
+                                   Path(cfg.paths.runs) / run / "pretrain", key)
+    summary = summarise(stats, rows)
+    write_pretrained(model_dir / "pretrained", cfg, model, rows, summary)
+    manifest.record(model_dir, "pretrain", key, ["pretrained"])
+    shutil.rmtree(state / "backup", ignore_errors=True)
+    print(f"pretrained {run}: dev masked-token accuracy {summary['dev_masked_accuracy']:.4f}, perplexity "
+          f"{summary['dev_perplexity']:.1f}, {summary['epochs']} epochs in {summary['seconds']:.0f} s -> "
+          f"{model_dir / 'pretrained'}")
+    return summary
 
 
-@_register
-class MaskedAccuracy(tf.keras.metrics.Metric):
-    """Fraction of masked positions whose original token is the top prediction."""
-
-    def __init__(self, name="masked_accuracy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.hits = self.add_weight("hits", initializer="zeros")
-        self.count = self.add_weight("count", initializer="zeros")
-
-    def update_state(self, y_true, logits, sample_weight=None):
-        y = tf.cast(y_true, tf.int32)
-        w = tf.cast(y >= 0, tf.float32)
-        hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
-        self.hits.assign_add(tf.reduce_sum(hit * w))
-        self.count.assign_add(tf.reduce_sum(w))
-
-    def result(self):
-        return self.hits / tf.maximum(self.count, 1.0)
+def summarise(stats, rows):
+    """summary.json: the texts the encoder learned from, its epochs and time, its last dev scores."""
+    last = rows[-1]
+    unlabeled = (stats.get("unlabeled") or {}).get("rows", 0)
+    return {"texts": stats["rows"]["train"] + unlabeled, "unlabeled_texts": unlabeled,
+            "epochs": len(rows), "seconds": round(sum(r.get("epoch_seconds", 0.0) for r in rows), 1),
+            "dev_masked_accuracy": last.get("val_masked_accuracy"), "dev_perplexity": last.get("val_perplexity")}
 
 
-@_register
-class MaskedPerplexity(MaskedAccuracy):
-    """exp(mean cross-entropy per masked token) over the epoch (not a mean of per-batch perplexities)."""
-
-    def __init__(self, name="perplexity", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def update_state(self, y_true, logits, sample_weight=None):
-        y = tf.cast(y_true, tf.int32)
-        w = tf.cast(y >= 0, tf.float32)
-        ce = tf.keras.losses.sparse_categorical_crossentropy(tf.maximum(y, 0), logits, from_logits=True)
-        self.hits.assign_add(tf.reduce_sum(ce * w))
-        self.count.assign_add(tf.reduce_sum(w))
-
-    def result(self):
-        return tf.exp(self.hits / tf.maximum(self.count, 1.0))
-
-
-def make_mlm_dataset(paths, seq_len, batch_size, vocab, mask_rate, *, training, seed=None):
-    """Batches of ({input_word_ids, input_mask, mask_positions}, original ids at those positions, -1 for
-    unused slots), masked on the fly by keras-nlp's MaskedLMMaskGenerator (BERT's 80/10/10); [PAD], [CLS]
-    and [SEP] are never masked. Training batches group texts of similar length."""
-    import keras_nlp
-
-    from pipeline.stages.data import bucket_boundaries, parse_record
-    from pipeline.text.tokenizer import CLS, PAD, SEP
-
-    masker = keras_nlp.layers.MaskedLMMaskGenerator(
-        vocabulary_size=len(vocab), mask_selection_rate=mask_rate, mask_token_id=vocab.index("[MASK]"),
-        unselectable_token_ids=[vocab.index(t) for t in (PAD, CLS, SEP)])
-
-    def parse(record):
-        return parse_record(record, seq_len)[0]
-
-    def mask(ids):
-        # Ragged selections padded to the batch's most masked text, not to a fixed length: with batches
-        # of similar length the vocabulary projection, most of a step's cost, runs on few unused slots.
-        out = masker(ids)
-        target = tf.cast(out["mask_ids"], tf.int32).to_tensor(default_value=-1)
-        return {"input_word_ids": tf.cast(out["token_ids"], tf.int32),
-                "input_mask": tf.cast(tf.not_equal(ids, 0), tf.int32),
-                "mask_positions": tf.cast(out["mask_positions"], tf.int32).to_tensor()}, target
-
-    ds = tf.data.TFRecordDataset([str(p) for p in paths])
-    if training:
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        bounds = bucket_boundaries(seq_len)
-        ds = ds.bucket_by_sequence_length(lambda ids: tf.shape(ids)[0], bounds, [batch_size] * (len(bounds) + 1),
-                                          padded_shapes=[None])
-    else:
-        ds = ds.padded_batch(batch_size, padded_shapes=[None])
-    return ds.map(mask, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+def write_pretrained(out, cfg, model, rows, summary):
+    """saved_models/<run>/pretrained/, whole: the MLM model, config.yaml, history.json and summary.json."""
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        model.save(tmp / "model.keras")
+        save_config(cfg, tmp / "config.yaml")
+        files.write_json(tmp / "history.json", rows)
+        files.write_json(tmp / "summary.json", summary)
 
 
 def stage_key(cfg, processed):
@@ -117,10 +77,6 @@ def stage_key(cfg, processed):
 
 def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     """Fit the encoder with an MLM head on the run's texts; return (MLM model, epoch rows)."""
-    from pipeline.model.layers import build_mlm_model, set_word_vectors
-    from pipeline.text.tokenizer import load_vocabulary
-    from pipeline.stages.train import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
-
     p = cfg.pretrain
     if not 0 < p.mask_rate < 1:
         raise PipelineError(f"pretrain.mask_rate must be in (0, 1), got {p.mask_rate}")
@@ -157,37 +113,3 @@ def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: pretraining diverged (loss is NaN); lower pretrain.learning_rate and run again")
     return model, rows
-
-
-def run_pretrain_stage(cfg, run):
-    """`python -m pipeline pretrain`: write saved_models/<run>/pretrained/ (MLM model, config, history)."""
-    from pipeline.stages.train import load_processed
-
-    if cfg.model.backbone != "none":
-        raise PipelineError(f"pretrain: model.backbone is {cfg.model.backbone}, already pretrained; train fine-tunes it")
-    processed, stats, _ = load_processed(cfg, run)
-    model_dir = Path(cfg.paths.models) / run
-    key = stage_key(cfg, processed)
-    if manifest.up_to_date(model_dir, "pretrain", key):
-        return json.loads((model_dir / "pretrained" / "summary.json").read_text())
-    manifest.begin(model_dir, "pretrain")
-    state = model_dir / "pretrain_state"
-    model, rows = pretrain_encoder(cfg, processed, int(stats.get("encoder_len", stats["seq_len"])), state,
-                                   Path(cfg.paths.runs) / run / "pretrain", key)
-    last = rows[-1]
-    unlabeled = (stats.get("unlabeled") or {}).get("rows", 0)
-    summary = {"texts": stats["rows"]["train"] + unlabeled, "unlabeled_texts": unlabeled,
-               "epochs": len(rows), "seconds": round(sum(r.get("epoch_seconds", 0.0) for r in rows), 1),
-               "dev_masked_accuracy": last.get("val_masked_accuracy"), "dev_perplexity": last.get("val_perplexity")}
-    with files.atomic_path(model_dir / "pretrained") as tmp:
-        tmp.mkdir()
-        model.save(tmp / "model.keras")
-        save_config(cfg, tmp / "config.yaml")
-        files.write_json(tmp / "history.json", rows)
-        files.write_json(tmp / "summary.json", summary)
-    manifest.record(model_dir, "pretrain", key, ["pretrained"])
-    shutil.rmtree(state / "backup", ignore_errors=True)
-    print(f"pretrained {run}: dev masked-token accuracy {summary['dev_masked_accuracy']:.4f}, perplexity "
-          f"{summary['dev_perplexity']:.1f}, {summary['epochs']} epochs in {summary['seconds']:.0f} s -> "
-          f"{model_dir / 'pretrained'}")
-    return summary

@@ -1,156 +1,196 @@
-"""Report stage: one comparison of every variant (quality from compression.json, cost from
-benchmark.json, the bag-of-words baseline from metrics.json) as Markdown, HTML, PNG plots and
-TensorBoard summaries; and the recommended variant as a mobile bundle with a model card."""
+"""Report stage (`make report`): one comparison of every variant (quality from compression.json, cost from
+benchmark.json, the bag-of-words baseline from metrics.json) as saved_models/<run>/report.md, report.html, PNG
+plots and TensorBoard summaries, the error analysis of the shipped variant, and that variant as a mobile bundle
+with a model card (mobile/)."""
 import html
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
+import tensorflow as tf
 
-from pipeline.core import files
+from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
+from pipeline.measure.baseline import verdict
+from pipeline.measure.compare import GOALS, recommendations, variant_rows
+from pipeline.measure.error_analysis import report_section
+from pipeline.measure.plots import plot_confusion_matrix, plot_tradeoff, plot_training_curves
+from pipeline.measure.tables import html_table, markdown_table
 
 MB = 1024 * 1024
+
+
+def run_report_stage(cfg, run):
+    """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
+    model_dir = Path(cfg.paths.models) / run
+    inputs = read_inputs(model_dir)
+    compression, benchmark = inputs.compression, inputs.benchmark
+    key = stage_key(cfg, model_dir, inputs)
+    rows = variant_rows(compression, benchmark, inputs.metrics.get("baseline"))
+    goals = {goal: r["variant"] for goal, r in recommendations(rows).items()}
+    ship = cfg.report.ship
+    best = goals.get(ship, ship)  # the variant mobile/ holds
+    if best not in compression["variants"]:
+        raise PipelineError(f"report.ship: run '{run}' has no variant '{best}' (variants in "
+                            f"{model_dir / 'compression.json'}: {', '.join(compression['variants'])})")
+    result = {"recommended": best, "goals": goals, "rows": rows}
+    if manifest.up_to_date(model_dir, "report", key):
+        return result
+    manifest.begin(model_dir, "report")
+    images = draw(model_dir, rows, compression, inputs.history, best)
+    main, ops = build_tables(rows, benchmark)
+    errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
+    page = SimpleNamespace(run=run, versus=versus_baseline(compression, inputs.metrics), main=main, ops=ops,
+                           facts=facts(rows, goals, best, ship, benchmark, compression),
+                           placement=placement_note(benchmark), images=images)
+    files.write_text(model_dir / "report.md", markdown_page(page, errors_md))
+    files.write_text(model_dir / "report.html", html_page(page, errors_html))
+    log_tensorboard(Path(cfg.paths.runs) / run / "report", page)
+    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark, ship)
+    manifest.record(model_dir, "report", key, ["report.md", "report.html", "report", "mobile"])
+    print(f"report {run}: smallest {goals['smallest']}, fastest {goals['fastest']}, most accurate "
+          f"{goals['most_accurate']}; mobile/ holds {best} (report.ship {ship}) -> {model_dir / 'report.md'}, "
+          f"{mobile}/model.tflite")
+    return result
+
+
+def read_inputs(model_dir):
+    """compression.json, benchmark.json, history.json and metrics.json (the baseline's scores; runs trained before
+    it existed have none: {})."""
+    has_metrics = (model_dir / "metrics.json").is_file()
+    return SimpleNamespace(compression=_load(model_dir / "compression.json", "compress"),
+                           benchmark=_load(model_dir / "benchmark.json", "benchmark"),
+                           history=_load(model_dir / "history.json", "train"), has_metrics=has_metrics,
+                           metrics=_load(model_dir / "metrics.json", "train") if has_metrics else {})
+
+
+def stage_key(cfg, model_dir, inputs):
+    """What the report depends on: report.* and the files it reads (each variant's .tflite: mobile/ copies one)."""
+    return {"config": {"report": cfg.to_dict()["report"]}, "inputs": manifest.inputs(model_dir, [
+        "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
+        *(["metrics.json"] if inputs.has_metrics else []),
+        *(f"tflite/{n}.tflite" for n in inputs.compression["variants"])], "model")}
+
+
+def draw(model_dir, rows, compression, history, best):
+    """report/*.png: accuracy against size and latency, the shipped variant's confusion matrix, training curves."""
+    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
+    out = model_dir / "report"
+    return {
+        "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (MB, log)", out / "accuracy_vs_size.png",
+                                          1 / MB),
+        "accuracy_vs_latency": plot_tradeoff(rows, "p50_ms", "p50 latency at 1 thread (ms, log)",
+                                             out / "accuracy_vs_latency.png"),
+        "confusion_matrix": plot_confusion_matrix(compression["variants"][best]["dev"]["confusion_matrix"], labels,
+                                                  out / "confusion_matrix.png"),
+        "training_curves": plot_training_curves(history, out / "training_curves.png"),
+    }
+
+
+def versus_baseline(compression, metrics):
+    """One sentence above the table: is the Transformer worth it over the baseline? ("" without a baseline)"""
+    baseline = metrics.get("baseline")
+    if not baseline:
+        return ""
+    sentence = verdict(compression["keras"], baseline["dev"])  # the keras row against the baseline row
+    if "test" in metrics and "test" in baseline:  # the train stage scored both on the run's test split
+        sentence += "; " + verdict(metrics["test"], baseline["test"], "test")
+    return (sentence[0].upper() + sentence[1:] + ". The baseline row is TF-IDF word and character "
+            "n-grams with a logistic regression, fitted on the same train split.")
+
+
+def facts(rows, goals, best, ship, benchmark, compression):
+    """The report's bullet points: the variant for each goal, what mobile/ holds, latency ratios, training speed,
+    the model's size, the student, what the recipes' steps left, the energy unit."""
+    r, t = benchmark["ratios"], benchmark["training"]
+    by_name = {r["variant"]: r for r in rows}
+    cpu = benchmark["cpu"]
+    headings = {"smallest": "Smallest download (phones)",
+                "fastest": f"Fastest on the benchmark CPU ({cpu['cores']} cores, {cpu['mhz']:.0f} MHz)",
+                "most_accurate": "Best accuracy"}
+    return [
+        *(f"{headings[goal]}: **{name}**: {100 * by_name[name]['accuracy']:.2f}% dev accuracy, "
+          f"{by_name[name]['gzip_bytes'] / MB:.2f} MB gzipped, p50 {by_name[name]['p50_ms']:.3f} ms at 1 thread "
+          f"({GOALS[goal]})." for goal, name in goals.items()),
+        f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
+        "variant name).",
+        "p50 latency / float32's at 1 thread: " + ", ".join(
+            f"{k[:-len('_over_float32_p50_1thread')]} **{_ratio(x)}**" for k, x in r.items()
+            if k.endswith("_over_float32_p50_1thread") and not k.startswith(("keras", "dense_only"))) + ".",
+        f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
+        f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",
+        f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
+        f"batches {t['padded']['examples_per_s']:.0f} examples/s (epoch {t['padded']['epoch_seconds']:.0f} s), "
+        f"length bucketing {t['bucketed']['examples_per_s']:.0f} examples/s (epoch {t['bucketed']['epoch_seconds']:.0f} s): "
+        f"**{t['bucketing_speedup']:.2f}x** faster. Padded training reaches {t['padded_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"{100 * t['padded_fraction_of_peak']:.1f}% of this CPU's fp32 peak "
+        f"({benchmark['cpu']['flops'] / 1e9:.0f} GFLOP/s = {benchmark['cpu']['cores']} cores x "
+        f"{benchmark['cpu']['mhz']:.0f} MHz x {benchmark['cpu']['flop_per_cycle']} FLOP/cycle).",
+        f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
+        f"at seq_len {benchmark['seq_len']}.",
+        *([student_fact(benchmark, compression)] if "student" in benchmark else []),
+        *step_facts(compression),
+        "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
+                                       for k in v["latency"].get("threads_1", {})) else
+                      "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",
+    ]
+
+
+def placement_note(benchmark):
+    """What the op-placement table shows, and the int8 ceiling measured on the dense layers alone."""
+    placement = ("XNNPACK (LiteRT's default CPU delegate) takes whole subgraphs; every op it cannot run splits the "
+                 "graph and runs on TFLite's builtin kernels instead.")
+    if "dense_only" in benchmark:  # absent from benchmark.json files written before it was measured
+        dense, r = benchmark["dense_only"], benchmark["ratios"]
+        placement += (f" The model's dense layers alone (same shapes, all on XNNPACK, no attention scores, norms, "
+                      f"softmax or GELU) take {dense['float32']['p50_ms']:.3f} ms in float32 and "
+                      f"{dense['int8']['p50_ms']:.3f} ms in int8 at 1 thread: int8 / float32 = "
+                      f"**{r['dense_only_int8_over_float32_p50_1thread']:.2f}**, the lowest ratio int8 can reach for "
+                      f"this model on this CPU.")
+    return placement
+
+
+def markdown_page(page, errors_md):
+    """report.md: facts, the variants table (after the baseline sentence), op placement, errors, plots."""
+    md = [f"# liteformer report: {page.run}", "", *[f"- {f}" for f in page.facts], "", "## Variants (dev set)", "",
+          *([page.versus, ""] if page.versus else []), markdown_table(page.main), "", "## Where LiteRT runs each op",
+          "", page.placement, "", markdown_table(page.ops), "", *errors_md]
+    md += [f"![{name}](report/{Path(p).name})" for name, p in page.images.items()]
+    return "\n".join(md) + "\n"
+
+
+def html_page(page, errors_html):
+    """report.html: the same as report.md, as one page."""
+    run, versus = page.run, page.versus
+    body = "".join(f"<li>{html.escape(f).replace('**', '')}</li>" for f in page.facts)
+    imgs = "".join(f'<figure><img src="report/{Path(p).name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+                   for name, p in page.images.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>liteformer report: {html.escape(run)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"
+            f"<h1>liteformer report: {html.escape(run)}</h1><ul>{body}</ul><h2>Variants (dev set)</h2>"
+            f"{f'<p>{html.escape(versus)}</p>' if versus else ''}{html_table(page.main)}"
+            f"<h2>Where LiteRT runs each op</h2><p>{html.escape(page.placement).replace('**', '')}</p>"
+            f"{html_table(page.ops)}{errors_html}{imgs}</body></html>\n")
+
+
+def log_tensorboard(log_dir, page):
+    """The report's tables, facts and plots in TensorBoard (runs/<run>/report), replacing earlier ones."""
+    for old in log_dir.glob("events.out.tfevents.*"):
+        old.unlink()
+    with tf.summary.create_file_writer(str(log_dir)).as_default():
+        tf.summary.text("report/variants", (page.versus + "\n\n" if page.versus else "") + markdown_table(page.main),
+                        step=0)
+        tf.summary.text("report/op_placement", page.placement + "\n\n" + markdown_table(page.ops), step=0)
+        tf.summary.text("report/summary", "\n".join(f"- {f}" for f in page.facts), step=0)
+        for name, p in page.images.items():
+            tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
 
 
 def _load(path, stage):
     if not Path(path).is_file():
         raise PipelineError(f"{path}: not found; run `python -m pipeline {stage}` first")
     return json.loads(Path(path).read_text())
-
-
-def variant_rows(compression, benchmark, baseline=None):
-    """One dict per variant (Keras first) joining accuracy, size and measured cost; then the
-    bag-of-words baseline (metrics.json["baseline"], when the train stage fitted one)."""
-    rows = []
-    keras = benchmark["variants"]["keras"]
-    rows.append({"variant": "keras", "accuracy": compression["keras"]["accuracy"],
-                 "macro_f1": compression["keras"]["macro_f1"], "bytes": keras["bytes"], "gzip_bytes": None,
-                 "sparsity": None, "p50_ms": keras["latency"]["threads_all"]["p50_ms"],
-                 "p99_ms": keras["latency"]["threads_all"]["p99_ms"], "p50_2t_ms": None,
-                 "peak_rss_kb": keras["peak_rss_kb"], "load_ms": keras["load_ms"],
-                 "throughput": keras["throughput_examples_per_s"], "energy": None})
-    for name, v in compression["variants"].items():
-        b = benchmark["variants"][name]
-        one, two = b["latency"]["threads_1"], b["latency"]["threads_2"]
-        energy = next((val for key, val in one.items() if key.endswith("_per_1000")), None)
-        rows.append({"variant": name, "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "bytes": v["bytes"],
-                     "gzip_bytes": v["gzip_bytes"], "sparsity": v["sparsity"], "p50_ms": one["p50_ms"],
-                     "p99_ms": one["p99_ms"], "p50_2t_ms": two["p50_ms"], "peak_rss_kb": b["peak_rss_kb"],
-                     "load_ms": b["load_ms"], "throughput": b["throughput_examples_per_s"], "energy": energy})
-    if baseline:  # quality and size only: the benchmark stage does not time it
-        rows.append({"variant": "baseline", "accuracy": baseline["dev"]["accuracy"],
-                     "macro_f1": baseline["dev"]["macro_f1"], "bytes": baseline["bytes"],
-                     "gzip_bytes": baseline.get("gzip_bytes"), "sparsity": None, "p50_ms": None, "p99_ms": None,
-                     "p50_2t_ms": None, "peak_rss_kb": None, "load_ms": None, "throughput": None, "energy": None})
-    return rows
-
-
-# The goals report.ship can name, each the rule that picks one of the .tflite variants.
-GOALS = {
-    "smallest": "the smallest gzip size within 1 point of the best .tflite accuracy",
-    "fastest": "the lowest p50 latency at 1 thread within 1 point of the best .tflite accuracy",
-    "most_accurate": "the highest dev accuracy of the .tflite variants",
-}
-
-
-def recommendations(rows, tolerance=0.01):
-    """{goal: row} for each of GOALS among the .tflite rows; ties go to the smaller, then the faster."""
-    shipped = [r for r in rows if r["variant"] not in ("keras", "baseline")]
-    best = max(r["accuracy"] for r in shipped)
-    ok = [r for r in shipped if r["accuracy"] >= best - tolerance]
-    return {"smallest": min(ok, key=lambda r: (r["gzip_bytes"], r["p50_ms"])),
-            "fastest": min(ok, key=lambda r: (r["p50_ms"], r["gzip_bytes"])),
-            "most_accurate": min(shipped, key=lambda r: (-r["accuracy"], r["gzip_bytes"], r["p50_ms"]))}
-
-
-def pareto_front(points):
-    """Indices of (cost, accuracy) points no other point beats on both (lower cost, higher accuracy)."""
-    front = []
-    for i, (c, a) in enumerate(points):
-        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
-            front.append(i)
-    return front
-
-
-def _plain(value, _position=None):
-    """A log-axis tick as a plain number (0.3, 1, 20), not a power of ten."""
-    return f"{value:g}"
-
-
-def tradeoff_figure(rows, key, xlabel, scale=1.0):
-    """Accuracy against a cost (`rows[key] * scale`, log axis), the Pareto front joined and marked; points
-    at one place share a label, and a label that would cover another moves down."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    rows = [r for r in rows if r.get(key) is not None]
-    points = [(r[key] * scale, 100 * r["accuracy"]) for r in rows]
-    front = sorted(pareto_front(points), key=lambda i: points[i][0])
-    fig = Figure(figsize=(6.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (x, y) in enumerate(points):
-        ax.scatter([x], [y], color="tab:red" if i in front else "tab:blue", zorder=3)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", linestyle="--",
-            label="Pareto front")
-    ax.set_xscale("log")
-    decades = np.log10(max(x for x, _ in points) / min(x for x, _ in points))
-    ax.xaxis.set_major_formatter(FuncFormatter(_plain))
-    ax.xaxis.set_minor_formatter(FuncFormatter(  # within half a decade every minor tick, else 2s, 3s and 5s
-        lambda v, _: _plain(v) if decades < 0.5 or round(v / 10 ** np.floor(np.log10(v))) in (2, 3, 5) else ""))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("dev accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
-
-    fig.canvas.draw()  # fixes the axis limits, which the places and label sizes depend on
-    to_axes = ax.transData + ax.transAxes.inverted()
-    places = {}  # points within 1% of the axes of each other: one place, one label
-    for r, p in zip(rows, points):
-        fx, fy = to_axes.transform(p)
-        near = next((q for q in places if abs(q[0] - fx) < 0.01 and abs(q[1] - fy) < 0.01), (fx, fy))
-        places.setdefault(near, (p, []))[1].append(r["variant"])
-    renderer = fig.canvas.get_renderer()
-    placed = []
-    for (x, y), names in sorted(places.values(), key=lambda v: -v[0][1]):  # top first, labels move down
-        label = ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        for _ in range(3 * len(places)):
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
-            label.xyann = (5, label.xyann[1] - 9)
-        placed.append(label.get_window_extent(renderer))
-    return fig
-
-
-def plot_tradeoff(rows, key, xlabel, path, scale=1.0):
-    """tradeoff_figure as a PNG at `path`."""
-    from pipeline.stages.evaluate import _save_figure
-
-    return _save_figure(tradeoff_figure(rows, key, xlabel, scale), path)
-
-
-def plot_training_curves(history, path):
-    """Loss and accuracy per epoch, train and validation."""
-    from matplotlib.figure import Figure
-
-    from pipeline.stages.evaluate import _save_figure
-
-    epochs = [int(r["epoch"]) + 1 for r in history]
-    fig = Figure(figsize=(9, 3.5))
-    for i, metric in enumerate(("loss", "accuracy")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for prefix, style in (("", "-"), ("val_", "--")):
-            values = [r.get(prefix + metric) for r in history]
-            if all(v is not None for v in values):
-                ax.plot(epochs, values, style, marker="o", label=(prefix or "train_") + metric)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    return _save_figure(fig, path)
 
 
 def _fmt(value, spec, scale=1.0):
@@ -181,19 +221,6 @@ def build_tables(rows, benchmark):
 def _ratio(x):
     """Two decimals, or two significant digits below 0.1: a student's 0.0043 of float32's time is not 0.00."""
     return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
-
-
-def markdown_table(table):
-    """Rows of strings, header first, as a Markdown table."""
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "\n".join(lines)
-
-
-def _html_table(table):
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 MODEL_CARD = """# {name}
@@ -284,134 +311,3 @@ def step_facts(compression):
             out.append(f"Clustering ({prefix}): distinct values per kernel: "
                        + ", ".join(f"{k.split('/')[-1]} {n}" for k, n in stats.items()) + ".")
     return out
-
-
-def run_report_stage(cfg, run):
-    """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
-    import tensorflow as tf
-
-    from pipeline.stages.evaluate import plot_confusion_matrix
-
-    from pipeline.core import manifest
-
-    model_dir = Path(cfg.paths.models) / run
-    compression = _load(model_dir / "compression.json", "compress")
-    benchmark = _load(model_dir / "benchmark.json", "benchmark")
-    history = _load(model_dir / "history.json", "train")
-    # metrics.json holds the baseline's scores; runs trained before it existed have neither
-    has_metrics = (model_dir / "metrics.json").is_file()
-    metrics = _load(model_dir / "metrics.json", "train") if has_metrics else {}
-    baseline = metrics.get("baseline")
-    key = {"config": {"report": cfg.to_dict()["report"]}, "inputs": manifest.inputs(model_dir, [
-        "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
-        *(["metrics.json"] if has_metrics else []),
-        *(f"tflite/{n}.tflite" for n in compression["variants"])], "model")}
-    rows = variant_rows(compression, benchmark, baseline)
-    goals = {goal: r["variant"] for goal, r in recommendations(rows).items()}
-    ship = cfg.report.ship
-    best = goals.get(ship, ship)  # the variant mobile/ holds
-    if best not in compression["variants"]:
-        raise PipelineError(f"report.ship: run '{run}' has no variant '{best}' (variants in "
-                            f"{model_dir / 'compression.json'}: {', '.join(compression['variants'])})")
-    result = {"recommended": best, "goals": goals, "rows": rows}
-    if manifest.up_to_date(model_dir, "report", key):
-        return result
-    manifest.begin(model_dir, "report")
-    labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
-    out = model_dir / "report"
-    images = {
-        "accuracy_vs_size": plot_tradeoff(rows, "gzip_bytes", "gzip size (MB, log)", out / "accuracy_vs_size.png",
-                                          1 / MB),
-        "accuracy_vs_latency": plot_tradeoff(rows, "p50_ms", "p50 latency at 1 thread (ms, log)",
-                                             out / "accuracy_vs_latency.png"),
-        "confusion_matrix": plot_confusion_matrix(compression["variants"][best]["dev"]["confusion_matrix"], labels,
-                                                  out / "confusion_matrix.png"),
-        "training_curves": plot_training_curves(history, out / "training_curves.png"),
-    }
-    main, ops = build_tables(rows, benchmark)
-    from pipeline.stages.explain import report_section
-
-    errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
-    versus = ""  # one sentence above the table: is the Transformer worth it over the baseline?
-    if baseline:
-        from pipeline.measure.baseline import verdict
-
-        sentence = verdict(compression["keras"], baseline["dev"])  # the keras row against the baseline row
-        if "test" in metrics and "test" in baseline:  # the train stage scored both on the run's test split
-            sentence += "; " + verdict(metrics["test"], baseline["test"], "test")
-        versus = (sentence[0].upper() + sentence[1:] + ". The baseline row is TF-IDF word and character "
-                  "n-grams with a logistic regression, fitted on the same train split.")
-    r, t = benchmark["ratios"], benchmark["training"]
-    by_name = {r["variant"]: r for r in rows}
-    cpu = benchmark["cpu"]
-    headings = {"smallest": "Smallest download (phones)",
-                "fastest": f"Fastest on the benchmark CPU ({cpu['cores']} cores, {cpu['mhz']:.0f} MHz)",
-                "most_accurate": "Best accuracy"}
-    facts = [
-        *(f"{headings[goal]}: **{name}**: {100 * by_name[name]['accuracy']:.2f}% dev accuracy, "
-          f"{by_name[name]['gzip_bytes'] / MB:.2f} MB gzipped, p50 {by_name[name]['p50_ms']:.3f} ms at 1 thread "
-          f"({GOALS[goal]})." for goal, name in goals.items()),
-        f"mobile/ holds **{best}** (report.ship: {ship}; set it to smallest, fastest, most_accurate or a "
-        "variant name).",
-        "p50 latency / float32's at 1 thread: " + ", ".join(
-            f"{k[:-len('_over_float32_p50_1thread')]} **{_ratio(x)}**" for k, x in r.items()
-            if k.endswith("_over_float32_p50_1thread") and not k.startswith(("keras", "dense_only"))) + ".",
-        f"float32.tflite is {r['keras_over_float32_p50']:.1f}x faster than Keras through tf.function at 1 thread, "
-        f"{r['keras_over_float32_p50_2threads']:.1f}x at 2 threads (Keras uses all {benchmark['cpu']['cores']} cores).",
-        f"Training stage: {t['stage_seconds']} s, {t['stage_examples_per_s']} examples/s. Measured here: padded "
-        f"batches {t['padded']['examples_per_s']:.0f} examples/s (epoch {t['padded']['epoch_seconds']:.0f} s), "
-        f"length bucketing {t['bucketed']['examples_per_s']:.0f} examples/s (epoch {t['bucketed']['epoch_seconds']:.0f} s): "
-        f"**{t['bucketing_speedup']:.2f}x** faster. Padded training reaches {t['padded_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-        f"{100 * t['padded_fraction_of_peak']:.1f}% of this CPU's fp32 peak "
-        f"({benchmark['cpu']['flops'] / 1e9:.0f} GFLOP/s = {benchmark['cpu']['cores']} cores x "
-        f"{benchmark['cpu']['mhz']:.0f} MHz x {benchmark['cpu']['flop_per_cycle']} FLOP/cycle).",
-        f"Model: {benchmark['params']:,} parameters, {benchmark['forward_flops_per_example'] / 1e6:.1f} MFLOP per example "
-        f"at seq_len {benchmark['seq_len']}.",
-        *([student_fact(benchmark, compression)] if "student" in benchmark else []),
-        *step_facts(compression),
-        "Energy: " + ("joules" if any("joules" in k for v in benchmark["variants"].values()
-                                       for k in v["latency"].get("threads_1", {})) else
-                      "CPU-seconds per 1,000 inferences at 1 thread (no RAPL counters on this machine)") + ".",
-    ]
-    placement = ("XNNPACK (LiteRT's default CPU delegate) takes whole subgraphs; every op it cannot run splits the "
-                 "graph and runs on TFLite's builtin kernels instead.")
-    if "dense_only" in benchmark:  # absent from benchmark.json files written before it was measured
-        dense = benchmark["dense_only"]
-        placement += (f" The model's dense layers alone (same shapes, all on XNNPACK, no attention scores, norms, "
-                      f"softmax or GELU) take {dense['float32']['p50_ms']:.3f} ms in float32 and "
-                      f"{dense['int8']['p50_ms']:.3f} ms in int8 at 1 thread: int8 / float32 = "
-                      f"**{r['dense_only_int8_over_float32_p50_1thread']:.2f}**, the lowest ratio int8 can reach for "
-                      f"this model on this CPU.")
-    md = [f"# liteformer report: {run}", "", *[f"- {f}" for f in facts], "", "## Variants (dev set)", "",
-          *([versus, ""] if versus else []), markdown_table(main), "", "## Where LiteRT runs each op", "",
-          placement, "", markdown_table(ops), "", *errors_md]
-    md += [f"![{name}](report/{Path(p).name})" for name, p in images.items()]
-    files.write_text(model_dir / "report.md", "\n".join(md) + "\n")
-
-    body = "".join(f"<li>{html.escape(f).replace('**', '')}</li>" for f in facts)
-    imgs = "".join(f'<figure><img src="report/{Path(p).name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
-                   for name, p in images.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>liteformer report: {html.escape(run)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-            f"<h1>liteformer report: {html.escape(run)}</h1><ul>{body}</ul><h2>Variants (dev set)</h2>"
-            f"{f'<p>{html.escape(versus)}</p>' if versus else ''}{_html_table(main)}"
-            f"<h2>Where LiteRT runs each op</h2><p>{html.escape(placement).replace('**', '')}</p>"
-            f"{_html_table(ops)}{errors_html}{imgs}</body></html>\n")
-    files.write_text(model_dir / "report.html", page)
-
-    log_dir = Path(cfg.paths.runs) / run / "report"
-    for old in log_dir.glob("events.out.tfevents.*"):
-        old.unlink()
-    with tf.summary.create_file_writer(str(log_dir)).as_default():
-        tf.summary.text("report/variants", (versus + "\n\n" if versus else "") + markdown_table(main), step=0)
-        tf.summary.text("report/op_placement", placement + "\n\n" + markdown_table(ops), step=0)
-        tf.summary.text("report/summary", "\n".join(f"- {f}" for f in facts), step=0)
-        for name, p in images.items():
-            tf.summary.image(f"report/{name}", tf.image.decode_png(Path(p).read_bytes(), channels=4)[None], step=0)
-    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark, ship)
-    manifest.record(model_dir, "report", key, ["report.md", "report.html", "report", "mobile"])
-    print(f"report {run}: smallest {goals['smallest']}, fastest {goals['fastest']}, most accurate "
-          f"{goals['most_accurate']}; mobile/ holds {best} (report.ship {ship}) -> {model_dir / 'report.md'}, "
-          f"{mobile}/model.tflite")
-    return result

@@ -8,9 +8,8 @@ sequences are [CLS] tokens... [SEP], truncated, then padded with [PAD] (id 0).
 from pathlib import Path
 
 import numpy as np
-
-import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
+
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_text
 
@@ -40,14 +39,14 @@ def split_words(texts):
 
     tf.strings.lower without an encoding lowercases A-Z only, like MediaPipe's AsciiStrToLower.
     """
-    import tensorflow_text as tf_text
+    import tensorflow_text as tf_text  # on first use, as keras_nlp below: importers of the constants skip it
 
     return tf_text.regex_split(tf.strings.lower(texts), _DELIMITERS, _KEEP_DELIMITERS)
 
 
 def learn_vocabulary(texts, vocab_size) -> list[str]:
     """Learn a WordPiece vocabulary (reserved tokens first) from a list of texts."""
-    import keras_nlp
+    import keras_nlp  # here, not above: ~1 s to import, and readers of records and vocabularies need none of it
 
     if vocab_size < len(RESERVED_TOKENS) + 1:
         raise PipelineError(f"data.vocab_size must be more than {len(RESERVED_TOKENS)}, got {vocab_size}")
@@ -88,7 +87,7 @@ def _check_vocabulary(vocab, where="vocabulary"):
 
 def make_tokenizer(vocab):
     """A keras_nlp WordPieceTokenizer (ids, int32) for a vocabulary list or vocab.txt path."""
-    import keras_nlp
+    import keras_nlp  # as in learn_vocabulary
 
     if isinstance(vocab, (str, Path)):
         vocab = load_vocabulary(vocab)

