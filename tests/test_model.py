@@ -287,3 +287,15 @@ def test_mixed_bfloat16_forward():
         assert np.isfinite(loss)
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_registered_keras_names_stay_as_saved_models_know_them():
+    """Saved .keras files and SavedModels find our classes by registered name: moving a class between modules
+    must not change it, or old runs stop loading."""
+    from pipeline.model import lowrank, mlm, training  # noqa: F401  (each registers its classes)
+
+    names = {k for k in tf.keras.utils.get_custom_objects() if k.startswith("liteformer>")}
+    assert names == {f"liteformer>{n}" for n in (
+        "ClassifierHead", "ClipTokenIds", "EncoderBlock", "LayerNorm", "LiteformerQuantizeConfig", "LowRankEncoderBlock",
+        "MaskedAccuracy", "MaskedLMHead", "MaskedPerplexity", "NgramLogits", "PaddingMask", "PointQuantizer",
+        "SequencePooling", "TokenAndPositionEmbedding", "WarmupLinearDecay", "masked_lm_loss")}
