@@ -55,6 +55,7 @@ def make_student(cfg, run):
     data = teacher_labels(cfg, processed, stats, labels, teacher, state)
     student, student_cfg, rows = train(cfg, run, processed, stats, labels, teacher, data)
     with files.atomic_path(out) as tmp:
+        tmp.mkdir()
         save_student(cfg, tmp, model_dir, student, student_cfg, rows)
         metrics = score_student(cfg, tmp, model_dir, processed, labels, student, teacher, int(stats["seq_len"]))
         metrics.update(transfer_texts=int(len(data[0])), epochs=len(rows),
