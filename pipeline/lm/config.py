@@ -1,0 +1,40 @@
+"""The language model's configuration: one dataclass for the model's shape and its training run."""
+import dataclasses
+import json
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class LMConfig:
+    """Shape of the causal Transformer and the settings of its training run."""
+    context: int = 256           # tokens a window holds; learned positions exist up to here
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 4
+    ff_dim: int = 1024
+    dropout: float = 0.1
+    position: str = "learned"    # or "sinusoidal"
+    score_limit: float = 8.0     # attention scores clipped to +-score_limit (keeps int8 ranges small)
+    batch_size: int = 32
+    steps: int = 3000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    mixed_precision: str = "mixed_bfloat16"  # or "float32" (CPUs without bfloat16 units)
+    log_every: int = 50          # TensorBoard points every this many steps
+    eval_every: int = 500        # dev bits per character on a slice of dev every this many steps
+    eval_chars: int = 20000      # size of that slice (the whole dev file is scored after training)
+    seed: int = 0
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """A config saved by save(); unknown keys are an error, missing ones take the defaults."""
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown LM config keys {unknown}")
+        return cls(**data)
