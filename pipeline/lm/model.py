@@ -1,0 +1,95 @@
+"""The causal Transformer language model, built from the classifier's layers (pipeline/model.py).
+
+    input_ids -> ClipTokenIds -> TiedEmbedding -> EncoderBlock(causal) x N -> LayerNorm -> TiedEmbedding -> logits
+                 FullMask ------------------------^
+
+The same TiedEmbedding layer is called twice: on int ids it embeds them (TokenAndPositionEmbedding), on float
+vectors it returns their logits against the same embedding matrix (tied input/output embeddings: one matrix in
+the .tflite file, and a 65-character vocabulary is too small for a separate head to earn its weights).
+"""
+import contextlib
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipeline.lm.config import LMConfig
+from pipeline.model import (ClipTokenIds, EncoderBlock, LayerNorm, PaddingMask, TokenAndPositionEmbedding,
+                            custom_objects, qat_scope)
+
+PACKAGE = "liteformer_lm"
+_register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
+
+
+@_register
+class TiedEmbedding(TokenAndPositionEmbedding):
+    """Called on int ids [B, T]: token + position embedding. Called on vectors [B, T, d]: logits [B, T, vocab]
+    = vectors @ embeddings^T (one FULLY_CONNECTED whose weights are the embedding matrix itself)."""
+
+    def call(self, inputs, training=None):
+        if inputs.dtype.is_integer:
+            return super().call(inputs, training=training)
+        x = tf.cast(inputs, self.compute_dtype)
+        shape = tf.shape(x)
+        logits = tf.matmul(tf.reshape(x, [-1, self.d_model]), self._weight("embeddings"), transpose_b=True)
+        return tf.reshape(logits, tf.concat([shape[:-1], [self.embedded_tokens]], 0))
+
+    def compute_output_shape(self, input_shape):
+        shape = tf.TensorShape(input_shape)
+        if shape.rank == 3:
+            return shape[:-1].concatenate([self.embedded_tokens])
+        return super().compute_output_shape(input_shape)
+
+
+@_register
+class FullMask(PaddingMask):
+    """ids [B, T] -> ones [B, T]: a language model's windows have no padding (the causal mask is in the block).
+    A PaddingMask subclass so that QAT annotation leaves it alone like the classifier's int32 consumers."""
+
+    def call(self, inputs):
+        return tf.ones(tf.shape(inputs), self.compute_dtype)
+
+
+def build_lm(cfg: LMConfig, vocab_size: int) -> tf.keras.Model:
+    """input_ids int32 [B, T] (T <= cfg.context) -> next-token logits float32 [B, T, vocab_size], under the
+    current global mixed-precision policy."""
+    ids_in = tf.keras.Input(shape=(None,), dtype="int32", name="input_ids")
+    ids = ClipTokenIds(vocab_size, name="token_ids")(ids_in)
+    mask = FullMask(name="full_mask")(ids_in)
+    embed = TiedEmbedding(vocab_size, cfg.d_model, cfg.context, position=cfg.position, dropout=cfg.dropout,
+                          name="embedding")
+    x = embed(ids)
+    for i in range(cfg.num_layers):
+        x = EncoderBlock(cfg.d_model, cfg.num_heads, cfg.ff_dim, dropout=cfg.dropout, score_limit=cfg.score_limit,
+                         causal=True, name=f"block_{i}")([x, mask])
+    x = LayerNorm(name="final_norm")(x)
+    logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits")(embed(x))
+    return tf.keras.Model(ids_in, logits, name="liteformer_lm")
+
+
+def lm_custom_objects():
+    """The classifier's registered classes and this module's."""
+    classes = (TiedEmbedding, FullMask)
+    return {**custom_objects(), **{c.__name__: c for c in classes}, **{f"{PACKAGE}>{c.__name__}": c for c in classes}}
+
+
+def load_lm(path) -> tf.keras.Model:
+    """A .keras file saved from build_lm's model (safe mode; QAT models load too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: language model not found")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(qat_scope())
+        stack.enter_context(tf.keras.utils.custom_object_scope(lm_custom_objects()))
+        return tf.keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def float32_copy(model: tf.keras.Model, cfg: LMConfig, vocab_size: int) -> tf.keras.Model:
+    """The same weights in a float32 model (export and scoring after mixed-precision training)."""
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = build_lm(cfg, vocab_size)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -1,0 +1,96 @@
+"""train_lm: fit the character tokenizer, train the causal Transformer on sampled windows (AdamW, linear
+warmup then linear decay to 0), log loss / perplexity / bits per character to TensorBoard, save the model."""
+import json
+import math
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipeline.lm.config import LMConfig
+from pipeline.lm.measure import score_keras
+from pipeline.lm.model import build_lm, float32_copy
+from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
+from pipeline.lm.windows import check_length, training_dataset
+from pipeline.train import WarmupLinearDecay, current_learning_rate, make_optimizer
+
+
+class LMLog(tf.keras.callbacks.Callback):
+    """Every `every` steps: the mean train loss of those steps (nats per token), its perplexity and bits per
+    character, and the learning rate under <logdir>/steps; at each epoch end the dev slice's scores."""
+
+    def __init__(self, logdir, every, tokens_per_char, dev_fn=None):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(Path(logdir) / "steps")) if logdir else None
+        self.every, self.tokens_per_char, self.dev_fn = int(every), tokens_per_char, dev_fn
+        self.history, self.started = [], time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last = (0, 0.0)  # (steps done, loss sum) at the last point written; Keras' loss is an epoch mean
+
+    def _write(self, step, values):
+        if self.writer:
+            with self.writer.as_default():
+                for k, v in values.items():
+                    tf.summary.scalar(k, v, step=step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        done, total = batch + 1, float(logs["loss"]) * (batch + 1)
+        if done % self.every:
+            return
+        loss = (total - self._last[1]) / (done - self._last[0])
+        self._last = (done, total)
+        step = int(self.model.optimizer.iterations.numpy())
+        self._write(step, {"loss": loss, "perplexity": math.exp(loss), "learning_rate":
+                           current_learning_rate(self.model.optimizer),
+                           "bits_per_char": loss / math.log(2) * self.tokens_per_char})
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        row = {"step": step, "seconds": round(time.time() - self.started, 1), "train_loss": float(logs["loss"])}
+        if self.dev_fn:
+            dev = self.dev_fn(self.model)
+            row.update(dev_bits_per_char=dev["bits_per_char"], dev_loss=dev["nats_per_token"])
+            self._write(step, {"dev/bits_per_char": dev["bits_per_char"], "dev/loss": dev["nats_per_token"],
+                               "dev/perplexity": dev["perplexity"], "dev/accuracy": dev["accuracy"]})
+        self.history.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=None, name="train.txt"):
+    """Train on train_text, score dev_text; writes model.keras (float32 weights), tokenizer.json, config.json,
+    history.json, metrics.json to out_dir and returns (float32 model, tokenizer, metrics)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tf.keras.utils.set_random_seed(cfg.seed)
+    tokenizer = CharTokenizer.fit(train_text)
+    tokens = tokenizer.encode(train_text)
+    check_length(tokens, cfg.context, name)
+    data = training_dataset(tokens, cfg.context, cfg.batch_size, seed=cfg.seed, name=name)
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
+    try:
+        model = build_lm(cfg, tokenizer.vocab_size)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    schedule = WarmupLinearDecay(cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+    model.compile(make_optimizer(schedule, cfg.weight_decay),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dev_slice = dev_text[:cfg.eval_chars]
+    log = LMLog(log_dir, cfg.log_every, len(tokens) / len(train_text),
+                lambda m: score_keras(m, tokenizer, dev_slice, cfg.context) if dev_slice else None)
+    every = min(cfg.eval_every, cfg.steps)
+    started = time.time()
+    model.fit(data, steps_per_epoch=every, epochs=max(cfg.steps // every, 1), verbose=0, callbacks=[log])
+    seconds = time.time() - started
+    model = float32_copy(model, cfg, tokenizer.vocab_size)
+    metrics = {"train_seconds": round(seconds, 1), "steps": int(cfg.steps),
+               "steps_per_second": round(cfg.steps / seconds, 3), "parameters": int(model.count_params())}
+    if dev_text:
+        metrics["dev"] = score_keras(model, tokenizer, dev_text, cfg.context)
+    model.save(out_dir / "model.keras")
+    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+    cfg.save(out_dir / "config.json")
+    (out_dir / "history.json").write_text(json.dumps(log.history, indent=1) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return model, tokenizer, metrics

@@ -1,0 +1,45 @@
+"""train_lm on a tiny repetitive text: it learns (dev bits per character far under uniform), writes its files
+and TensorBoard scalars, and refuses a text too short for one window."""
+import json
+import math
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.lm.config import LMConfig
+from pipeline.lm.model import load_lm
+from pipeline.lm.tokenizer import load_tokenizer
+from pipeline.lm.train import train_lm
+
+VERSE = "When shall we three meet again\nIn thunder, lightning, or in rain?\n"
+CFG = LMConfig(context=32, d_model=32, num_heads=2, num_layers=1, ff_dim=64, dropout=0.0, batch_size=16,
+               steps=120, learning_rate=0.01, warmup_steps=10, log_every=20, eval_every=60, eval_chars=400,
+               mixed_precision="float32")
+
+
+def test_train_lm_learns_and_writes_its_files(tmp_path):
+    model, tok, metrics = train_lm(CFG, VERSE * 40, VERSE * 3, tmp_path / "out", log_dir=tmp_path / "tb")
+    uniform = math.log2(tok.vocab_size)
+    assert metrics["dev"]["bits_per_char"] < 0.5 * uniform
+    assert metrics["steps"] == 120 and metrics["steps_per_second"] > 0
+    out = tmp_path / "out"
+    assert load_tokenizer(out / "tokenizer.json").encode(VERSE) == tok.encode(VERSE)
+    assert json.loads((out / "config.json").read_text())["steps"] == 120
+    history = json.loads((out / "history.json").read_text())
+    assert [row["step"] for row in history] == [60, 120] and history[1]["dev_bits_per_char"] < uniform
+    reloaded = load_lm(out / "model.keras")
+    ids = tf.constant([tok.encode(VERSE[:32])])
+    assert float(tf.reduce_max(tf.abs(reloaded(ids) - model(ids)))) < 1e-5
+    events = EventAccumulator(str(tmp_path / "tb" / "steps")).Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"loss", "perplexity", "bits_per_char", "learning_rate", "dev/bits_per_char"} <= tags
+    steps = [e.step for e in events.Tensors("loss")]
+    assert steps == [20, 40, 60, 80, 100, 120]
+    lr = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("learning_rate")]
+    assert lr[0] > lr[-1] >= 0  # decays after the warmup
+
+
+def test_train_lm_refuses_a_short_text(tmp_path):
+    with pytest.raises(ValueError, match="^tiny.txt: 12 tokens, too short for one window of 32"):
+        train_lm(CFG, "twelve chars", "", tmp_path, name="tiny.txt")
