@@ -1,5 +1,6 @@
-"""KV-cache export: prefill and decode equal the Keras model, in TF and through LiteRT (float32, dynamic
-range, int8), and LiteRT scoring equals Keras scoring."""
+"""KV-cache export of a model with the hashed n-gram term: prefill and decode equal the Keras model, in TF
+and through LiteRT (float32, dynamic range, int8), and LiteRT scoring equals Keras scoring. (The plain model's
+export: test_lm_generate.)"""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +11,8 @@ from pipeline.lm.measure import score_keras, score_tflite
 from pipeline.lm.model import build_lm
 from pipeline.lm.tokenizer import CharTokenizer
 
-CFG = LMConfig(context=16, d_model=32, num_heads=2, num_layers=2, ff_dim=64, dropout=0.0)
+CFG = LMConfig(context=16, d_model=32, num_heads=2, num_layers=2, ff_dim=64, dropout=0.0, ngram_order=3,
+               ngram_buckets=31)
 TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 4
 
 
@@ -19,6 +21,8 @@ def setup(tmp_path_factory):
     tf.keras.utils.set_random_seed(0)
     tok = CharTokenizer.fit(TEXT)
     model = build_lm(CFG, tok.vocab_size)
+    table = model.get_layer("ngram_logits").table  # trained tables are not zero: make it count
+    table.assign(tf.random.normal(table.shape, seed=1))
     root = tmp_path_factory.mktemp("export")
     paths = {}
     for mode in ("float32", "dynamic_range", "int8"):
@@ -35,7 +39,7 @@ def test_cached_prefill_and_decode_equal_keras(setup):
     np.testing.assert_allclose(cached.run_prefill(ids)["logits"][0], ref, atol=1e-5)
     k, v = cached.empty_cache(), cached.empty_cache()
     for pos in range(16):  # token by token from an empty cache
-        out = cached.run_decode(int(ids[0, pos]), pos, k, v)
+        out = cached.run_decode(ids[0, :pos + 1], pos, k, v)
         k, v = out["k_cache"], out["v_cache"]
         np.testing.assert_allclose(out["logits"][0], ref[pos], atol=1e-5)
 
@@ -49,7 +53,7 @@ def test_decode_ignores_cache_slots_after_its_position(setup):
             for k in ("k_cache", "v_cache")}
     for name in ("k_cache", "v_cache"):  # keep slots 0..5 only
         junk[name][:, :, :, :6] = full[name][:, :, :, :6]
-    out = cached.run_decode(int(ids[0, 6]), 6, junk["k_cache"], junk["v_cache"])
+    out = cached.run_decode(ids[0, :7], 6, junk["k_cache"], junk["v_cache"])
     np.testing.assert_allclose(out["logits"][0], full["logits"][0, 6], atol=1e-5)
 
 

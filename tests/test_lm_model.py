@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.lm.config import LMConfig
-from pipeline.lm.model import build_lm, float32_copy, load_lm
+from pipeline.lm.model import HashedNgramLogits, build_lm, float32_copy, load_lm
 from pipeline.model import EncoderBlock
 
 CFG = LMConfig(context=12, d_model=16, num_heads=2, num_layers=2, ff_dim=32, dropout=0.0)
@@ -79,3 +79,28 @@ def test_sinusoidal_positions_and_bfloat16_copy(tmp_path):
     copy = float32_copy(model, cfg, 11)
     assert copy.get_layer("block_0").compute_dtype == "float32"
     np.testing.assert_allclose(copy(_ids(4)).numpy(), model(_ids(4)).numpy(), atol=0.3)  # bfloat16 rounding
+
+
+def test_hashed_ngram_rows_follow_the_preceding_tokens():
+    layer = HashedNgramLogits(5, order=3, buckets=37)
+    rows = layer.rows(tf.constant([[1, 2, 1, 2, 3, 2]])).numpy()[0]  # [T, 2]: 1 and 2 tokens of context
+    assert rows.shape == (6, 2) and rows[:, 0].max() < 37 <= rows[:, 1].min()
+    assert rows[1, 0] == rows[3, 0] == rows[5, 0]  # current token 2
+    assert rows[3, 1] == rows[1, 1] and rows[5, 1] != rows[3, 1]  # "1 2" twice, then "3 2"
+    assert rows[0, 1] != rows[2, 1]  # "<start> 1" is not "2 1"
+    with pytest.raises(ValueError, match="n-gram order must be >= 2"):
+        HashedNgramLogits(5, order=1, buckets=37)
+
+
+def test_model_with_ngram_term_stays_causal_and_round_trips(tmp_path):
+    cfg = LMConfig(**{**CFG.__dict__, "ngram_order": 4, "ngram_buckets": 101})
+    model = build_lm(cfg, 11)
+    table = model.get_layer("ngram_logits").table
+    table.assign(tf.random.normal(table.shape, seed=3))
+    ids = _ids(5)
+    changed = ids.copy()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 11
+    a, b = model(ids).numpy(), model(changed).numpy()
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-5)
+    model.save(tmp_path / "ngram.keras")
+    np.testing.assert_allclose(load_lm(tmp_path / "ngram.keras")(ids).numpy(), a, atol=1e-6)

@@ -15,6 +15,8 @@ class LMConfig:
     dropout: float = 0.1
     position: str = "learned"    # or "sinusoidal"
     score_limit: float = 8.0     # attention scores clipped to +-score_limit (keeps int8 ranges small)
+    ngram_order: int = 0         # > 0: add a hashed n-gram logit table (model.HashedNgramLogits) of this order
+    ngram_buckets: int = 16381   # its rows per context length (a prime: see HashedNgramLogits)
     batch_size: int = 32
     steps: int = 3000
     learning_rate: float = 2e-3

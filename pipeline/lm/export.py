@@ -1,6 +1,7 @@
 """TFLite export with cheap generation: a `prefill` signature (a whole window -> logits and every layer's keys
 and values) and a `decode` signature (one token + the cache -> its logits and the cache with its keys and
-values written in), so a generated token costs one position of work, not a re-run of the window.
+values written in), so a generated token costs one position of work, not a re-run of the window. With a
+hashed n-gram term the decode step also takes the last order-1 tokens (`tokens`, the one decoded last).
 
 CachedLM computes both from the Keras model's own weights with the blocks' math (pre-LN, clipped scores, the
 same masking constants), so its logits equal the Keras model's; tests check that, and check_parity checks the
@@ -25,6 +26,9 @@ class CachedLM(tf.Module):
         self.embed = model.get_layer("embedding")
         self.blocks = [layer for layer in model.layers if layer.name.startswith("block_")]
         self.norm = model.get_layer("final_norm")
+        names = [layer.name for layer in model.layers]
+        self.ngram = model.get_layer("ngram_logits") if "ngram_logits" in names else None
+        self.recent = self.ngram.order - 1 if self.ngram else 1  # tokens the decode step reads
         self.context, self.vocab_size = self.embed.max_len, self.embed.vocab_size
         first = self.blocks[0]
         self.heads, self.head_dim = first.num_heads, first.d_model // first.num_heads
@@ -32,7 +36,7 @@ class CachedLM(tf.Module):
         self.prefill = tf.function(self._prefill, input_signature=[
             tf.TensorSpec([1, self.context], tf.int32, name="input_ids")])
         self.decode = tf.function(self._decode, input_signature=[
-            tf.TensorSpec([1, 1], tf.int32, name="token"), tf.TensorSpec([1], tf.int32, name="position"),
+            tf.TensorSpec([1, self.recent], tf.int32, name="tokens"), tf.TensorSpec([1], tf.int32, name="position"),
             tf.TensorSpec.from_spec(cache, name="k_cache"), tf.TensorSpec.from_spec(cache, name="v_cache")])
 
     def _embed(self, ids, positions):
@@ -77,10 +81,12 @@ class CachedLM(tf.Module):
             ks.append(k)
             vs.append(v)
         logits = tf.reshape(self._logits(x), [1, self.context, self.vocab_size])
+        if self.ngram:
+            logits += self.ngram.call(input_ids)
         return {"logits": logits, "k_cache": tf.stack(ks), "v_cache": tf.stack(vs)}
 
-    def _decode(self, token, position, k_cache, v_cache):
-        x = self._embed(token, position)
+    def _decode(self, tokens, position, k_cache, v_cache):
+        x = self._embed(tokens[:, -1:], position)
         slots = tf.range(self.context)
         keys = tf.reshape(tf.cast(slots <= position, tf.float32), [1, 1, 1, self.context])
         write = tf.reshape(tf.cast(tf.equal(slots, position), tf.float32), [1, 1, self.context, 1])
@@ -93,7 +99,10 @@ class CachedLM(tf.Module):
             x = self._attend_ffn(block, x, q, k, v, keys)
             ks.append(k)
             vs.append(v)
-        return {"logits": self._logits(x), "k_cache": tf.stack(ks), "v_cache": tf.stack(vs)}
+        logits = self._logits(x)
+        if self.ngram:
+            logits += self.ngram.call(tokens)[:, -1]
+        return {"logits": logits, "k_cache": tf.stack(ks), "v_cache": tf.stack(vs)}
 
     def empty_cache(self):
         return np.zeros([len(self.blocks), 1, self.heads, self.context, self.head_dim], np.float32)
@@ -101,9 +110,17 @@ class CachedLM(tf.Module):
     def run_prefill(self, ids):
         return {k: v.numpy() for k, v in self.prefill(tf.constant(ids, tf.int32)).items()}
 
-    def run_decode(self, token, position, k_cache, v_cache):
-        out = self.decode(tf.constant([[token]], tf.int32), tf.constant([position], tf.int32), k_cache, v_cache)
+    def run_decode(self, tokens, position, k_cache, v_cache):
+        """tokens: the text's tokens up to and including the one at `position` (the last `recent` are read)."""
+        out = self.decode(recent_tokens(tokens, self.recent, self.vocab_size), tf.constant([position], tf.int32),
+                          k_cache, v_cache)
         return {k: v.numpy() for k, v in out.items()}
+
+
+def recent_tokens(tokens, recent, pad):
+    """[1, recent] int32: the last `recent` tokens, left-padded with `pad` (the n-gram term's start id)."""
+    tail = list(tokens)[-recent:]
+    return np.array([[pad] * (recent - len(tail)) + tail], np.int32)
 
 
 def _representative(cached, tokens, samples, seed):
@@ -119,7 +136,8 @@ def _representative(cached, tokens, samples, seed):
             out = cached.run_prefill(ids)
             yield "prefill", {"input_ids": ids}
             pos = int(rng.integers(1, cached.context))
-            yield "decode", {"token": ids[:, pos:pos + 1], "position": np.array([pos], np.int32),
+            yield "decode", {"tokens": recent_tokens(ids[0, :pos + 1], cached.recent, cached.vocab_size),
+                             "position": np.array([pos], np.int32),
                              "k_cache": out["k_cache"], "v_cache": out["v_cache"]}
     return generate
 
@@ -158,6 +176,7 @@ class LiteRTLM:
         self._decode = self.interpreter.get_signature_runner("decode")
         shapes = {k: v["shape"] for k, v in self._decode.get_input_details().items()}
         self.cache_shape = tuple(shapes["k_cache"])
+        self.recent = int(shapes["tokens"][1])
         self.context = int(self.cache_shape[3])
         self.vocab_size = int(self._prefill.get_output_details()["logits"]["shape"][-1])
 
@@ -167,9 +186,9 @@ class LiteRTLM:
     def run_prefill(self, ids):
         return self._prefill(input_ids=np.asarray(ids, np.int32))
 
-    def run_decode(self, token, position, k_cache, v_cache):
-        return self._decode(token=np.array([[token]], np.int32), position=np.array([position], np.int32),
-                            k_cache=k_cache, v_cache=v_cache)
+    def run_decode(self, tokens, position, k_cache, v_cache):
+        return self._decode(tokens=recent_tokens(tokens, self.recent, self.vocab_size),
+                            position=np.array([position], np.int32), k_cache=k_cache, v_cache=v_cache)
 
     def window_logits(self, ids):
         return self.run_prefill(ids)["logits"]
@@ -186,7 +205,7 @@ def check_parity(model, path, tokens, tolerance, positions=8):
     # decode the last `positions` tokens again over the prefill's cache: each must give the window's logits
     k, v = out["k_cache"], out["v_cache"]
     for pos in range(lm.context - positions, lm.context):
-        step = lm.run_decode(int(ids[0, pos]), pos, k, v)
+        step = lm.run_decode(ids[0, :pos + 1], pos, k, v)
         k, v = step["k_cache"], step["v_cache"]
         worst = max(worst, float(np.abs(step["logits"][0] - keras_logits[pos]).max()))
     if worst > tolerance:

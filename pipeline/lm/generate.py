@@ -74,8 +74,8 @@ def generate(lm, tokenizer, prompt, max_tokens=200, temperature=1.0, top_k=0, to
             window = window[lm.context // 2 + 1:] + [token]
             logits, k, v = _prefill(lm, window)
             continue
-        step = lm.run_decode(token, len(window), k, v)
         window.append(token)
+        step = lm.run_decode(window, len(window) - 1, k, v)
         logits, k, v = step["logits"][0], step["k_cache"], step["v_cache"]
     seconds = time.perf_counter() - started
     return {"text": text, "tokens": len(out), "prefill_seconds": prefill_seconds,

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from pipeline.lm.config import LMConfig
 from pipeline.model import (ClipTokenIds, EncoderBlock, LayerNorm, PaddingMask, TokenAndPositionEmbedding,
-                            custom_objects, qat_scope)
+                            _Layer, custom_objects, qat_scope)
 
 PACKAGE = "liteformer_lm"
 _register = tf.keras.utils.register_keras_serializable(package=PACKAGE)
@@ -49,6 +49,55 @@ class FullMask(PaddingMask):
         return tf.ones(tf.shape(inputs), self.compute_dtype)
 
 
+@_register
+class HashedNgramLogits(_Layer):
+    """ids [B, T] -> logits [B, T, vocab] of a log-linear n-gram model: for each context length 1..order-1,
+    the last tokens up to position t are hashed into `buckets` rows of a learned [vocab] table, and the rows
+    are summed (Mikolov's RNNME "direct connections"). Local spelling is what a small character Transformer
+    learns slowest; one table row per context learns it in a few hundred steps and leaves the Transformer
+    the longer range. Positions before the text start read the pad id `vocab_size`; ids are clipped to it.
+    `buckets` should be a prime (16381, 32749): the hash is a polynomial in the ids modulo it."""
+
+    def __init__(self, vocab_size, order, buckets, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if order < 2 or buckets < 1 or buckets * (vocab_size + 1) >= 2 ** 31:
+            raise ValueError(f"n-gram order must be >= 2 and buckets * (vocab + 1) < 2^31, got {order}, {buckets}")
+        self.vocab_size, self.order, self.buckets = int(vocab_size), int(order), int(buckets)
+
+    def build(self, input_shape):
+        self.table = self.add_weight("table", shape=((self.order - 1) * self.buckets, self.vocab_size),
+                                     initializer="zeros")
+        super().build(input_shape)
+
+    def get_prunable_weights(self):
+        return [self.table]
+
+    def _quantizable_weights(self):
+        return ["table"]
+
+    def rows(self, ids):
+        """[B, T, order-1] table rows: context length j's hash at offset (j-1) * buckets."""
+        ids = tf.clip_by_value(tf.cast(ids, tf.int32), 0, self.vocab_size)
+        length = tf.shape(ids)[1]
+        padded = tf.pad(ids, [[0, 0], [self.order - 2, 0]], constant_values=self.vocab_size)
+        h, rows = tf.zeros_like(ids), []
+        for j in range(1, self.order):  # fold in one more token to the left (Rabin-Karp; a prime spreads it)
+            prev = padded[:, self.order - 1 - j:self.order - 1 - j + length]
+            h = (h * (self.vocab_size + 1) + prev) % self.buckets
+            rows.append(h + (j - 1) * self.buckets)
+        return tf.stack(rows, axis=-1)
+
+    def call(self, inputs):
+        return tf.reduce_sum(tf.gather(self._weight("table"), self.rows(inputs)), axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape).concatenate([self.vocab_size])
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "order": self.order, "buckets": self.buckets}
+
+
 def build_lm(cfg: LMConfig, vocab_size: int) -> tf.keras.Model:
     """input_ids int32 [B, T] (T <= cfg.context) -> next-token logits float32 [B, T, vocab_size], under the
     current global mixed-precision policy."""
@@ -63,12 +112,15 @@ def build_lm(cfg: LMConfig, vocab_size: int) -> tf.keras.Model:
                          causal=True, name=f"block_{i}")([x, mask])
     x = LayerNorm(name="final_norm")(x)
     logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits")(embed(x))
+    if cfg.ngram_order:
+        ngram = HashedNgramLogits(vocab_size, cfg.ngram_order, cfg.ngram_buckets, name="ngram_logits")(ids_in)
+        logits = tf.keras.layers.Add(dtype="float32", name="logits_sum")([logits, ngram])
     return tf.keras.Model(ids_in, logits, name="liteformer_lm")
 
 
 def lm_custom_objects():
     """The classifier's registered classes and this module's."""
-    classes = (TiedEmbedding, FullMask)
+    classes = (TiedEmbedding, FullMask, HashedNgramLogits)
     return {**custom_objects(), **{c.__name__: c for c in classes}, **{f"{PACKAGE}>{c.__name__}": c for c in classes}}
 
 
