@@ -10,7 +10,7 @@ from pipeline.lm.model import build_lm
 from pipeline.lm.tokenizer import CharTokenizer
 
 TEXT = "To be, or not to be, that is the question:\n"
-CFG = LMConfig(context=8, d_model=16, num_heads=2, num_layers=1, ff_dim=32, dropout=0.0)
+CFG = LMConfig(context=8, d_model=16, num_heads=2, num_layers=1, ff_dim=32, dropout=0.0, ngram_order=0)
 
 
 @pytest.fixture(scope="module")

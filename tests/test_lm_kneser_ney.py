@@ -4,7 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.lm.kneser_ney import KneserNey
+import tensorflow as tf
+
+from pipeline.lm.kneser_ney import KneserNey, table_from_counts
+from pipeline.lm.model import HashedNgramLogits
 
 RNG = np.random.default_rng(0)
 TRAIN = RNG.integers(0, 6, 3000)
@@ -44,3 +47,25 @@ def test_random_text_costs_its_entropy():
 def test_rejects_codes_that_overflow():
     with pytest.raises(ValueError, match="does not fit an int64"):
         KneserNey(8).fit(TRAIN, 256)
+
+
+def test_next_distributions_agree_with_probabilities():
+    kn = KneserNey(4).fit(TRAIN, 7)
+    seq = RNG.integers(0, 7, 40)
+    p = kn.probabilities(seq)
+    dists = kn.next_distributions(np.stack([seq[i - 3:i] for i in range(3, 40)]))
+    np.testing.assert_allclose(dists[np.arange(37), seq[3:]], p[3:], rtol=1e-12)
+    np.testing.assert_allclose(dists.sum(1), 1.0)
+
+
+def test_table_from_counts_reproduces_kneser_ney():
+    """With buckets to spare (no collisions), the table's summed rows are the KN log-probabilities."""
+    tokens = RNG.integers(0, 4, 400)
+    layer = HashedNgramLogits(5, order=3, buckets=1009)
+    layer.build((None, None))
+    table_from_counts(layer, tokens)
+    logits = layer(tf.constant(tokens[None], tf.int32)).numpy()[0]
+    probs = np.exp(logits[1:-1])
+    kn = KneserNey(3).fit(tokens, 5)
+    np.testing.assert_allclose(probs[np.arange(398), tokens[2:]], kn.probabilities(tokens)[2:], rtol=1e-4)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)

@@ -69,8 +69,49 @@ class KneserNey:
             p[pos] = np.where(seen, mixed, p[pos])
         return p
 
+    def next_distributions(self, contexts):
+        """[N, V] next-token distributions after each row of `contexts` [N, j] (j < order): the recursion of
+        probabilities() up to order j+1 (continuation counts below the model's order, raw counts at it)."""
+        contexts = np.asarray(contexts, np.int64)
+        n, j = contexts.shape
+        v, d = self.vocab_size, self.discount
+        grams, counts, _, totals, types = self.tables[1]
+        cont = _lookup(grams, counts, np.arange(v))
+        p = np.tile((np.maximum(cont - d, 0) + d * types[0] / v) / totals[0], (n, 1))
+        code = np.zeros(n, np.int64)
+        for k in range(2, j + 2):  # context: the last k-1 tokens
+            code = code + contexts[:, j - k + 1] * v ** (k - 2)
+            grams, counts, contexts_k, totals_k, types_k = self.tables[k]
+            total, typ = _lookup(contexts_k, totals_k, code), _lookup(contexts_k, types_k, code)
+            c = _lookup(grams, counts, (code[:, None] * v + np.arange(v)).ravel()).reshape(n, v)
+            mixed = (np.maximum(c - d, 0) + d * typ[:, None] * p) / np.maximum(total, 1)[:, None]
+            p = np.where((total > 0)[:, None], mixed, p)
+        return p
+
     def score(self, tokens, n_chars):
         """The same score dict as pipeline.lm.measure (the first token gets its unigram probability)."""
         p = self.probabilities(tokens)
         nll = float(-np.log(p).sum())
         return summarize(nll, len(tokens), n_chars, 0, len(tokens) - 1) | {"accuracy": None}
+
+
+def table_from_counts(layer, tokens, discount=0.75):
+    """Fill a HashedNgramLogits table from counts: context length j's row holds log P_KN(w | last j tokens)
+    - log P_KN(w | last j-1 tokens), so the rows of a context seen in `tokens` sum to its Kneser-Ney
+    log-probabilities (order = layer.order) and an unseen one falls back as Kneser-Ney does. Contexts that
+    share a bucket share their count-weighted mean row. The model starts where counting ends."""
+    v, order = layer.vocab_size, layer.order
+    tokens = np.asarray(tokens, np.int64)
+    kn = KneserNey(order, discount).fit(tokens, v)
+    table = np.zeros(((order - 1) * layer.buckets, v))
+    weight = np.zeros(len(table))
+    for j in range(1, order):
+        _, first, count = np.unique(_codes(tokens[:-1], j, v), return_index=True, return_counts=True)
+        ctx = np.stack([tokens[first + i] for i in range(j)], axis=1)  # every context followed by a token
+        step = np.log(kn.next_distributions(ctx))
+        if j > 1:
+            step -= np.log(kn.next_distributions(ctx[:, 1:]))
+        rows = layer.rows(ctx.astype(np.int32)).numpy()[:, -1, j - 1]
+        np.add.at(table, rows, step * count[:, None])
+        np.add.at(weight, rows, count)
+    layer.table.assign((table / np.maximum(weight, 1)[:, None]).astype(np.float32))

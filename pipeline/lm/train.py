@@ -8,6 +8,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipeline.lm.config import LMConfig
+from pipeline.lm.kneser_ney import table_from_counts
 from pipeline.lm.measure import score_keras
 from pipeline.lm.model import build_lm, float32_copy
 from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
@@ -73,8 +74,18 @@ def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=Non
         model = build_lm(cfg, tokenizer.vocab_size)
     finally:
         tf.keras.mixed_precision.set_global_policy(policy)
+    if cfg.ngram_order and cfg.ngram_init == "counts":
+        table_from_counts(model.get_layer("ngram_logits"), tokens)
+        # The Transformer starts nearly silent (its logits x 0.1), so it adds to the counts, not noise.
+        model.get_layer("final_norm").gamma.assign(tf.fill([cfg.d_model], 0.1))
+    elif cfg.ngram_order and cfg.ngram_init != "zeros":
+        raise ValueError(f"ngram_init must be 'counts' or 'zeros', got {cfg.ngram_init!r}")
     schedule = WarmupLinearDecay(cfg.learning_rate, cfg.warmup_steps, cfg.steps)
-    model.compile(make_optimizer(schedule, cfg.weight_decay),
+    optimizer = make_optimizer(schedule, cfg.weight_decay)
+    # make_optimizer's exclusions again (a second call replaces them), plus the n-gram table: decay would
+    # pull the counts' log-probabilities towards 0
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm", "table"])
+    model.compile(optimizer,
                   tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     dev_slice = dev_text[:cfg.eval_chars]
     log = LMLog(log_dir, cfg.log_every, len(tokens) / len(train_text),
