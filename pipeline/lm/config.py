@@ -27,7 +27,8 @@ class LMConfig:
     mixed_precision: str = "mixed_bfloat16"  # or "float32" (CPUs without bfloat16 units)
     log_every: int = 50          # TensorBoard points every this many steps
     eval_every: int = 300        # dev bits per character on a slice of dev every this many steps
-    eval_chars: int = 20000      # size of that slice (the whole dev file is scored after training)
+    eval_chars: int = 20000      # the first this many characters (the whole dev file is scored after training;
+                                 # tinyshakespeare's first 10k dev characters are easier: 2.03 bpc vs 2.25)
     seed: int = 0
 
     def save(self, path):
