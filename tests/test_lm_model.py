@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from pipeline.lm.config import LMConfig
 from pipeline.lm.model import HashedNgramLogits, build_lm, float32_copy, load_lm
-from pipeline.model import EncoderBlock
+from pipeline.model.encoder import EncoderBlock
 
 CFG = LMConfig(context=12, d_model=16, num_heads=2, num_layers=2, ff_dim=32, dropout=0.0, ngram_order=0)
 

@@ -13,7 +13,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from pipeline.model import _PAD_LOGIT, _SCORE_LIMIT, _layer_norm
+from pipeline.model.encoder import _PAD_LOGIT, _SCORE_LIMIT
+from pipeline.model.layers import layer_norm as _layer_norm
 
 MODES = ("float32", "dynamic_range", "int8")
 
@@ -166,7 +167,7 @@ class LiteRTLM:
     """An exported LM file run by ai-edge-litert: the same prefill / decode calls as CachedLM."""
 
     def __init__(self, path, threads=1):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # LiteRT only when a .tflite file is run
         self.path = str(path)
         self.interpreter = Interpreter(model_path=self.path, num_threads=threads)
         signatures = self.interpreter.get_signature_list()

@@ -71,7 +71,7 @@ def score_keras(model, tokenizer, text, context, stride=None, batch=32):
 
 def score_tflite(path, tokenizer, text, stride=None, threads=1):
     """Scores of `text` under an exported .tflite file, through its prefill signature (one window per call)."""
-    from pipeline.lm.export import LiteRTLM
+    from pipeline.lm.export import LiteRTLM  # the export module (TFLite converter) only for a .tflite file
     lm = LiteRTLM(path, threads=threads)
 
     def logits_fn(inputs):

@@ -1,4 +1,4 @@
-"""The causal Transformer language model, built from the classifier's layers (pipeline/model.py).
+"""The causal Transformer language model, built from the classifier's layers (pipeline/model/).
 
     input_ids -> ClipTokenIds -> TiedEmbedding -> EncoderBlock(causal) x N -> LayerNorm -> TiedEmbedding -> logits
                  FullMask ------------------------^
@@ -13,8 +13,10 @@ from pathlib import Path
 import tensorflow as tf
 
 from pipeline.lm.config import LMConfig
-from pipeline.model import (ClipTokenIds, EncoderBlock, LayerNorm, PaddingMask, TokenAndPositionEmbedding,
-                            _Layer, custom_objects, qat_scope)
+from pipeline.model.encoder import EncoderBlock
+from pipeline.model.layers import BaseLayer as _Layer
+from pipeline.model.layers import ClipTokenIds, LayerNorm, PaddingMask, TokenAndPositionEmbedding
+from pipeline.model.quantize import custom_objects, qat_scope
 
 PACKAGE = "liteformer_lm"
 _register = tf.keras.utils.register_keras_serializable(package=PACKAGE)

@@ -13,7 +13,7 @@ from pipeline.lm.measure import score_keras
 from pipeline.lm.model import build_lm, float32_copy
 from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
 from pipeline.lm.windows import check_length, training_dataset
-from pipeline.train import WarmupLinearDecay, current_learning_rate, make_optimizer
+from pipeline.model.training import WarmupLinearDecay, current_learning_rate, make_optimizer
 
 
 class LMLog(tf.keras.callbacks.Callback):

@@ -16,6 +16,7 @@ class EncoderBlock(BaseLayer):
     """Pre-LN Transformer encoder block: x + Conv(LN(x)) when conv_width > 0, then x + MHA(LN(x)),
     then x + FFN(LN(x)); norm="post": BERT's block, LN(x + MHA(x)) then LN(x + FFN(x)), no convolution.
     score_limit: attention scores are clipped to [-score_limit, score_limit], padded keys get -3 * score_limit.
+    causal=True: each token also treats every later key as padding (a language model; needs conv_width 0).
 
     inputs: [x [B, T, d_model], mask [B, T] (1 = token, 0 = padding)] -> [B, T, d_model].
     conv_width: tokens seen by a convolution (d_model -> d_model, then the activation) centred on
@@ -23,8 +24,10 @@ class EncoderBlock(BaseLayer):
     """
 
     def __init__(self, d_model, num_heads, ff_dim, dropout=0.0, activation="gelu", epsilon=1e-6, conv_width=0,
-                 norm="pre", score_limit=_SCORE_LIMIT, **kwargs):
+                 norm="pre", score_limit=_SCORE_LIMIT, causal=False, **kwargs):
         super().__init__(**kwargs)
+        if causal and conv_width:
+            raise ValueError("causal=True needs conv_width 0: the centred convolution reads later tokens")
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if activation not in ("gelu", "relu"):
@@ -42,6 +45,7 @@ class EncoderBlock(BaseLayer):
         self.conv_width = int(conv_width)
         self.norm = norm
         self.score_limit = float(score_limit)
+        self.causal = bool(causal)
         self._head_dim = self.d_model // self.num_heads
         if self.conv_width:  # a Dropout never called has no random generator for train's checkpoints
             self._conv_dropout = tf.keras.layers.Dropout(self.dropout)
@@ -148,6 +152,8 @@ class EncoderBlock(BaseLayer):
         # keys mask [B, 1, 1, T]. reshape, not [:, None]: a new-axis strided slice on a dynamic shape
         # needs Flex ops in TFLite.
         keys = tf.reshape(tf.cast(mask, self.compute_dtype), [batch, 1, 1, length])
+        if self.causal:  # [B, 1, T, T]: query i sees keys 0..i (a constant in a fixed-length export)
+            keys = keys * tf.linalg.band_part(tf.ones([length, length], self.compute_dtype), -1, 0)
         pad = _PAD_LOGIT / _SCORE_LIMIT * limit
         scores = self._point("scores", scores * keys + (1.0 - keys) * tf.cast(pad, self.compute_dtype))
         probs = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)
@@ -171,4 +177,4 @@ class EncoderBlock(BaseLayer):
         return {**super().get_config(), "d_model": self.d_model, "num_heads": self.num_heads,
                 "ff_dim": self.ff_dim, "dropout": self.dropout, "activation": self.activation,
                 "epsilon": self.epsilon, "conv_width": self.conv_width, "norm": self.norm,
-                "score_limit": self.score_limit}
+                "score_limit": self.score_limit, "causal": self.causal}
