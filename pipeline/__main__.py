@@ -133,6 +133,17 @@ def build_parser():
                    "explanations.jsonl and attention/*.png (a heatmap per text and block)")
     _common(p)
 
+    p = sub.add_parser("generate", help="continue a prompt with a language model (data.task lm)")
+    p.add_argument("--model", required=True, help="language model directory or .tflite file")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default: 0, all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: none)")
+    p.add_argument("--stop", default=None, help="stop before this string")
+    _common(p)
+
     for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
                        ("compress", "prune, quantize and export TFLite variants"),
                        ("benchmark", "measure latency, memory and size of every variant"),
@@ -193,7 +204,7 @@ def _write_problem(e):
 # The module of pipeline/stages/ that runs each CLI stage.
 STAGE_MODULES = {"data": "data", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate",
                  "predict": "evaluate", "explain": "explain", "distill": "distill", "compress": "compress",
-                 "benchmark": "benchmark", "report": "report"}
+                 "benchmark": "benchmark", "report": "report", "generate": "generate"}
 
 
 def stage_module(stage):
@@ -207,7 +218,7 @@ def call_stage(args):
     config_path = args.config if (args.config != "params.yaml" or os.path.exists(args.config)) else None
     cfg = load_config(config_path, args.set)
     run = None
-    if args.stage not in ("predict", "explain") and not (args.stage == "evaluate" and args.model):
+    if args.stage not in ("predict", "explain", "generate") and not (args.stage == "evaluate" and args.model):
         run, origin = resolve_run(args, cfg)
         # stdout holds evaluate's JSON result
         print(f"run: {run} ({origin})", file=sys.stderr if args.stage == "evaluate" else sys.stdout, flush=True)
@@ -224,10 +235,14 @@ def call_stage(args):
         stage.run_evaluate(cfg, args.model, args.data, args.out)
     elif args.stage == "evaluate":
         model_dir = Path(cfg.paths.models) / run
-        stage.run_evaluate(cfg, str(model_dir), args.data or str(Path(cfg.paths.data) / "processed" / run / "dev.jsonl"),
-                           args.out or str(model_dir / "eval"))
+        processed = Path(cfg.paths.data) / "processed" / run
+        dev = processed / ("dev.txt" if (processed / "dev.txt").is_file() else "dev.jsonl")  # .txt: a language model
+        stage.run_evaluate(cfg, str(model_dir), args.data or str(dev), args.out or str(model_dir / "eval"))
     elif args.stage == "predict":
         stage.run_predict(cfg, args.model, _texts(args, cfg), args.runtime, args.table)
+    elif args.stage == "generate":
+        stage.run_generate(args.model, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                           args.seed, args.stop)
     elif args.stage == "explain":
         stage.run_explain(cfg, args.model, _texts(args, cfg), args.out, args.label, args.steps)
     else:  # pretrain, distill, compress, benchmark, report

@@ -100,6 +100,7 @@ class DataConfig:
     seed: int = 1234
     word_vectors: str = "none"  # a `word v1 .. vn` file of pretrained word vectors (pipeline/text/vectors.py), or none
     vector_words: int = 50000  # the most frequent words with a vector that join the vocabulary
+    task: str = "auto"  # classify, lm (a causal language model), or auto: lm for a directory of plain .txt files
 
 
 @dataclass
@@ -204,6 +205,26 @@ class ReportConfig:
 
 
 @dataclass
+class LMSection:
+    """The language model's keys (data.task lm); the defaults are pipeline/lm/config.py's LMConfig's."""
+    context: int = 128  # tokens a window holds
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.0
+    ngram_order: int = 6  # > 0: a hashed n-gram logit table of this order in the model
+    batch_size: int = 32
+    steps: int = 900
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    mixed_precision: str = "mixed_bfloat16"
+    eval_every: int = 300  # dev bits per character (of the first eval_chars characters) every this many steps
+    seed: int = 0
+    baseline_order: int = 7  # the Kneser-Ney n-gram baseline's order
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,9 +234,16 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    lm: LMSection = field(default_factory=LMSection)
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def to_dict(self, lm=False):
+        """Every section; without lm=True not the language model's (lm, data.task), so the classifier's stage
+        keys and config.yaml stay what they were before the lm task."""
+        out = dataclasses.asdict(self)
+        if not lm:
+            out.pop("lm")
+            out["data"].pop("task")
+        return out
 
 
 CHOICES = {
@@ -226,6 +254,8 @@ CHOICES = {
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.class_weight": ("balanced", "none"),
     "train.init": ("pretrained", "scratch"),
+    "data.task": ("auto", "classify", "lm"),
+    "lm.mixed_precision": ("float32", "mixed_bfloat16"),
 }
 GOALS = ("smallest", "fastest", "most_accurate")  # report.ship: one of these, or a variant of compress.variants
 
@@ -328,5 +358,5 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-def save_config(cfg, path):
-    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg, path, lm=False):
+    write_text(path, yaml.safe_dump(cfg.to_dict(lm=lm), sort_keys=False))

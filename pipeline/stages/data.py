@@ -2,7 +2,6 @@
 data/processed/<run>/: vocab.txt, labels.txt, {train,dev,test}.tfrecord, {train,dev,test}.jsonl (the texts and
 labels of each split as used), word_vectors.npz and stats.json. The readers are in pipeline/text/."""
 import collections
-import dataclasses
 import json
 import math
 import time
@@ -14,6 +13,8 @@ import numpy as np
 from pipeline.core import manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_path, write_json, write_text
+from pipeline.lm.runs import TOKENIZER, read_lm_text
+from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
 from pipeline.model import backbone
 from pipeline.model.build import encoder_length
 from pipeline.model.ngram import term_used
@@ -24,6 +25,9 @@ from pipeline.text.processed import STAGE_VERSION, load_stats, processed_dir
 from pipeline.text.read import read_table, read_texts, warn
 from pipeline.text.splits import SPLITS, find_splits, find_unlabeled, sort_labels, stratified_split
 from pipeline.text.sst2 import download_sst2
+from pipeline.text.task import lm_files, resolve_task
+
+LM_STAGE_VERSION = 1  # the language-model data stage's outputs
 
 
 def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
@@ -34,6 +38,10 @@ def run_data_stage(cfg, data_dir: str | None, run: str) -> dict:
     src = source_dir(cfg, data_dir, out)
     if src is None:
         return load_stats(out)
+    task = resolve_task(cfg.data.task, src)
+    print(f"task: {task} (data.task {cfg.data.task})")
+    if task == "lm":
+        return run_lm_data_stage(cfg, src, out)
     # 1. Read and validate everything before writing anything (unless nothing changed since last time).
     inputs = find_inputs(cfg, src)
     key = stage_key(cfg, inputs)
@@ -102,7 +110,7 @@ def stage_key(cfg, inputs):
     m, word_vectors = cfg.model, inputs.word_vectors
     vector_file = [Path(word_vectors)] if word_vectors != "none" else []
     unlabeled_file = [inputs.unlabeled] if inputs.unlabeled else []
-    key = {"config": {"data": {**dataclasses.asdict(cfg.data), "word_vectors": word_vectors},
+    key = {"config": {"data": {**cfg.to_dict()["data"], "word_vectors": word_vectors},
                       "model": {k: getattr(m, k) for k in ("max_encoder_len", "ngram_order", "ngram_max_rows")},
                       **manifest.version_config("data", STAGE_VERSION)},
            "inputs": manifest.files_checksums([*inputs.files.values(), *unlabeled_file, *vector_file])}
@@ -266,6 +274,60 @@ def write_run(out, key, labels, splits, unlabeled, vocab, tokens, seq_len, stats
             vectors.save_word_vectors(tmp / vectors.FILE_NAME, vocab.table, vocab.seen, vocab.learned)
         write_json(tmp / "stats.json", stats)
         manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
+
+
+# ---------------------------------------------------------------- a language-model run (data.task lm)
+
+
+def run_lm_data_stage(cfg, src, out) -> dict:
+    """A directory of plain text: check it, learn the character vocabulary from train.txt and write
+    data/processed/<run>/ (the texts as read, tokenizer.json, stats.json and the manifest)."""
+    t0 = time.time()
+    found = lm_files(src)
+    key = {"config": {"data": {"task": "lm"}, "lm": {"context": cfg.lm.context},
+                      **manifest.version_config("data", LM_STAGE_VERSION)},
+           "inputs": manifest.files_checksums(found.values())}
+    if manifest.up_to_date(out, "data", key):
+        return load_stats(out)
+    texts = {split: read_lm_text(path) for split, path in found.items()}
+    tokenizer = CharTokenizer.fit(texts["train"])
+    check_lm_lengths(found, texts, cfg.lm.context)
+    stats = lm_stats(src, found, texts, tokenizer, cfg.lm.context)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for split, text in texts.items():
+            write_text(tmp / f"{split}.txt", text)
+        save_tokenizer(tokenizer, tmp / TOKENIZER)
+        write_json(tmp / "stats.json", stats)
+        manifest.record(tmp, "data", key, sorted(p.name for p in tmp.iterdir()))
+    chars = ", ".join(f"{s} {n:,}" for s, n in stats["characters"].items())
+    unknown = ", ".join(f"{s} {r:.3%}" for s, r in stats["unknown_rate"].items())
+    print(f"data: {stats['source']} -> {out}")
+    print(f"  characters: {chars}")
+    print(f"  vocab: {stats['vocab_size']} tokens (the characters of train, and one for any other); "
+          f"characters not in it: {unknown}")
+    print(f"  done in {time.time() - t0:.0f}s")
+    return stats
+
+
+def check_lm_lengths(found, texts, context):
+    """A PipelineError naming the file when train cannot fill one window, or dev/test has nothing to predict."""
+    if len(texts["train"]) < context + 1:
+        raise PipelineError(f"{found['train']}: {len(texts['train'])} characters, too short for one window of "
+                            f"{context} (+1 to predict; lm.context)")
+    for split in ("dev", "test"):
+        if split in texts and len(texts[split]) < 2:
+            raise PipelineError(f"{found[split]}: {len(texts[split])} character, too short to score")
+
+
+def lm_stats(src, found, texts, tokenizer, context) -> dict:
+    """stats.json of a language-model run: its task, files, characters and the unknown-character rates."""
+    known = set(tokenizer.chars)
+    return {"task": "lm", "source": str(Path(src).resolve()), "files": {s: p.name for s, p in found.items()},
+            "characters": {s: len(t) for s, t in texts.items()}, "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "context": context,
+            "unknown_rate": {s: round(sum(c not in known for c in t) / len(t), 6)
+                             for s, t in texts.items() if s != "train"}}
 
 
 def _write_jsonl(path, texts, labels):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_json
+from pipeline.lm.runs import is_lm, score_file
 from pipeline.measure.metrics import classification_metrics
 from pipeline.measure.plots import plot_confusion_matrix, plot_roc_curves
 from pipeline.measure.predictors import MediaPipeClassifier, load_predictor
@@ -16,7 +17,10 @@ from pipeline.text.read import read_table
 
 
 def run_evaluate(cfg, model_path, data_path, out_dir=None):
-    """Evaluate a model on a labelled data file; print one JSON object and, with out_dir, save it with plots."""
+    """Evaluate a model on a labelled data file (a language model: on a text file); print one JSON object and,
+    with out_dir, save it (a classifier's with plots)."""
+    if is_lm(model_path):
+        return run_lm_evaluate(model_path, data_path, out_dir)
     predictor = load_predictor(model_path)
     examples = read_table(data_path, cfg.data)  # with line numbers, for the unknown-label error
     texts, labels, lines = examples["texts"], examples["labels"], examples["lines"]
@@ -41,6 +45,16 @@ def run_evaluate(cfg, model_path, data_path, out_dir=None):
             "roc_curve": plot_roc_curves(y_true, probs, predictor.labels, out_dir / "roc_curve.png"),
         }
         _log_tensorboard(out_dir / "tensorboard", result, images)
+    return result
+
+
+def run_lm_evaluate(model_path, data_path, out_dir=None):
+    """A language model's cross-entropy per token, perplexity, bits per character and next-token accuracy on a
+    text file, as one JSON object (and out_dir/metrics.json)."""
+    result = {"model": str(model_path), "data": str(data_path), "task": "lm", **score_file(model_path, data_path)}
+    print(json.dumps(result), flush=True)
+    if out_dir is not None:
+        write_json(Path(out_dir) / "metrics.json", result)
     return result
 
 

@@ -17,6 +17,10 @@ from tensorboard.plugins.hparams import api as hp
 from pipeline.core import files, manifest
 from pipeline.core.config import save_config
 from pipeline.core.errors import PipelineError
+from pipeline.lm.config import LMConfig
+from pipeline.lm.kneser_ney import KneserNey
+from pipeline.lm.measure import score_keras
+from pipeline.lm.train import train_lm
 from pipeline.measure.baseline import comparison_table, run_baseline
 from pipeline.measure.metrics import classification_metrics
 from pipeline.measure.predictors import load_predictor
@@ -28,7 +32,7 @@ from pipeline.model.training import (EpochTimer, ResumableEarlyStopping, Resumab
                                      steps_for, train_key, weigh_by_class)
 from pipeline.text import vectors
 from pipeline.text.dataset import make_dataset, split_arrays
-from pipeline.text.processed import load_processed
+from pipeline.text.processed import load_processed, load_stats, processed_dir
 from pipeline.text.read import read_examples
 from pipeline.text.tokenizer import load_vocabulary
 
@@ -38,6 +42,8 @@ ARTIFACTS = ("model.keras", "saved_model", "vocab.txt", "labels.txt", "preproces
 
 def run_train_stage(cfg, run):
     """`python -m pipeline train`: train, evaluate on dev, and write saved_models/<run>/."""
+    if (processed_dir(cfg, run) / "stats.json").is_file() and load_stats(processed_dir(cfg, run)).get("task") == "lm":
+        return run_lm_train_stage(cfg, run)
     processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
     key = train_key(cfg, processed, model_dir)
@@ -71,6 +77,74 @@ def run_train_stage(cfg, run):
           f"{len(rows)} epochs (best {best + 1}) in {seconds:.0f} s -> {model_dir}")
     print(comparison_table(scores, baseline))
     return metrics
+
+
+# ---------------------------------------------------------------- a language-model run (data.task lm)
+
+LM_ARTIFACTS = ("model.keras", "tokenizer.json", "config.json", "config.yaml", "history.json", "metrics.json")
+LM_SPLITS = ("train", "dev", "test")
+
+
+def run_lm_train_stage(cfg, run):
+    """Train the causal Transformer on data/processed/<run>/train.txt (pipeline/lm/train.py), score dev and test,
+    fit the Kneser-Ney baseline on the same characters, and write saved_models/<run>/."""
+    print("task: lm (the processed run is a language-model run)")
+    processed, model_dir = processed_dir(cfg, run), Path(cfg.paths.models) / run
+    names = [f"{s}.txt" for s in LM_SPLITS if (processed / f"{s}.txt").is_file()]
+    key = {"config": {"lm": cfg.to_dict(lm=True)["lm"]}, "inputs": manifest.inputs(processed, names, "processed")}
+    if manifest.up_to_date(model_dir, "train", key):
+        return json.loads((model_dir / "metrics.json").read_text())
+    manifest.begin(model_dir, "train")
+    texts = {n.removesuffix(".txt"): (processed / n).read_text(encoding="utf-8") for n in names}
+    lm_cfg, log_dir = lm_config(cfg), Path(cfg.paths.runs) / run / "train"
+    try:
+        model, tokenizer, metrics = train_lm(lm_cfg, texts["train"], texts["dev"], model_dir, log_dir=log_dir,
+                                             name=str(processed / "train.txt"))
+    except ValueError as e:  # a text too short for one window
+        raise PipelineError(str(e)) from None
+    if "test" in texts:
+        metrics["test"] = score_keras(model, tokenizer, texts["test"], lm_cfg.context)
+    metrics["baseline"] = kneser_ney_baseline(cfg.lm.baseline_order, tokenizer, texts)
+    files.write_json(model_dir / "metrics.json", metrics)
+    save_config(cfg, model_dir / "config.yaml", lm=True)
+    manifest.record(model_dir, "train", key, LM_ARTIFACTS)
+    dev = metrics["dev"]
+    print(f"trained {run}: dev {dev['bits_per_char']:.4f} bits per char, cross-entropy {dev['nats_per_token']:.4f} "
+          f"nats/token, perplexity {dev['perplexity']:.3f}, next-token accuracy {dev['accuracy']:.4f}, "
+          f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s -> {model_dir}")
+    print(lm_comparison(metrics))
+    return metrics
+
+
+def lm_config(cfg) -> LMConfig:
+    """The library's LMConfig from the config file's lm section (its other fields keep their defaults)."""
+    section = cfg.to_dict(lm=True)["lm"]
+    fields = {f.name for f in dataclasses.fields(LMConfig)}
+    return LMConfig(**{k: v for k, v in section.items() if k in fields})
+
+
+def kneser_ney_baseline(order, tokenizer, texts) -> dict:
+    """The interpolated Kneser-Ney n-gram model of train's characters, scored on dev (and test)."""
+    vocab = tokenizer.vocab_size
+    while order > 1 and vocab ** order >= 2 ** 62:  # its n-gram codes are int64
+        order -= 1
+    started = time.time()
+    kn = KneserNey(order).fit(tokenizer.encode(texts["train"]), vocab)
+    out = {s: kn.score(tokenizer.encode(texts[s]), len(texts[s])) for s in ("dev", "test") if s in texts}
+    print(f"Kneser-Ney {order}-gram baseline fitted and scored in {time.time() - started:.0f} s")
+    return {"model": f"interpolated Kneser-Ney {order}-gram of characters", "order": order, **out}
+
+
+def lm_comparison(metrics) -> str:
+    """One line per split: the model's bits per character against the n-gram baseline's."""
+    lines = []
+    for split in ("dev", "test"):
+        if split in metrics and split in metrics["baseline"]:
+            m, b = metrics[split]["bits_per_char"], metrics["baseline"][split]["bits_per_char"]
+            verdict = "the model beats the n-gram baseline" if m < b else "the n-gram baseline is better"
+            lines.append(f"{split}: model {m:.4f} bits per char, {metrics['baseline']['order']}-gram baseline "
+                         f"{b:.4f} (Δ {m - b:+.4f}): {verdict}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- training
