@@ -1,5 +1,5 @@
 """The language-model task through the CLI's stages: a directory of plain .txt files is an lm run (data.task auto);
-data, train, evaluate (model directory and .tflite) and generate on a few hundred characters and a tiny model;
+data, train, evaluate (model directory and .tflite), generate, compress and benchmark on a few hundred characters and a tiny model;
 one-line errors for empty and too-short text. The classifier's keys do not see the lm section."""
 import json
 
@@ -104,3 +104,18 @@ def test_evaluate_refuses_an_empty_text(trained, tmp_path, capsys):
     assert main(["evaluate", "--model", str(trained / "saved_models" / "verse"), "--data", str(empty)]) == 2
     assert f"{empty}: empty text" in capsys.readouterr().err
 
+
+def test_compress_and_benchmark(trained, capsys):
+    assert main(["compress", *overrides(trained)]) == 0
+    model_dir = trained / "saved_models" / "verse"
+    compression = json.loads((model_dir / "compression.json").read_text())
+    variants = compression["variants"]
+    assert set(variants) == {"float32", "dynamic_range", "int8"}
+    assert abs(variants["float32"]["dev"]["bits_per_char"] - compression["keras_dev"]["bits_per_char"]) < 1e-3
+    assert "compress [3/3] int8 done" in capsys.readouterr().out
+    assert main(["benchmark", *overrides(trained)]) == 0
+    bench = json.loads((model_dir / "benchmark.json").read_text())
+    assert bench["threads"] == 1 and set(bench["variants"]) == set(variants)
+    for row in bench["variants"].values():
+        assert row["time_to_first_token_ms"] > 0 and row["decode_tokens_per_second"] > 0 and row["bytes"] > 0
+    assert main(["generate", "--model", str(model_dir / "tflite" / "int8.tflite"), "When", "--max-tokens", "5"]) == 0

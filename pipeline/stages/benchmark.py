@@ -13,6 +13,10 @@ import numpy as np
 from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
 from pipeline.export.convert import dense_only_files
+from pipeline.lm.export import LiteRTLM
+from pipeline.lm.generate import generate
+from pipeline.lm.measure import score_tflite
+from pipeline.lm.tokenizer import load_tokenizer
 from pipeline.measure.flops import cpu_peak_flops, forward_flops, matmul_flops
 from pipeline.measure.latency import fresh_process
 from pipeline.measure.tflite_file import op_placement
@@ -31,6 +35,8 @@ def run_benchmark_stage(cfg, run):
     if not compression.is_file():
         raise PipelineError(f"{model_dir}: no compression.json; run `python -m pipeline compress` first")
     processed = processed_dir(cfg, run)
+    if json.loads(compression.read_text()).get("task") == "lm":
+        return run_lm_benchmark_stage(run, model_dir, processed, json.loads(compression.read_text())["variants"])
     variants = json.loads(compression.read_text())["variants"]
     names = list(variants)  # what the compress stage built
     key = stage_key(cfg, model_dir, processed, names)
@@ -60,6 +66,44 @@ def run_benchmark_stage(cfg, run):
     print_result(run, model_dir, result, names)
     return result
 
+
+
+# ---------------------------------------------------------------- a language-model run (data.task lm)
+
+LM_REPEATS = 3  # generations per variant; the median is reported
+
+
+def run_lm_benchmark_stage(run, model_dir, processed, variants):
+    """Every exported language model at 1 thread through LiteRT: dev bits per character, size, time to first
+    token (the prompt's prefill) and decode tokens per second (greedy, after the prompt), in benchmark.json."""
+    print("task: lm (the processed run is a language-model run)")
+    key = {"config": {"lm_benchmark": {"threads": 1, "repeats": LM_REPEATS}},
+           "inputs": {**manifest.inputs(model_dir, [v["file"] for v in variants.values()], "compress"),
+                      **manifest.inputs(processed, ["dev.txt"], "processed")}}
+    if manifest.up_to_date(model_dir, "benchmark", key):
+        return json.loads((model_dir / "benchmark.json").read_text())
+    manifest.begin(model_dir, "benchmark")
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    dev = (processed / "dev.txt").read_text(encoding="utf-8")
+    rows = {name: lm_variant_speed(model_dir / v["file"], tokenizer, dev) for name, v in variants.items()}
+    for name, r in rows.items():
+        print(f"{name}: {r['bytes'] / 1e6:.2f} MB, dev {r['dev_bits_per_char']:.4f} bits per char, time to first "
+              f"token {r['time_to_first_token_ms']:.1f} ms, decode {r['decode_tokens_per_second']:.0f} tokens/s "
+              "(1 thread)")
+    files.write_json(model_dir / "benchmark.json", {"run": run, "task": "lm", "threads": 1, "variants": rows})
+    manifest.record(model_dir, "benchmark", key, ["benchmark.json"])
+    return rows
+
+
+def lm_variant_speed(path, tokenizer, dev) -> dict:
+    """One .tflite language model's dev bits per character, size and generation speed at 1 thread."""
+    lm = LiteRTLM(path, threads=1)
+    prompt, tokens = dev[:max(1, lm.context // 4)], max(1, lm.context // 2)
+    runs = [generate(lm, tokenizer, prompt, max_tokens=tokens, temperature=0) for _ in range(LM_REPEATS)]
+    return {"bytes": path.stat().st_size, "dev_bits_per_char": score_tflite(path, tokenizer, dev)["bits_per_char"],
+            "prompt_tokens": len(tokenizer.encode(prompt)), "decode_tokens": tokens,
+            "time_to_first_token_ms": 1000 * float(np.median([r["prefill_seconds"] for r in runs])),
+            "decode_tokens_per_second": float(np.median([r["decode_tokens_per_second"] for r in runs]))}
 
 def stage_key(cfg, model_dir, processed, names):
     """What the measurements depend on: the config (train: the training-speed runs), the model, its variants and

@@ -23,13 +23,17 @@ from pipeline.export.metadata import add_metadata
 from pipeline.export.parity import check_parity
 from pipeline.export.recipes import Chains, Steps, fine_tune_data, fine_tune_steps, label, shared_prefixes
 from pipeline.export.student import make_student
+from pipeline.lm import export as lm_export
+from pipeline.lm.measure import score_tflite
+from pipeline.lm.model import load_lm
+from pipeline.lm.tokenizer import load_tokenizer
 from pipeline.measure.metrics import classification_metrics
 from pipeline.measure.predictors import KerasPredictor, MediaPipeClassifier, TFLitePredictor
 from pipeline.measure.tables import markdown_table
 from pipeline.measure.tflite_file import tflite_weight_sparsity
 from pipeline.model.build import load_model
 from pipeline.model.training import train_key
-from pipeline.text.processed import load_processed
+from pipeline.text.processed import load_processed, load_stats, processed_dir
 from pipeline.text.read import read_examples
 
 # Bump when what the variants are made of changes, so runs compressed by an older pipeline are rebuilt.
@@ -42,6 +46,8 @@ def run_compress_stage(cfg, run):
     model_dir = Path(cfg.paths.models) / run
     if not (model_dir / "metrics.json").is_file():
         raise PipelineError(f"{model_dir}: no trained model for run '{run}'; run `python -m pipeline train` first")
+    if load_stats(processed_dir(cfg, run)).get("task") == "lm":
+        return run_lm_compress_stage(cfg, run, model_dir, processed_dir(cfg, run))
     processed, stats, labels = load_processed(cfg, run)
     if distils(cfg) and any(steps[0] == "student" for steps in cfg.compress.variants.values()):
         make_student(cfg, run)  # skipped when the student is up to date, resumed when it was killed
@@ -71,6 +77,51 @@ def run_compress_stage(cfg, run):
     print(f"Keras model: accuracy {dev.reference['accuracy']:.4f}, macro F1 {dev.reference['macro_f1']:.4f}\n{table}")
     print(f"compressed {run} in {time.perf_counter() - started:.0f} s -> {model_dir / 'tflite'}")
     return summary
+
+
+# ---------------------------------------------------------------- a language-model run (data.task lm)
+
+# max |logit difference| from Keras that each export may show (prefill and KV-cache decode): float32 is exact;
+# int8 weights move logits by tenths, int8 activations by up to ~4 on a 4x128 model with its n-gram table (a
+# broken export is off by far more); what matters, the dev bits per character, is recorded beside it
+LM_PARITY = {"float32": 1e-3, "dynamic_range": 1.0, "int8": 8.0}
+
+
+def run_lm_compress_stage(cfg, run, model_dir, processed):
+    """The language model's KV-cache exports (pipeline/lm/export.py): float32, dynamic_range and int8 (calibrated
+    on train windows), each checked against Keras and scored on dev through LiteRT, in compression.json."""
+    print("task: lm (the processed run is a language-model run)")
+    key = {"config": {"lm_compress": {"modes": list(LM_PARITY), "parity": LM_PARITY}},
+           "inputs": {**manifest.inputs(model_dir, ["model.keras", "tokenizer.json"], "train"),
+                      **manifest.inputs(processed, ["train.txt", "dev.txt"], "processed")}}
+    if manifest.up_to_date(model_dir, "compress", key):
+        return json.loads((model_dir / "compression.json").read_text())
+    manifest.begin(model_dir, "compress")
+    model, tokenizer = load_lm(model_dir / "model.keras"), load_tokenizer(model_dir / "tokenizer.json")
+    train_tokens = tokenizer.encode((processed / "train.txt").read_text(encoding="utf-8"))
+    dev = (processed / "dev.txt").read_text(encoding="utf-8")
+    reference = json.loads((model_dir / "metrics.json").read_text())["dev"]
+    rows = {}
+    for i, mode in enumerate(LM_PARITY, 1):
+        started = time.perf_counter()
+        path = model_dir / "tflite" / f"{mode}.tflite"
+        with files.atomic_path(path) as tmp:
+            tmp.write_bytes(lm_export.export_tflite(model, mode, calibration_tokens=train_tokens, seed=cfg.lm.seed))
+        try:
+            worst = lm_export.check_parity(model, path, train_tokens, LM_PARITY[mode])
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        score = score_tflite(path, tokenizer, dev)
+        rows[mode] = {"file": f"tflite/{mode}.tflite", "bytes": path.stat().st_size, "parity_max_logit_diff": worst,
+                      "dev": score, "dev_bits_per_char_vs_keras": score["bits_per_char"] - reference["bits_per_char"]}
+        print(f"compress [{i}/{len(LM_PARITY)}] {mode} done in {time.perf_counter() - started:.0f} s: "
+              f"{rows[mode]['bytes'] / 1e6:.2f} MB, dev {rows[mode]['dev']['bits_per_char']:.4f} bits per char "
+              f"(Keras {reference['bits_per_char']:.4f}), max logit difference {worst:.4f}")
+    files.write_json(model_dir / "compression.json", {"run": run, "task": "lm", "keras_dev": reference,
+                                                      "variants": rows})
+    manifest.record(model_dir, "compress", key, [r["file"] for r in rows.values()] + ["compression.json"])
+    print(f"compressed {run} -> {model_dir / 'tflite'}")
+    return rows
 
 
 # ---------------------------------------------------------------- which variants, from what
