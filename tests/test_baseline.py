@@ -154,7 +154,7 @@ def scores(accuracy, macro_f1):
 
 
 def test_comparison_table_signs_deltas_and_names_the_winner():
-    from pipeline.measure.baseline import comparison_table
+    from pipeline.measure.compare import comparison_table
 
     worse = comparison_table({"dev": scores(0.80, 0.79), "test": scores(0.81, 0.80)},
                              {"dev": scores(0.85, 0.84), "test": scores(0.78, 0.775)})

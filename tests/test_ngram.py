@@ -6,7 +6,7 @@ import pytest
 import pipeline  # noqa: F401  (before TensorFlow: tf.keras must be tf-keras)
 import tensorflow as tf
 
-from pipeline.model import build
+from pipeline.model import build, layers, spec
 from pipeline.model import ngram
 from pipeline.core.config import ModelConfig
 
@@ -37,7 +37,7 @@ def _random_weights(order, seed=1, idf_range=(1.0, 3.0)):
 def test_layer_matches_numpy_reference(order):
     ids, mask = _padded()
     table, idf, bias = _random_weights(order)
-    layer = ngram.NgramLogits(V, C, order, BUCKETS)
+    layer = layers.NgramLogits(V, C, order, BUCKETS)
     layer([tf.constant(ids), tf.constant(mask)])
     layer.set_weights([table, idf, bias])
     got = layer([tf.constant(ids), tf.constant(mask)]).numpy()
@@ -48,7 +48,7 @@ def test_layer_matches_numpy_reference(order):
 def test_padding_and_zero_weights_change_nothing():
     ids, mask = _padded(n=4, length=8)
     table, idf, bias = _random_weights(3)
-    layer = ngram.NgramLogits(V, C, 3, BUCKETS)
+    layer = layers.NgramLogits(V, C, 3, BUCKETS)
     x = [tf.constant(ids), tf.constant(mask)]
     np.testing.assert_array_equal(layer(x).numpy(), 0.0)  # initial weights: a no-op term
     layer.set_weights([table, idf, bias])
@@ -154,7 +154,7 @@ def test_encoder_reads_the_first_wordpieces_and_the_ngram_term_all(tmp_path):
     cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, ngram_order=2,
                       ngram_buckets=BUCKETS, max_encoder_len=reach)
     model = build.build_model(cfg, V, C, seq)
-    assert build.encoder_length(cfg, seq) == reach and model.get_layer("embedding").max_len == reach
+    assert spec.encoder_length(cfg, seq) == reach and model.get_layer("embedding").max_len == reach
     ids = np.repeat(np.random.default_rng(3).integers(3, V, (1, seq)).astype(np.int32), 2, axis=0)
     ids[1, reach:] = (ids[0, reach:] + 1) % (V - 3) + 3  # the two texts differ only past the reach
     x = {"input_word_ids": ids, "input_mask": np.ones_like(ids), "input_type_ids": np.zeros_like(ids)}
@@ -209,7 +209,7 @@ def test_ngram_counts_in_the_tflite_file_grow_linearly_with_the_text(tmp_path):
 
     seq = 256
     ids_in, mask_in = tf.keras.Input((seq,), dtype=tf.int32), tf.keras.Input((seq,), dtype=tf.int32)
-    layer = ngram.NgramLogits(V, C, 3, BUCKETS)
+    layer = layers.NgramLogits(V, C, 3, BUCKETS)
     model = tf.keras.Model([ids_in, mask_in], layer([ids_in, mask_in]))
     layer.set_weights(list(_random_weights(3)))
     fn = tf.function(lambda i, m: model([i, m]), input_signature=[tf.TensorSpec([1, seq], tf.int32)] * 2)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import flatbuffers
 import numpy as np
-from ai_edge_litert import schema_py_generated as tfl
-from mediapipe.tasks.metadata import metadata_schema_py_generated as md
 
 from pipeline.core.errors import PipelineError
 
@@ -29,6 +27,14 @@ _INPUT_DESCRIPTIONS = {
 }
 
 
+def _schemas():
+    # imported on first use: MediaPipe takes ~1 s to load, and an up-to-date compress stage writes no metadata
+    from ai_edge_litert import schema_py_generated as tfl
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as md
+
+    return tfl, md
+
+
 def _input_keys(subgraph, name):
     """Our input name ("input_word_ids", ...) of each model input, in the model's input order."""
     keys = []
@@ -44,7 +50,7 @@ def _input_keys(subgraph, name):
     return keys
 
 
-def _model_metadata(input_keys, name, description):
+def _model_metadata(md, input_keys, name, description):
     feature = lambda: md.ContentT(contentPropertiesType=md.ContentProperties.FeatureProperties,  # noqa: E731
                                   contentProperties=md.FeaturePropertiesT())
     vocab = md.AssociatedFileT(name=VOCAB_FILE, description="WordPiece vocabulary, one token per line.",
@@ -72,11 +78,12 @@ def _pack(obj, identifier):
 
 def add_metadata(model_content: bytes, vocab_path, labels_path, name: str, description: str) -> bytes:
     """The .tflite bytes with MediaPipe text-classifier metadata and vocab.txt/labels.txt packed in."""
+    tfl, md = _schemas()
     # Unpacking parses the flatbuffer only, so a zip already appended (earlier metadata) is dropped.
     model = tfl.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
     if len(model.subgraphs) != 1:
         raise PipelineError(f"{name}: MediaPipe text models must have one subgraph, found {len(model.subgraphs)}")
-    meta = _pack(_model_metadata(_input_keys(model.subgraphs[0], name), name, description), b"M001")
+    meta = _pack(_model_metadata(md, _input_keys(model.subgraphs[0], name), name, description), b"M001")
     buffer = tfl.BufferT(data=np.frombuffer(meta, np.uint8))
     model.metadata = model.metadata or []  # the converter's own entries (runtime version...) stay
     entry = _metadata_entry(model)
@@ -104,6 +111,7 @@ def _metadata_entry(model):
 def read_metadata(model_content: bytes) -> dict:
     """{"name", "description", "inputs", "output", "associated_files", "files"} of a model's metadata
     ("files": the names in the appended zip)."""
+    tfl, md = _schemas()
     model = tfl.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
     entry = _metadata_entry(model)
     if entry is None:

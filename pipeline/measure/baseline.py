@@ -12,7 +12,6 @@ from pipeline.core import files
 from pipeline.measure.metrics import classification_metrics  # the model's metrics code, so the numbers compare
 from pipeline.measure.predictors import BASELINE_FILE, BaselinePredictor
 
-NAME = "bag-of-words baseline"
 
 
 def make_baseline():
@@ -47,36 +46,3 @@ def run_baseline(splits, out_dir, labels) -> dict:
     return {**result, "bytes": len(content),
             "gzip_bytes": files.gzip_size(content),  # as compress.py measures the .tflite variants
             "fit_seconds": fit_seconds, "path": str(out_dir)}
-
-
-def verdict(model_scores, baseline_scores, split="dev"):
-    """One sentence (lower-case start) comparing the Transformer and the baseline on one split's accuracy and
-    macro F1."""
-    ma, ba = model_scores["accuracy"], baseline_scores["accuracy"]
-    mf, bf = model_scores["macro_f1"], baseline_scores["macro_f1"]
-    numbers = (f"accuracy: Transformer {100 * ma:.2f}%, baseline {100 * ba:.2f}%; "
-               f"macro F1: Transformer {mf:.4f}, baseline {bf:.4f}")
-    if ma < ba or mf < bf:
-        return f"the {NAME} is better on {split} ({numbers})"
-    verb = "beats" if ma > ba and mf > bf else "matches or beats"
-    return f"the Transformer {verb} the {NAME} on {split} ({numbers})"
-
-
-def comparison_table(model: dict, baseline: dict) -> str:
-    """Aligned plain-text table of accuracy and macro F1, Transformer vs baseline, per split; then a verdict per
-    split (dev picks the best epoch and can flatter either side: on SST-2 it shares phrases with train)."""
-    header = ["split", "model acc %", "baseline acc %", "Δ acc (pt)", "model macro-F1", "baseline macro-F1",
-              "Δ macro-F1"]
-    rows = [header]
-    for split in ("dev", "test"):
-        if split in model and split in baseline:
-            m, b = model[split], baseline[split]
-            rows.append([split, f"{100 * m['accuracy']:.2f}", f"{100 * b['accuracy']:.2f}",
-                         f"{100 * (m['accuracy'] - b['accuracy']):+.2f}", f"{m['macro_f1']:.4f}",
-                         f"{b['macro_f1']:.4f}", f"{m['macro_f1'] - b['macro_f1']:+.4f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines += [verdict(model[split], baseline[split], split) for split in ("dev", "test")
-              if split in model and split in baseline]
-    return "\n".join(lines)

@@ -14,7 +14,6 @@ from ai_edge_litert.interpreter import Interpreter
 from pipeline import INPUT_NAMES
 from pipeline.core import manifest
 from pipeline.core.errors import PipelineError
-from pipeline.model.build import load_model
 from pipeline.text.tokenizer import encode, load_vocabulary, make_tokenizer
 
 BATCH_ELEMENTS = 1 << 23  # rows x width^2 of a predict batch: 32 texts of 512 wordpieces, 8 of 1024
@@ -101,8 +100,11 @@ class KerasPredictor:
 
 
 def _load_keras_model(model_dir):
+    # imported here, not above: the model code loads TFMOT (~1 s), which .tflite and baseline predictors do without
+    from pipeline.model.build import load_model  # knows the custom layers and TFMOT wrappers
+
     try:
-        return load_model(model_dir / "model.keras")  # knows the custom layers and TFMOT wrappers
+        return load_model(model_dir / "model.keras")
     except PipelineError:
         raise
     except Exception as e:  # a corrupt or incompatible model.keras: report it, don't crash

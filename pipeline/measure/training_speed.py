@@ -6,7 +6,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from pipeline.model.build import backbone_spec, build_model
+from pipeline.model.build import build_model
+from pipeline.model.spec import backbone_spec
 from pipeline.model.training import make_optimizer
 from pipeline.text import vectors
 from pipeline.text.dataset import make_dataset

@@ -1,7 +1,6 @@
 """Build the classifier (or the encoder with its MLM head) from the config, as a functional Keras model; load a
 saved one; and the run's model as `make train` builds and initialises it."""
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,23 +12,17 @@ from pipeline.core import manifest
 from pipeline.core.config import ModelConfig
 from pipeline.core.errors import PipelineError
 from pipeline.model import ngram
-from pipeline.model.backbone import configured_dir, load_backbone_weights, read_spec
+from pipeline.model.backbone import configured_dir, load_backbone_weights
 from pipeline.model.encoder import BERT_SCORE_LIMIT, EncoderBlock
-from pipeline.model.layers import (ClassifierHead, ClipTokenIds, LayerNorm, PaddingMask, SequencePooling,
-                                   TokenAndPositionEmbedding)
+from pipeline.model.layers import (ClassifierHead, ClipTokenIds, LayerNorm, NgramLogits, PaddingMask,
+                                   SequencePooling, TokenAndPositionEmbedding)
 from pipeline.model.mlm import MaskedLMHead
-from pipeline.model.ngram import NgramLogits
 from pipeline.model.quantize import qat_scope
+from pipeline.model.spec import backbone_spec, encoder_length, model_config
 from pipeline.text import vectors
 
 
 # ---------------------------------------------------------------- building
-
-
-def encoder_length(cfg: ModelConfig, seq_len: int, backbone=None) -> int:
-    """Wordpieces of a text the encoder reads (its first ones): seq_len, at most model.max_encoder_len and the
-    backbone's positions. The n-gram term reads all seq_len: attention's cost grows with the square of it."""
-    return max(1, min(seq_len, cfg.max_encoder_len or seq_len, backbone.max_positions if backbone else seq_len))
 
 
 def _encode(cfg: ModelConfig, vocab_size: int, max_len: int, inputs, vector_dim=0, embedded_tokens=0, backbone=None):
@@ -130,23 +123,11 @@ def set_word_vectors(model: tf.keras.Model, table, seen, learned):
 # ---------------------------------------------------------------- the run's model
 
 
-def model_config(cfg, stats):
-    """model.*, with the n-gram term off when the train split has more than model.ngram_max_rows rows."""
-    m = cfg.model
-    return m if not m.ngram_order or ngram.term_used(m, int(stats["rows"]["train"])) else dataclasses.replace(m, ngram_order=0)
-
-
 def build_run_model(cfg, stats, vocab_size, num_classes, word_vectors):
     """The run's classifier as `make train` builds it (model_config, the word vectors' sizes, the backbone's
     shape), its layers under the current mixed-precision policy."""
     return build_model(model_config(cfg, stats), vocab_size, num_classes, int(stats["seq_len"]),
                        **vectors.model_sizes(word_vectors), backbone=backbone_spec(cfg))
-
-
-def backbone_spec(cfg):
-    """The BackboneSpec of model.backbone, or None."""
-    directory = configured_dir(cfg)
-    return read_spec(directory) if directory else None
 
 
 def pretrained_encoder(cfg, model_dir):

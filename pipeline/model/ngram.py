@@ -1,7 +1,7 @@
 """The model's bag-of-n-grams term: TF-IDF features of hashed wordpiece n-grams and their logistic regression.
 
 The features are computed from `input_word_ids` alone, so the `.tflite` graph computes them itself
-(NgramLogits, below: builtin TFLite ops only) and the app's inputs do not change. This module also holds the
+(layers.NgramLogits, builtin TFLite ops only) and the app's inputs do not change. This module holds the
 NumPy twin of that computation, used to fit the weights in closed form (scikit-learn's logistic
 regression, as the bag-of-words baseline does) instead of by SGD, which on small data sets converges
 to a worse bag-of-words model than an exact fit.
@@ -16,11 +16,6 @@ on its own, like the baseline's FeatureUnion of word and character blocks.
 """
 import numpy as np
 import scipy.sparse as sp
-import tensorflow as tf
-from scipy.optimize import minimize
-from sklearn.linear_model import LogisticRegression
-
-from pipeline.model.layers import BaseLayer, register
 
 PRIME = 7919  # hash multiplier: vocab_size * PRIME and buckets * PRIME must stay below 2**31 (int32 in TFLite)
 INT32_MAX = 2**31 - 1
@@ -119,6 +114,9 @@ def fit_ngram_logits(ids, mask, labels, num_classes, *, vocab_size, order, bucke
 
     Returns (table [rows, num_classes] float32: coefficient * idf, idf [rows] float32, bias [num_classes]).
     """
+    # imported here: scikit-learn takes ~1 s to import, and the data stage reads this module for term_used
+    from sklearn.linear_model import LogisticRegression
+
     counts = tf_counts(ids, mask, vocab_size, order, buckets)
     idf = fit_idf(counts)
     x = tfidf(counts, idf, vocab_size, order, buckets)
@@ -147,6 +145,8 @@ def softmax(z):
 def fit_mix(transformer_logits, ngram_logits_, labels):
     """Weights (beta, alpha) >= 0 of softmax(beta * transformer + alpha * ngrams) with the least log loss on
     held-out rows: the two terms are fitted separately, so their scales are not comparable as they come."""
+    from scipy.optimize import minimize  # here, as fit_ngram_logits imports scikit-learn
+
     y = np.asarray(labels)
     zt, zn = np.asarray(transformer_logits, np.float64), np.asarray(ngram_logits_, np.float64)
 
@@ -158,86 +158,3 @@ def fit_mix(transformer_logits, ngram_logits_, labels):
     res = minimize(loss, best, method="L-BFGS-B", bounds=[(0.0, 10.0), (0.0, 10.0)])
     beta, alpha = (res.x if res.fun <= loss(best) else best)
     return float(beta), float(alpha)
-
-
-# ---------------------------------------------------------------- the Keras layer
-
-
-def _count_in_text(rows, valid):
-    """[B, L] int32 rows, [B, L] int32 0/1 -> [B, L] float32: how many valid positions of the same text hold each
-    position's row. UNIQUE over (text, row) keys, then a segment sum: linear in L, where comparing every pair
-    of positions took L^2 memory (4 MB a text per order at 1,024 wordpieces) and 3 ms per order in LiteRT."""
-    batch = tf.shape(rows, out_type=tf.int64)[0]
-    keys = tf.cast(rows, tf.int64) + tf.expand_dims(tf.range(batch) * (1 << 32), 1)  # rows < 2^31
-    _, index = tf.unique(tf.reshape(keys, [-1]))
-    counts = tf.math.unsorted_segment_sum(tf.reshape(valid, [-1]), index, tf.size(index))
-    return tf.cast(tf.reshape(tf.gather(counts, index), tf.shape(rows)), tf.float32)
-
-
-@register
-class NgramLogits(BaseLayer):
-    """[ids [B, T] int32, mask [B, T]] -> logits [B, num_classes] of a logistic regression on the TF-IDF
-    features of the text's hashed wordpiece n-grams (the NumPy twin above has the arithmetic and the fit).
-
-    Builtin TFLite ops only (MUL/FLOOR_MOD on int32, UNIQUE, UNSORTED_SEGMENT_SUM, GATHER, LOG, RSQRT). The
-    weights are fitted in closed form after the Transformer is trained, so they are not trainable; zeros (the
-    initial value) make the term a no-op.
-    """
-
-    def __init__(self, vocab_size, num_classes, order=3, buckets=131072, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        check_sizes(vocab_size, order, buckets)
-        self.vocab_size = int(vocab_size)
-        self.num_classes = int(num_classes)
-        self.order = int(order)
-        self.buckets = int(buckets)
-
-    def build(self, input_shape):
-        rows = num_rows(self.vocab_size, self.order, self.buckets)
-        self.table = self.add_weight("table", shape=(rows, self.num_classes), initializer="zeros", trainable=False)
-        self.idf = self.add_weight("idf", shape=(rows,), initializer="zeros", trainable=False)
-        self.bias = self.add_weight("bias", shape=(self.num_classes,), initializer="zeros", trainable=False)
-        super().build(input_shape)
-
-    def call(self, inputs):
-        ids, mask = inputs
-        ids = tf.cast(ids, tf.int32)
-        # 0/1 in int32: the counts (UNIQUE, segment sum) run on LiteRT's builtin kernels, and an input computed
-        # by XNNPACK in float would split the graph into two delegate partitions around them
-        real = tf.cast(tf.not_equal(mask, 0), tf.int32)
-        rows, valid_int, h = ids, real, ids
-        per_order = []  # (rows, share, sublinear tf) of each order's positions
-        for n in range(1, self.order + 1):
-            if n > 1:
-                h = tf.math.floormod(h[:, :-1] * PRIME + ids[:, n - 1:], self.buckets)
-                rows = h + (self.vocab_size + (n - 2) * self.buckets)
-                valid_int = valid_int[:, :-1] * real[:, n - 1:]
-            valid = tf.cast(valid_int, tf.float32)
-            count = tf.maximum(_count_in_text(rows, valid_int), 1.0)
-            sublinear = 1.0 + tf.math.log(count)
-            # each of a feature's `count` positions carries 1/count of its sublinear tf, 1 + ln(count)
-            per_order.append((rows, valid * sublinear / count, sublinear))
-        # One GATHER per table for all orders: the int8 converter gives every GATHER its own quantized
-        # copy of the table it reads.
-        all_rows = tf.concat([r for r, _, _ in per_order], axis=1)
-        weights, idf = tf.gather(self.table, all_rows), tf.gather(self.idf, all_rows)
-        logits, start = self.bias, 0
-        for rows, share, sublinear in per_order:
-            end = start + tf.shape(rows)[1]
-            total = tf.reduce_sum(tf.expand_dims(share, -1) * weights[:, start:end], axis=1)
-            norm2 = tf.reduce_sum(share * sublinear * tf.square(idf[:, start:end]), axis=1)
-            # Each order's features are L2-normalised on their own (tfidf above). A text with
-            # any seen n-gram has norm2 >= 1 (idf >= 1, 1 + ln count >= 1), one with none has total 0, so
-            # the floor of 1 changes nothing. A product with RSQRT, not a DIV by SQRT: in int8, a small
-            # norm2 rounds to zero and DIV refuses a zero divisor, while RSQRT saturates at its range's top.
-            logits = logits + total * tf.expand_dims(tf.math.rsqrt(tf.maximum(norm2, 1.0)), -1)
-            start = end
-        return logits
-
-    def compute_output_shape(self, input_shape):
-        return tf.TensorShape([tf.TensorShape(input_shape[0])[0], self.num_classes])
-
-    def get_config(self):
-        return {**super().get_config(), "vocab_size": self.vocab_size, "num_classes": self.num_classes,
-                "order": self.order, "buckets": self.buckets}

@@ -9,10 +9,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.pr
     prune_preserve_quantize_registry)
 
 from pipeline.model.encoder import EncoderBlock
-from pipeline.model.layers import (PACKAGE, ClassifierHead, ClipTokenIds, LayerNorm, PaddingMask, SequencePooling,
-                                   TokenAndPositionEmbedding, register)
+from pipeline.model.layers import (PACKAGE, ClassifierHead, ClipTokenIds, LayerNorm, NgramLogits, PaddingMask,
+                                   SequencePooling, TokenAndPositionEmbedding, register)
 from pipeline.model.mlm import MaskedLMHead
-from pipeline.model.ngram import NgramLogits
 
 _quant = tfmot.quantization.keras.quantizers
 _PrunePreserveQuantizer = prune_preserve_quantize_registry.PrunePreserveDefaultWeightsQuantizer

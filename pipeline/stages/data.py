@@ -16,8 +16,8 @@ from pipeline.core.files import atomic_path, write_json, write_text
 from pipeline.lm.runs import TOKENIZER, read_lm_text
 from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
 from pipeline.model import backbone
-from pipeline.model.build import encoder_length
 from pipeline.model.ngram import term_used
+from pipeline.model.spec import encoder_length
 from pipeline.text import tokenizer as tok
 from pipeline.text import vectors
 from pipeline.text.dataset import tokenize_split, write_tfrecord

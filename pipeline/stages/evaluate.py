@@ -11,7 +11,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_json
 from pipeline.lm.runs import is_lm, score_file
 from pipeline.measure.metrics import classification_metrics
-from pipeline.measure.plots import plot_confusion_matrix, plot_roc_curves
 from pipeline.measure.predictors import MediaPipeClassifier, load_predictor
 from pipeline.text.read import read_table
 
@@ -37,6 +36,9 @@ def run_evaluate(cfg, model_path, data_path, out_dir=None):
     print(json.dumps(result), flush=True)
 
     if out_dir is not None:
+        # imported only with --out: matplotlib takes ~0.5 s to import, which `predict` and `evaluate` without --out skip
+        from pipeline.measure.plots import plot_confusion_matrix, plot_roc_curves
+
         out_dir = Path(out_dir)
         write_json(out_dir / "metrics.json", result)
         images = {

@@ -12,9 +12,6 @@ import tensorflow as tf
 from pipeline.core import files, manifest
 from pipeline.core.config import save_config
 from pipeline.core.errors import PipelineError
-from pipeline.model.build import build_mlm_model, set_word_vectors
-from pipeline.model.mlm import MaskedAccuracy, MaskedPerplexity, masked_lm_loss
-from pipeline.model.training import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
 from pipeline.text import vectors
 from pipeline.text.dataset import make_mlm_dataset
 from pipeline.text.processed import load_processed
@@ -77,6 +74,11 @@ def stage_key(cfg, processed):
 
 def pretrain_encoder(cfg, processed, seq_len, state, logdir, key):
     """Fit the encoder with an MLM head on the run's texts; return (MLM model, epoch rows)."""
+    # imported here, not above: the model code loads TFMOT (~1 s), which an up-to-date pretrain stage does without
+    from pipeline.model.build import build_mlm_model, set_word_vectors
+    from pipeline.model.mlm import MaskedAccuracy, MaskedPerplexity, masked_lm_loss
+    from pipeline.model.training import EpochTimer, StepLog, WarmupLinearDecay, make_optimizer, read_epoch_log
+
     p = cfg.pretrain
     if not 0 < p.mask_rate < 1:
         raise PipelineError(f"pretrain.mask_rate must be in (0, 1), got {p.mask_rate}")

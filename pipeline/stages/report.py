@@ -11,10 +11,7 @@ import tensorflow as tf
 
 from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
-from pipeline.measure.baseline import verdict
-from pipeline.measure.compare import GOALS, recommendations, variant_rows
-from pipeline.measure.error_analysis import report_section
-from pipeline.measure.plots import plot_confusion_matrix, plot_tradeoff, plot_training_curves
+from pipeline.measure.compare import GOALS, recommendations, variant_rows, verdict
 from pipeline.measure.tables import html_table, markdown_table
 
 MB = 1024 * 1024
@@ -37,6 +34,9 @@ def run_report_stage(cfg, run):
     if manifest.up_to_date(model_dir, "report", key):
         return result
     manifest.begin(model_dir, "report")
+    # imported only now: the error analysis loads the Keras model code (TFMOT), ~1 s an up-to-date report skips
+    from pipeline.measure.error_analysis import report_section
+
     images = draw(model_dir, rows, compression, inputs.history, best)
     main, ops = build_tables(rows, benchmark)
     errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
@@ -74,6 +74,9 @@ def stage_key(cfg, model_dir, inputs):
 
 def draw(model_dir, rows, compression, history, best):
     """report/*.png: accuracy against size and latency, the shipped variant's confusion matrix, training curves."""
+    # matplotlib (~0.5 s to import) only when drawing: an up-to-date report draws nothing
+    from pipeline.measure.plots import plot_confusion_matrix, plot_tradeoff, plot_training_curves
+
     labels = [line for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() if line]
     out = model_dir / "report"
     return {

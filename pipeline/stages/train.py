@@ -21,11 +21,13 @@ from pipeline.lm.config import LMConfig
 from pipeline.lm.kneser_ney import KneserNey
 from pipeline.lm.measure import score_keras
 from pipeline.lm.train import train_lm
-from pipeline.measure.baseline import comparison_table, run_baseline
+from pipeline.measure.baseline import run_baseline
+from pipeline.measure.compare import comparison_table
 from pipeline.measure.metrics import classification_metrics
 from pipeline.measure.predictors import load_predictor
 from pipeline.model import ngram
-from pipeline.model.build import build_run_model, find_layer, initialize_encoder, model_config, set_word_vectors
+from pipeline.model.build import build_run_model, find_layer, initialize_encoder, set_word_vectors
+from pipeline.model.spec import model_config
 from pipeline.model.training import (EpochTimer, ResumableEarlyStopping, ResumableModelCheckpoint, SetEpoch,
                                      StepBudget, StepLog, WarmupLinearDecay, best_in_log, epochs_for,
                                      loss_class_weights, make_optimizer, make_strategy, read_epoch_log, step_limit,
