@@ -85,6 +85,7 @@ RUN_HELP = f"run name (default: the run of the last data/train given --data or -
 
 
 def build_parser():
+    """The CLI's parser: a subcommand per stage, in the order of the README's table."""
     parser = argparse.ArgumentParser(prog="liteformer", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
 
@@ -102,6 +103,20 @@ def build_parser():
     p.add_argument("--run", default=None, help=RUN_HELP)
     _common(p)
 
+    _add_model_commands(sub)
+
+    for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
+                       ("compress", "prune, quantize and export TFLite variants"),
+                       ("benchmark", "measure latency, memory and size of every variant"),
+                       ("report", "write the comparison report")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--run", default=None, help=RUN_HELP)
+        _common(p)
+    return parser
+
+
+def _add_model_commands(sub):
+    """The subcommands that take a model: evaluate, predict, explain and generate."""
     p = sub.add_parser("evaluate", help="evaluate a model directory or .tflite file on a data file")
     p.add_argument("--model", help="trained model directory or .tflite file (default: the run's model, on its "
                    "dev split, with --out saved_models/<run>/eval)")
@@ -143,15 +158,6 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="random seed (default: none)")
     p.add_argument("--stop", default=None, help="stop before this string")
     _common(p)
-
-    for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
-                       ("compress", "prune, quantize and export TFLite variants"),
-                       ("benchmark", "measure latency, memory and size of every variant"),
-                       ("report", "write the comparison report")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("--run", default=None, help=RUN_HELP)
-        _common(p)
-    return parser
 
 
 def main(argv=None):
