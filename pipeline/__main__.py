@@ -234,8 +234,8 @@ def call_stage(args):
         if args.data or args.run:
             remember_run(cfg, run)
     elif args.stage == "train":
-        stage.run_train_stage(cfg, run)
-        if args.run:
+        # None: a non-chief worker of several, which writes nothing of the run
+        if stage.run_train_stage(cfg, run) is not None and args.run:
             remember_run(cfg, run)
     elif args.stage == "evaluate" and args.model:
         stage.run_evaluate(cfg, args.model, args.data, args.out)

@@ -140,7 +140,7 @@ class TrainConfig:
     monitor: str = "val_loss"  # or "val_accuracy"
     seed: int = 42
     mixed_precision: str = "mixed_bfloat16"  # "float32", or "mixed_float16" (GPU); bfloat16 needs a CPU with bfloat16 units
-    strategy: str = "default"  # "mirrored" or "multi_worker"
+    strategy: str = "default"  # "mirrored", or "multi_worker" (TF_CONFIG; batch_size is the global batch)
     bucketing: bool = True  # batch by similar length; False pads every batch to the max length
     class_weight: str = "balanced"  # loss weight n / (classes * count) per class; "none": every row 1
     ngram_c: float = 4.0  # inverse L2 strength of the n-gram logistic regression (model.ngram_order)

@@ -2,13 +2,16 @@
 schedule and optimizer, callbacks that survive a resume, step and epoch budgets, class weights, and what a trained
 model depends on (its manifest key)."""
 import csv
+import json
 import math
+import os
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
 from pipeline.core import manifest
+from pipeline.core.errors import PipelineError
 from pipeline.model import backbone
 from pipeline.model.build import pretrained_encoder
 from pipeline.model.layers import register
@@ -170,12 +173,45 @@ def make_optimizer(learning_rate, weight_decay):
 
 
 def make_strategy(name):
-    """TensorFlow's own distributed engine: one device, all local devices, or several workers."""
+    """TensorFlow's own distributed engine: one device, all local devices, or several workers (TF_CONFIG). Call it
+    before any other TensorFlow op: several workers' collective ops can only be configured at start-up."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":  # reads TF_CONFIG, as tf.distribute documents
+    if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def check_tf_config(text):
+    """A one-line error for a TF_CONFIG that TensorFlow would fail on with a traceback (or a hang); unset is one
+    worker alone."""
+    if not text:
+        return
+    try:
+        config = json.loads(text)
+        workers = config["cluster"].get("worker", []) + config["cluster"].get("chief", [])
+        task_type, index = config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PipelineError(f"TF_CONFIG: not {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, \"task\": "
+                            f"{{\"type\": \"worker\", \"index\": i}}}} ({type(e).__name__}: {e})") from None
+    if not workers or task_type not in config["cluster"] or not 0 <= index < len(config["cluster"][task_type]):
+        raise PipelineError(f"TF_CONFIG: task {task_type} {index} is not in the cluster {config['cluster']}")
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: always, except on the non-chief workers of several."""
+    return strategy.extended.should_checkpoint
+
+
+def worker_counts(strategy, *flags):
+    """How many workers have each flag true (one all-reduce over all workers, so also a barrier); the flags
+    themselves as 0/1 without several workers. Every worker must call it, with the same number of flags."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return [int(bool(f)) for f in flags]
+    mine = tf.constant([float(bool(f)) for f in flags])
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: mine), axis=None)
+    return [int(round(v / len(strategy.extended.worker_devices))) for v in total.numpy()]  # one per replica
 
 
 def epochs_for(t, steps_per_epoch):

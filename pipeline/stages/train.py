@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,11 +30,11 @@ from pipeline.model import ngram
 from pipeline.model.build import build_run_model, find_layer, initialize_encoder, set_word_vectors
 from pipeline.model.spec import model_config
 from pipeline.model.training import (EpochTimer, ResumableEarlyStopping, ResumableModelCheckpoint, SetEpoch,
-                                     StepBudget, StepLog, WarmupLinearDecay, best_in_log, epochs_for,
+                                     StepBudget, StepLog, WarmupLinearDecay, best_in_log, epochs_for, is_chief,
                                      loss_class_weights, make_optimizer, make_strategy, read_epoch_log, step_limit,
-                                     steps_for, train_key, weigh_by_class)
+                                     steps_for, train_key, weigh_by_class, worker_counts)
 from pipeline.text import vectors
-from pipeline.text.dataset import make_dataset, split_arrays
+from pipeline.text.dataset import make_dataset, shard_by_data, split_arrays
 from pipeline.text.processed import load_processed, load_stats, processed_dir
 from pipeline.text.read import read_examples
 from pipeline.text.tokenizer import load_vocabulary
@@ -46,13 +47,18 @@ def run_train_stage(cfg, run):
     """`python -m pipeline train`: train, evaluate on dev, and write saved_models/<run>/."""
     if (processed_dir(cfg, run) / "stats.json").is_file() and load_stats(processed_dir(cfg, run)).get("task") == "lm":
         return run_lm_train_stage(cfg, run)
+    strategy = make_strategy(cfg.train.strategy)  # before any other TensorFlow op (several workers need that)
+    chief = is_chief(strategy)
     processed, _, _ = load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
     key = train_key(cfg, processed, model_dir)
-    if manifest.up_to_date(model_dir, "train", key):
-        return json.loads((model_dir / "metrics.json").read_text())
+    # the chief's view decides for all workers: another machine's saved_models/ may not have the run
+    if worker_counts(strategy, chief and manifest.up_to_date(model_dir, "train", key))[0]:
+        return json.loads((model_dir / "metrics.json").read_text()) if chief else None
+    if not chief:
+        return train_as_worker(cfg, run, strategy)
     manifest.begin(model_dir, "train")
-    model, rows, stats, labels, init = train_model(cfg, run, key)
+    model, rows, stats, labels, init = train_model(cfg, run, key, strategy)
     mix = fit_ngram_term(cfg, model, processed, stats, labels) if find_layer(model, "ngrams") else None
     save_model(model_dir, cfg, model, processed, stats, rows)
     splits, scores = score(cfg, processed, model_dir, labels)
@@ -152,35 +158,65 @@ def lm_comparison(metrics) -> str:
 # ---------------------------------------------------------------- training
 
 
-def train_model(cfg, run, key):
+def train_model(cfg, run, key, strategy):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
     "pretrained" or "scratch").
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
+    model, train_ds, dev_ds, epoch, plan, build, init = prepare(cfg, run, strategy)
+    state = Path(cfg.paths.models) / run / "train_state"
+    rows = fit(cfg, model, train_ds, dev_ds, epoch, plan,
+               SimpleNamespace(state=state, out=state, logdir=Path(cfg.paths.runs) / run / "train"),
+               resumed=lambda: manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()))
+    if plan.t.mixed_precision != "float32" or cfg.train.strategy != "default":
+        # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
+        # no bfloat16 kernel) and the float32 export then compute what they load, in float32. And as a model of
+        # this process alone: what follows (n-gram fit, saving, scoring) runs on the chief only, and a
+        # distributed model's predict or save would wait for the other workers.
+        tf.keras.mixed_precision.set_global_policy("float32")
+        model = build()
+    # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
+    model.load_weights(str(state / "best" / "weights")).expect_partial()
+    return model, rows, plan.stats, plan.labels, init
+
+
+def train_as_worker(cfg, run, strategy):
+    """A non-chief worker's part of `train`: the same fit, in step with the chief; what it writes (epoch log, best
+    weights, TensorBoard) goes to a temporary directory, deleted after. Reads the chief's train_state/ to resume,
+    so that must be on a filesystem all workers share. Returns None: the chief writes the run's files."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"liteformer-worker{strategy.cluster_resolver.task_id}-"))
+    try:
+        model, train_ds, dev_ds, epoch, plan, _, _ = prepare(cfg, run, strategy)
+        state = Path(cfg.paths.models) / run / "train_state"
+        fit(cfg, model, train_ds, dev_ds, epoch, plan, SimpleNamespace(state=state, out=scratch, logdir=scratch),
+            resumed=lambda: False)  # the chief decides
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"worker {strategy.cluster_resolver.task_type} {strategy.cluster_resolver.task_id}: trained with the "
+          f"chief, which writes {Path(cfg.paths.models) / run}")
+    return None
+
+
+def prepare(cfg, run, strategy):
+    """(model compiled in the strategy's scope, train and dev batches, the epoch variable, the plan, a function
+    that builds the model again, "pretrained" or "scratch")."""
     processed, stats, labels = load_processed(cfg, run)
     vocab = load_vocabulary(processed / "vocab.txt")
     word_vectors = vectors.load_table(processed)
     set_up_tensorflow(cfg.train)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     train_ds, dev_ds, plan = datasets(cfg, processed, stats, labels, epoch)
+    plan.stats, plan.labels = stats, labels
 
     def build():
         return build_run_model(cfg, stats, len(vocab), len(labels), word_vectors)
 
-    with make_strategy(plan.t.strategy).scope():
+    with strategy.scope():
         model = build()
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
             set_word_vectors(model, *word_vectors)
         compile_model(model, plan)
-    rows = fit(cfg, run, key, model, train_ds, dev_ds, epoch, plan)
-    if plan.t.mixed_precision != "float32":
-        # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
-        # no bfloat16 kernel) and the float32 export then compute what they load, in float32.
-        tf.keras.mixed_precision.set_global_policy("float32")
-        trained = model
-        model = build()
-        model.set_weights(trained.get_weights())
-    return model, rows, stats, labels, init
+    return model, train_ds, dev_ds, epoch, plan, build, init
 
 
 def set_up_tensorflow(t):
@@ -213,7 +249,7 @@ def datasets(cfg, processed, stats, labels, epoch):
     if cfg.model.ngram_order and not model_config(cfg, stats).ngram_order:
         print(f"n-gram term: off (train has {stats['rows']['train']:,} rows, more than model.ngram_max_rows "
               f"{cfg.model.ngram_max_rows:,})")
-    return weigh_by_class(train_ds, weights), dev_ds, plan
+    return shard_by_data(weigh_by_class(train_ds, weights)), shard_by_data(dev_ds), plan
 
 
 def compile_model(model, plan):
@@ -231,22 +267,25 @@ def compile_model(model, plan):
     )
 
 
-def fit(cfg, run, key, model, train_ds, dev_ds, epoch, plan):
-    """model.fit, resumable from saved_models/<run>/train_state/; the best epoch's weights restored. Returns the
-    epoch rows."""
-    state = Path(cfg.paths.models) / run / "train_state"
-    if manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()):
-        print(f"resuming the interrupted run in {state}")
-    logdir = Path(cfg.paths.runs) / run / "train"
-    _log_hparams(cfg, logdir)
-    callbacks = build_callbacks(cfg, state, logdir, epoch) + [StepBudget(plan.total_steps)]
+def fit(cfg, model, train_ds, dev_ds, epoch, plan, where, resumed):
+    """model.fit, resumable from where.state (train_state/, whose backup/ every worker reads); the epoch log, best
+    weights and TensorBoard logs go to where.out and where.logdir. resumed(): whether a resume is due (the chief's
+    answer counts; it empties train_state/ when not). Returns the epoch rows of where.out."""
+    strategy = model.distribute_strategy
+    resuming = worker_counts(strategy, resumed())[0]  # also a barrier: train_state/ is settled after it
+    seen, workers = worker_counts(strategy, (where.state / "backup").exists(), True)
+    if resuming and seen < workers:  # every worker must restore the same epoch, or they train out of step
+        raise PipelineError(f"{where.state / 'backup'}: only {seen} of {workers} workers see it; resuming on "
+                            "several machines needs saved_models/ on a filesystem they share")
+    if resuming:
+        print(f"resuming the interrupted run in {where.state}")
+    _log_hparams(cfg, where.logdir)
+    callbacks = build_callbacks(cfg, where, epoch) + [StepBudget(plan.total_steps)]
     model.fit(train_ds, validation_data=dev_ds, epochs=plan.epochs, callbacks=callbacks,
               verbose=1 if sys.stdout.isatty() else 2)
-    rows = read_epoch_log(state / "epochs.csv")
+    rows = read_epoch_log(where.out / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
-        raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
-    # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
-    model.load_weights(str(state / "best" / "weights")).expect_partial()
+        raise PipelineError(f"{where.state}: training diverged (loss is NaN); lower train.learning_rate and run again")
     return rows
 
 
@@ -257,22 +296,23 @@ def _log_hparams(cfg, logdir):
         hp.hparams(flat)
 
 
-def build_callbacks(cfg, state, logdir, epoch):
+def build_callbacks(cfg, where, epoch):
     """Order matters: the timer fills the logs first, and the epoch log is written before the backup,
-    so a kill between the two only logs an epoch twice (read_epoch_log keeps the last)."""
-    log = state / "epochs.csv"
+    so a kill between the two only logs an epoch twice (read_epoch_log keeps the last). A resume's best epoch
+    and patience come from the chief's epoch log (where.state), which every worker reads."""
+    log = where.state / "epochs.csv"
     monitor = cfg.train.monitor
     return [
         SetEpoch(epoch),
         EpochTimer(),
         tf.keras.callbacks.TerminateOnNaN(),
-        ResumableModelCheckpoint(str(state / "best" / "weights"), log, monitor=monitor, save_best_only=True,
+        ResumableModelCheckpoint(str(where.out / "best" / "weights"), log, monitor=monitor, save_best_only=True,
                                  save_weights_only=True),
         ResumableEarlyStopping(log, monitor=monitor, patience=cfg.train.patience),
-        tf.keras.callbacks.CSVLogger(str(log), append=True),
-        tf.keras.callbacks.BackupAndRestore(str(state / "backup")),
-        tf.keras.callbacks.TensorBoard(str(logdir), histogram_freq=1, write_graph=True),
-        StepLog(logdir),
+        tf.keras.callbacks.CSVLogger(str(where.out / "epochs.csv"), append=True),
+        tf.keras.callbacks.BackupAndRestore(str(where.state / "backup")),  # non-chief workers write a temporary copy
+        tf.keras.callbacks.TensorBoard(str(where.logdir), histogram_freq=1, write_graph=True),
+        StepLog(where.logdir),
     ]
 
 

@@ -113,6 +113,15 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def shard_by_data(ds):
+    """ds with DATA sharding: across several workers, each takes its share of every (global) batch, so a step sees
+    the batch a single process would. FILE sharding needs at least as many files as workers; a split is one file
+    (and training reads it into memory)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
 def split_arrays(path, seq_len):
     """(input dict of int32 [n, seq_len] arrays, labels [n]) of a processed split, in file order."""
     batches = list(make_dataset(path, seq_len, 1024, training=False).as_numpy_iterator())
