@@ -98,7 +98,7 @@ def test_two_workers_killed_and_restarted_train_the_model_one_process_would(toy_
     for i, (code, stdout, stderr) in enumerate(results):
         assert code == 0, f"worker {i}: {stderr[-3000:]}"
         assert "resuming the interrupted run" in stdout, f"worker {i}: {stdout}"
-    assert "worker worker 1: trained with the chief" in results[1][1]
+    assert "worker 1: trained with the chief" in results[1][1]
     assert "trained toy: dev accuracy" in results[0][1]
 
     # The chief wrote the run; the other worker nothing (its temporary copies are gone).

@@ -164,9 +164,12 @@ def train_model(cfg, run, key, strategy):
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
     model, train_ds, dev_ds, epoch, plan, build, init = prepare(cfg, run, strategy)
     state = Path(cfg.paths.models) / run / "train_state"
-    rows = fit(cfg, model, train_ds, dev_ds, epoch, plan,
-               SimpleNamespace(state=state, out=state, logdir=Path(cfg.paths.runs) / run / "train"),
-               resumed=lambda: manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()))
+    fit(cfg, model, train_ds, dev_ds, epoch, plan,
+        SimpleNamespace(state=state, out=state, logdir=Path(cfg.paths.runs) / run / "train"),
+        resumed=lambda: manifest.work_dir(state, key, resumable=lambda d: (d / "backup").exists()))
+    rows = read_epoch_log(state / "epochs.csv")
+    if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
+        raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
     if plan.t.mixed_precision != "float32" or cfg.train.strategy != "default":
         # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
         # no bfloat16 kernel) and the float32 export then compute what they load, in float32. And as a model of
@@ -191,8 +194,8 @@ def train_as_worker(cfg, run, strategy):
             resumed=lambda: False)  # the chief decides
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"worker {strategy.cluster_resolver.task_type} {strategy.cluster_resolver.task_id}: trained with the "
-          f"chief, which writes {Path(cfg.paths.models) / run}")
+    print(f"{strategy.cluster_resolver.task_type} {strategy.cluster_resolver.task_id}: trained with the chief, "
+          f"which writes {Path(cfg.paths.models) / run}")
     return None
 
 
@@ -270,7 +273,7 @@ def compile_model(model, plan):
 def fit(cfg, model, train_ds, dev_ds, epoch, plan, where, resumed):
     """model.fit, resumable from where.state (train_state/, whose backup/ every worker reads); the epoch log, best
     weights and TensorBoard logs go to where.out and where.logdir. resumed(): whether a resume is due (the chief's
-    answer counts; it empties train_state/ when not). Returns the epoch rows of where.out."""
+    answer counts; it empties train_state/ when not)."""
     strategy = model.distribute_strategy
     resuming = worker_counts(strategy, resumed())[0]  # also a barrier: train_state/ is settled after it
     seen, workers = worker_counts(strategy, (where.state / "backup").exists(), True)
@@ -283,10 +286,6 @@ def fit(cfg, model, train_ds, dev_ds, epoch, plan, where, resumed):
     callbacks = build_callbacks(cfg, where, epoch) + [StepBudget(plan.total_steps)]
     model.fit(train_ds, validation_data=dev_ds, epochs=plan.epochs, callbacks=callbacks,
               verbose=1 if sys.stdout.isatty() else 2)
-    rows = read_epoch_log(where.out / "epochs.csv")
-    if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
-        raise PipelineError(f"{where.state}: training diverged (loss is NaN); lower train.learning_rate and run again")
-    return rows
 
 
 def _log_hparams(cfg, logdir):
