@@ -110,9 +110,10 @@ def test_compress_and_benchmark(trained, capsys):
     model_dir = trained / "saved_models" / "verse"
     compression = json.loads((model_dir / "compression.json").read_text())
     variants = compression["variants"]
-    assert set(variants) == {"float32", "dynamic_range", "int8"}
+    assert set(variants) == {"float32", "dynamic_range", "float16", "int8"}
+    assert variants["float16"]["bytes"] < 0.6 * variants["float32"]["bytes"]
     assert abs(variants["float32"]["dev"]["bits_per_char"] - compression["keras_dev"]["bits_per_char"]) < 1e-3
-    assert "compress [3/3] int8 done" in capsys.readouterr().out
+    assert "compress [4/4] int8 done" in capsys.readouterr().out
     assert main(["benchmark", *overrides(trained)]) == 0
     bench = json.loads((model_dir / "benchmark.json").read_text())
     assert bench["threads"] == 1 and set(bench["variants"]) == set(variants)
