@@ -31,10 +31,10 @@ def test_ship_rule_keeps_to_the_margin():
 
 
 def test_sample_prompts_start_at_lines():
-    dev = "ROMEO:\nBut soft\nJULIET:\nAy me\nNURSE:\nAnon\n"
+    dev = "soft\n\nROMEO:\nBut soft\n\nJULIET:\nAy me\n\nNURSE:\nAnon\n"
     prompts = sample_prompts(dev, 3, length=6)
     assert prompts[0] == "ROMEO:" and len(prompts) == 3
-    assert all(dev.startswith(p) or f"\n{p}" in dev for p in prompts)
+    assert all(p and f"\n{p}" in dev and not p.startswith("\n") for p in prompts)
 
 
 def test_lm_variants_are_checked():
@@ -73,7 +73,8 @@ def test_compress_benchmark_report_and_generate_from_mobile(tmp_path, capsys):
     best = min(r["dev_bits_per_char"] for r in bench.values())
     ok = [n for n, r in bench.items() if r["dev_bits_per_char"] <= best + 0.05]
     shipped = min(ok, key=lambda n: variants[n]["gzip_bytes"])
-    assert (model_dir / "mobile" / "model.tflite").read_bytes() == (model_dir / "tflite" / f"{shipped}.tflite").read_bytes()
+    mobile = (model_dir / "mobile" / "model.tflite").read_bytes()
+    assert mobile == (model_dir / "tflite" / f"{shipped}.tflite").read_bytes()
     capsys.readouterr()
     assert main(["generate", "--model", str(model_dir / "mobile" / "model.tflite"), "When", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("When")

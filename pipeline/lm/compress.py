@@ -15,7 +15,7 @@ import tensorflow_model_optimization as tfmot
 from pipeline.lm.model import HashedNgramLogits, TiedEmbedding, lm_custom_objects
 from pipeline.lm.windows import training_dataset
 from pipeline.model.encoder import EncoderBlock
-from pipeline.model.layers import ClipTokenIds, LayerNorm, PaddingMask
+from pipeline.model.layers import LayerNorm
 from pipeline.model.quantize import LiteformerQuantizeConfig, _PrunePreserveScheme, qat_scope
 from pipeline.model.training import WarmupLinearDecay, make_optimizer
 
@@ -71,15 +71,13 @@ def prune_lm(model, tuning):
 
 def _annotate(layer, preserve_sparsity):
     """Our float layers with the classifier's QuantizeConfig; the int32 consumers (ids, mask, n-gram table
-    lookup) and the float32 logits' Activation / Add stay unannotated."""
+    lookup), the float32 logits' Activation / Add and anything else stay unannotated."""
     if isinstance(layer, (TiedEmbedding, EncoderBlock, LayerNorm)):
         # the tied embedding's second output is the logits: not quantized (as TFMOT leaves softmax outputs),
         # and one output range could not serve both embeddings and logits
         config = LiteformerQuantizeConfig(quantize_output=not isinstance(layer, TiedEmbedding),
                                           preserve_sparsity=preserve_sparsity)
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config)
-    assert isinstance(layer, (ClipTokenIds, PaddingMask, HashedNgramLogits, tf.keras.layers.Activation,
-                              tf.keras.layers.Add, tf.keras.layers.InputLayer)), type(layer)
     return layer
 
 

@@ -4,6 +4,7 @@ and the Kneser-Ney baseline; three generated samples from the shipped file; and 
 tokenizer and a model card, so `python -m pipeline generate --model <run>/mobile/model.tflite PROMPT` runs."""
 import html
 import json
+import re
 from pathlib import Path
 
 from pipeline.core import files, manifest
@@ -21,6 +22,7 @@ LM_GOALS = {"smallest": "smallest gzip size within lm.ship_margin bits per char 
 SAMPLE_SEEDS = (0, 1, 2)  # one sample per seed, each from its own prompt
 SAMPLE_TOKENS = 200
 SAMPLE_TEMPERATURE = 0.8
+LINE_START = re.compile(r"\n(?=[^\n])")  # a newline before a non-empty line
 
 
 def lm_rows(compression, benchmark):
@@ -39,18 +41,24 @@ def lm_goals(rows, margin):
     """{goal: variant name}: smallest and fastest among the rows within `margin` bits per char of the best."""
     best = min(r["bits_per_char"] for r in rows)
     ok = [r for r in rows if r["bits_per_char"] <= best + margin]
-    size = lambda r: r["gzip_bytes"] or r["bytes"]  # noqa: E731 (rows of runs compressed before gzip_bytes)
-    return {"smallest": min(ok, key=lambda r: (size(r), -r["decode_tokens_per_second"]))["variant"],
-            "fastest": min(ok, key=lambda r: (-r["decode_tokens_per_second"], size(r)))["variant"],
-            "most_accurate": min(rows, key=lambda r: (r["bits_per_char"], size(r)))["variant"]}
+    return {"smallest": min(ok, key=lambda r: (_size(r), -r["decode_tokens_per_second"]))["variant"],
+            "fastest": min(ok, key=lambda r: (-r["decode_tokens_per_second"], _size(r)))["variant"],
+            "most_accurate": min(rows, key=lambda r: (r["bits_per_char"], _size(r)))["variant"]}
+
+
+def _size(row):
+    """The download: gzip size (a pruned file's zeros compress), or the file's size in runs compressed before it."""
+    return row["gzip_bytes"] or row["bytes"]
 
 
 def sample_prompts(dev, count, length=32):
-    """`count` prompts: the first `length` characters of the dev lines at 0, 1/count, 2/count .. of dev."""
+    """`count` prompts: the first `length` characters of the first non-empty dev line starting after 0, 1/count,
+    2/count .. of dev (a text file's first line may start mid-sentence)."""
     prompts = []
     for i in range(count):
-        start = dev.rfind("\n", 0, max(1, i * len(dev) // count)) + 1  # the start of that line
-        prompts.append(dev[start:start + length].rstrip("\n") or dev[:length])
+        found = LINE_START.search(dev, i * len(dev) // count)
+        start = found.end() if found else 0
+        prompts.append(dev[start:start + length])
     return prompts
 
 
@@ -118,7 +126,7 @@ def write_lm_report(cfg, run, model_dir, processed):
     result = {"recommended": shipped, "goals": goals, "rows": rows}
     key = {"config": {"report": cfg.to_dict()["report"], "lm_report": {
                "ship_margin": cfg.lm.ship_margin, "seeds": list(SAMPLE_SEEDS), "tokens": SAMPLE_TOKENS,
-               "temperature": SAMPLE_TEMPERATURE}},
+               "temperature": SAMPLE_TEMPERATURE, "prompts": "line starts after 0, 1/3, 2/3"}},
            "inputs": {**manifest.inputs(model_dir, ["compression.json", "benchmark.json", "metrics.json",
                                                     "tokenizer.json",
                                                     *(v["file"] for v in compression["variants"].values())], "model"),

@@ -94,7 +94,7 @@ LM_STAGE_VERSION = 2  # 2: lm.variants (float16, TFMOT prune / qat / prune_qat)
 def run_lm_compress_stage(cfg, run, model_dir, processed):
     """The language model's lm.variants (pipeline/lm/compress.py, export.py): each recipe's fine-tuned model
     exported, checked against its Keras model and scored on dev through LiteRT, in compression.json. A variant
-    finished before an interruption is kept (compress_state/)."""
+    finished before an interruption, or by a run with other variants, is kept (compress_state/)."""
     print("task: lm (the processed run is a language-model run)")
     section = cfg.to_dict(lm=True)["lm"]
     key = {"config": {"lm_compress": {"parity": LM_PARITY, **{k: section[k] for k in LM_COMPRESS_KEYS}},
@@ -105,7 +105,10 @@ def run_lm_compress_stage(cfg, run, model_dir, processed):
         return json.loads((model_dir / "compression.json").read_text())
     manifest.begin(model_dir, "compress")
     state = model_dir / "compress_state"
-    if manifest.work_dir(state, key):
+    # the list of variants is not part of the state's key: adding a recipe builds that one only
+    state_key = json.loads(json.dumps(key))
+    del state_key["config"]["lm_compress"]["variants"]
+    if manifest.work_dir(state, state_key):
         print(f"resuming compression in {state}")
     tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     model, tokenizer = load_lm(model_dir / "model.keras"), load_tokenizer(model_dir / "tokenizer.json")
@@ -120,7 +123,7 @@ def run_lm_compress_stage(cfg, run, model_dir, processed):
     rows = {}
     for i, (name, recipe) in enumerate(lm.variants.items(), 1):
         done = state / f"{name}.json"
-        if not done.is_file():
+        if not done.is_file() or json.loads(done.read_text())["recipe"] != list(recipe):
             started = time.perf_counter()
             row = lm_variant(model_dir, name, recipe, chains.model_after(recipe[:-1]), train_tokens, dev, cfg)
             row["dev_bits_per_char_vs_keras"] = row["dev"]["bits_per_char"] - reference["bits_per_char"]
