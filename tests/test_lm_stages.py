@@ -110,10 +110,10 @@ def test_compress_and_benchmark(trained, capsys):
     model_dir = trained / "saved_models" / "verse"
     compression = json.loads((model_dir / "compression.json").read_text())
     variants = compression["variants"]
-    assert set(variants) == {"float32", "dynamic_range", "float16", "int8"}
+    assert set(variants) == {"float32", "dynamic_range", "float16", "int8", "pruned_dynamic_range"}
     assert variants["float16"]["bytes"] < variants["float32"]["bytes"]  # (the graph outweighs a tiny model)
     assert abs(variants["float32"]["dev"]["bits_per_char"] - compression["keras_dev"]["bits_per_char"]) < 1e-3
-    assert "compress [4/4] int8 done" in capsys.readouterr().out
+    assert "compress [4/5] int8 done" in capsys.readouterr().out
     assert main(["benchmark", *overrides(trained)]) == 0
     bench = json.loads((model_dir / "benchmark.json").read_text())
     assert bench["threads"] == 1 and set(bench["variants"]) == set(variants)
@@ -127,10 +127,10 @@ def test_compress_builds_only_an_added_variant(trained, capsys):
     assert main(["compress", *overrides(trained)]) == 0
     capsys.readouterr()
     more = "lm.variants={float32: [float32], dynamic_range: [dynamic_range], float16: [float16], int8: [int8], " \
-           "pruned_float16: [prune, float16]}"
+           "pruned_dynamic_range: [prune, dynamic_range], pruned_float16: [prune, float16]}"
     assert main(["compress", *overrides(trained), "--set", more]) == 0
     out = capsys.readouterr().out
-    assert "compress [5/5] pruned_float16 done" in out and "int8 done" not in out
+    assert "compress [6/6] pruned_float16 done" in out and "int8 done" not in out
     variants = json.loads((trained / "saved_models" / "verse" / "compression.json").read_text())["variants"]
-    assert list(variants) == ["float32", "dynamic_range", "float16", "int8", "pruned_float16"]
+    assert list(variants) == ["float32", "dynamic_range", "float16", "int8", "pruned_dynamic_range", "pruned_float16"]
     assert variants["pruned_float16"]["sparsity"] > 0.45
