@@ -387,10 +387,11 @@ def load_config(path=None, overrides=()):
         _apply(cfg, dotted.strip(), value, f"--set {item}")
         ship_where = f"--set {item}" if dotted.strip() == "report.ship" else ship_where
     # checked last: the variants it may name can be set after it
-    names = tuple(cfg.compress.variants) + tuple(n for n in cfg.lm.variants if n not in cfg.compress.variants)
-    if cfg.report.ship not in GOALS and cfg.report.ship not in names:
-        raise PipelineError(f"{ship_where}: 'report.ship' must be one of {', '.join(GOALS + names)}"
-                            f", got {cfg.report.ship!r}")
+    lm_only = tuple(n for n in cfg.lm.variants if n not in cfg.compress.variants)
+    if cfg.report.ship not in GOALS + tuple(cfg.compress.variants) + lm_only:
+        raise PipelineError(f"{ship_where}: 'report.ship' must be one of "
+                            f"{', '.join(GOALS + tuple(cfg.compress.variants))}, got {cfg.report.ship!r}"
+                            f" (a language-model run: also {', '.join(lm_only) or 'none'})")
     return cfg
 
 
