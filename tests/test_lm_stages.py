@@ -15,7 +15,7 @@ from pipeline.text.task import resolve_task
 VERSE = "When shall we three meet again\nIn thunder, lightning, or in rain?\n"
 LM = ["lm.context=16", "lm.d_model=16", "lm.num_heads=2", "lm.num_layers=1", "lm.ff_dim=32", "lm.ngram_order=0",
       "lm.batch_size=8", "lm.steps=40", "lm.eval_every=20", "lm.learning_rate=0.01", "lm.warmup_steps=5",
-      "lm.mixed_precision=float32", "lm.baseline_order=3"]
+      "lm.mixed_precision=float32", "lm.baseline_order=3", "lm.prune_steps=4"]
 
 
 def lm_dir(root, train=VERSE * 6, dev=VERSE * 2, test=VERSE):
@@ -110,12 +110,27 @@ def test_compress_and_benchmark(trained, capsys):
     model_dir = trained / "saved_models" / "verse"
     compression = json.loads((model_dir / "compression.json").read_text())
     variants = compression["variants"]
-    assert set(variants) == {"float32", "dynamic_range", "int8"}
+    assert set(variants) == {"float32", "dynamic_range", "float16", "int8", "pruned_dynamic_range"}
+    assert variants["float16"]["bytes"] < variants["float32"]["bytes"]  # (the graph outweighs a tiny model)
     assert abs(variants["float32"]["dev"]["bits_per_char"] - compression["keras_dev"]["bits_per_char"]) < 1e-3
-    assert "compress [3/3] int8 done" in capsys.readouterr().out
+    assert "compress [4/5] int8 done" in capsys.readouterr().out
     assert main(["benchmark", *overrides(trained)]) == 0
     bench = json.loads((model_dir / "benchmark.json").read_text())
     assert bench["threads"] == 1 and set(bench["variants"]) == set(variants)
     for row in bench["variants"].values():
         assert row["time_to_first_token_ms"] > 0 and row["decode_tokens_per_second"] > 0 and row["bytes"] > 0
     assert main(["generate", "--model", str(model_dir / "tflite" / "int8.tflite"), "When", "--max-tokens", "5"]) == 0
+
+
+def test_compress_builds_only_an_added_variant(trained, capsys):
+    """After test_compress_and_benchmark: one more recipe in lm.variants is built alone, the others kept."""
+    assert main(["compress", *overrides(trained)]) == 0
+    capsys.readouterr()
+    more = "lm.variants={float32: [float32], dynamic_range: [dynamic_range], float16: [float16], int8: [int8], " \
+           "pruned_dynamic_range: [prune, dynamic_range], pruned_float16: [prune, float16]}"
+    assert main(["compress", *overrides(trained), "--set", more]) == 0
+    out = capsys.readouterr().out
+    assert "compress [6/6] pruned_float16 done" in out and "int8 done" not in out
+    variants = json.loads((trained / "saved_models" / "verse" / "compression.json").read_text())["variants"]
+    assert list(variants) == ["float32", "dynamic_range", "float16", "int8", "pruned_dynamic_range", "pruned_float16"]
+    assert variants["pruned_float16"]["sparsity"] > 0.45

@@ -1,5 +1,6 @@
 """train_lm on a tiny repetitive text: it learns (dev bits per character far under uniform), writes its files
-and TensorBoard scalars, and refuses a text too short for one window."""
+and TensorBoard scalars, refuses a text too short for one window, and resumes an interrupted run."""
+import dataclasses
 import json
 import math
 
@@ -54,3 +55,57 @@ def test_ngram_table_starts_from_counts(tmp_path):
                           "ngram_buckets": 1009, "ngram_init": init})
         dev[init] = train_lm(cfg, VERSE * 40, VERSE * 3, tmp_path / init)[2]["dev"]["bits_per_char"]
     assert dev["counts"] < 1.5 < 3.5 < dev["zeros"]
+
+
+class Killed(Exception):
+    """The process dying mid-run."""
+
+
+SHORT = dataclasses.replace(CFG, steps=40, eval_every=20)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """Killed after its first checkpoint (step 20 of 40), a rerun continues there and ends where an
+    uninterrupted run ends."""
+    from pipeline.lm import train
+
+    _, _, whole = train_lm(SHORT, VERSE * 40, VERSE * 3, tmp_path / "whole")
+    saved = train.Checkpointing.on_epoch_end
+
+    def save_then_die(self, epoch, logs=None):
+        saved(self, epoch, logs)
+        raise Killed  # as a killed process: nothing after the checkpoint runs
+
+    monkeypatch.setattr(train.Checkpointing, "on_epoch_end", save_then_die)
+    with pytest.raises(Killed):
+        train_lm(SHORT, VERSE * 40, VERSE * 3, tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint" / "progress.json").is_file()
+    assert not (tmp_path / "out" / "model.keras").exists()
+    monkeypatch.setattr(train.Checkpointing, "on_epoch_end", saved)
+    capsys.readouterr()
+    _, _, resumed = train_lm(SHORT, VERSE * 40, VERSE * 3, tmp_path / "out")
+    assert "resuming from the checkpoint at step 20" in capsys.readouterr().out
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [row["step"] for row in history] == [20, 40]
+    assert abs(resumed["dev"]["bits_per_char"] - whole["dev"]["bits_per_char"]) < 1e-3
+    assert not (tmp_path / "out" / "checkpoint").exists()  # finished: removed
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, monkeypatch, capsys):
+    from pipeline.lm import train
+
+    saved = train.Checkpointing.on_epoch_end
+
+    def save_then_die(self, epoch, logs=None):
+        saved(self, epoch, logs)
+        raise Killed
+
+    monkeypatch.setattr(train.Checkpointing, "on_epoch_end", save_then_die)
+    with pytest.raises(Killed):
+        train_lm(SHORT, VERSE * 40, VERSE * 3, tmp_path)
+    monkeypatch.setattr(train.Checkpointing, "on_epoch_end", saved)
+    capsys.readouterr()
+    other = dataclasses.replace(SHORT, learning_rate=0.005)
+    train_lm(other, VERSE * 40, VERSE * 3, tmp_path)
+    assert "resuming" not in capsys.readouterr().out
+    assert [row["step"] for row in json.loads((tmp_path / "history.json").read_text())] == [20, 40]

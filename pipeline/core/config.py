@@ -56,14 +56,40 @@ FINE_TUNED_VARIANTS = {
 }
 
 
-def check_variants(variants, where):
+# The language model's recipes (lm.variants): its steps are a subset of the classifier's (no student, low-rank
+# or clustering); pipeline/lm/compress.py runs them.
+LM_STEPS = ("prune", "qat", "prune_qat", "float32", "dynamic_range", "float16", "int8")
+LM_DEFAULT_VARIANTS = {
+    "float32": ["float32"],
+    "dynamic_range": ["dynamic_range"],
+    "float16": ["float16"],
+    "int8": ["int8"],
+    # tinyshakespeare: 0.0003 bits/char from float, 2.25 MB gzipped (dynamic_range: 0.0008, 2.48 MB)
+    "pruned_dynamic_range": ["prune", "dynamic_range"],
+}
+# lm keys that configure compress and report, left out of the train stage's key (changing them retrains nothing)
+LM_COMPRESS_KEYS = ("variants", "sparsity", "prune_steps", "qat_steps", "tune_learning_rate", "ship_margin")
+
+
+def check_lm_variants(variants, where):
+    """Raise a one-line PipelineError unless `variants` maps names to chains of LM_STEPS ending in one export."""
+    check_variants(variants, where, key="lm.variants")
+    for name, steps in variants.items():
+        bad = [s for s in steps if s not in LM_STEPS]
+        if bad:
+            raise PipelineError(f"{where}: lm.variants.{name}: step '{bad[0]}' is not one of the language model's "
+                                f"({', '.join(LM_STEPS)})")
+    return variants
+
+
+def check_variants(variants, where, key="compress.variants"):
     """Raise a one-line PipelineError unless `variants` maps names to valid chains of steps."""
     if not isinstance(variants, dict) or not variants:
-        raise PipelineError(f"{where}: compress.variants must map variant names to lists of steps")
+        raise PipelineError(f"{where}: {key} must map variant names to lists of steps")
     if variants.get("float32") != ["float32"]:
-        raise PipelineError(f"{where}: compress.variants needs float32: [float32] (the parity check's reference)")
+        raise PipelineError(f"{where}: {key} needs float32: [float32] (the parity check's reference)")
     for name, steps in variants.items():
-        at = f"{where}: compress.variants.{name}"
+        at = f"{where}: {key}.{name}"
         if name in MODEL_STEPS or "+" in name:
             raise PipelineError(f"{at}: a variant cannot be named like a step or contain '+'")
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
@@ -222,6 +248,13 @@ class LMSection:
     eval_every: int = 300  # dev bits per character (of the first eval_chars characters) every this many steps
     seed: int = 0
     baseline_order: int = 7  # the Kneser-Ney n-gram baseline's order
+    # compress / report of the language model (not part of the train stage's key: see LM_COMPRESS_KEYS)
+    variants: dict = field(default_factory=lambda: {k: list(v) for k, v in LM_DEFAULT_VARIANTS.items()})
+    sparsity: float = 0.5  # final fraction of zeros in every pruned kernel and in the n-gram table
+    prune_steps: int = 200  # fine-tuning steps on train windows while pruning (sparsity ramps over the first 60%)
+    qat_steps: int = 100  # quantization-aware fine-tuning steps (qat, prune_qat)
+    tune_learning_rate: float = 3e-4  # peak learning rate of those fine-tunings (warmup 10%, linear decay)
+    ship_margin: float = 0.05  # report.ship smallest / fastest: within this many bits per char of the best .tflite
 
 
 @dataclass
@@ -311,6 +344,8 @@ def _apply(cfg, dotted, value, where):
         raise PipelineError(f"{where}: '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
     if dotted == "compress.variants":
         check_variants(value, where)
+    if dotted == "lm.variants":
+        check_lm_variants(value, where)
     setattr(sub, key, value)
 
 
@@ -352,9 +387,11 @@ def load_config(path=None, overrides=()):
         _apply(cfg, dotted.strip(), value, f"--set {item}")
         ship_where = f"--set {item}" if dotted.strip() == "report.ship" else ship_where
     # checked last: the variants it may name can be set after it
-    if cfg.report.ship not in GOALS and cfg.report.ship not in cfg.compress.variants:
-        raise PipelineError(f"{ship_where}: 'report.ship' must be one of {', '.join(GOALS + tuple(cfg.compress.variants))}"
-                            f", got {cfg.report.ship!r}")
+    lm_only = tuple(n for n in cfg.lm.variants if n not in cfg.compress.variants)
+    if cfg.report.ship not in GOALS + tuple(cfg.compress.variants) + lm_only:
+        raise PipelineError(f"{ship_where}: 'report.ship' must be one of "
+                            f"{', '.join(GOALS + tuple(cfg.compress.variants))}, got {cfg.report.ship!r}"
+                            f" (a language-model run: also {', '.join(lm_only) or 'none'})")
     return cfg
 
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 from pipeline.model.encoder import _PAD_LOGIT, _SCORE_LIMIT
 from pipeline.model.layers import layer_norm as _layer_norm
 
-MODES = ("float32", "dynamic_range", "int8")
+MODES = ("float32", "dynamic_range", "float16", "int8")
 
 
 class CachedLM(tf.Module):
@@ -146,7 +146,8 @@ def _representative(cached, tokens, samples, seed):
 def export_tflite(model, mode, calibration_tokens=None, samples=64, seed=0):
     """.tflite bytes of a float32 build_lm model with prefill and decode signatures. mode: float32,
     dynamic_range (int8 weights, float activations), int8 (int8 weights and activations, calibrated on
-    `calibration_tokens`; float32 inputs and outputs, builtin float kernels where int8 has none)."""
+    `calibration_tokens`; float32 inputs and outputs, builtin float kernels where int8 has none), float16
+    (float16 weights, dequantized to float32 when the file is loaded: half the download, float32's speed)."""
     if mode not in MODES:
         raise ValueError(f"unknown export mode {mode!r}, expected one of {MODES}")
     cached = CachedLM(model)
@@ -156,6 +157,8 @@ def export_tflite(model, mode, calibration_tokens=None, samples=64, seed=0):
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["prefill", "decode"])
         if mode != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "float16":
+            converter.target_spec.supported_types = [tf.float16]
         if mode == "int8":
             if calibration_tokens is None:
                 raise ValueError("int8 export needs calibration tokens")

@@ -1,12 +1,15 @@
 """train_lm: fit the character tokenizer, train the causal Transformer on sampled windows (AdamW, linear
 warmup then linear decay to 0), log loss / perplexity / bits per character to TensorBoard, save the model."""
+import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
+from pipeline.core import files
 from pipeline.lm.config import LMConfig
 from pipeline.lm.kneser_ney import table_from_counts
 from pipeline.lm.measure import score_keras
@@ -58,9 +61,40 @@ class LMLog(tf.keras.callbacks.Callback):
         print(json.dumps(row), flush=True)
 
 
+class Checkpointing(tf.keras.callbacks.Callback):
+    """At each epoch end (every eval_every steps): the model, the optimizer and the history so far in
+    <out_dir>/checkpoint/, so that an interrupted train_lm resumes there (resume_point)."""
+
+    def __init__(self, directory, cfg, log):
+        super().__init__()
+        self.directory, self.cfg, self.log = Path(directory), cfg, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+        tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=1).save(checkpoint_number=epoch + 1)
+        files.write_json(self.directory / "progress.json", {"config": dataclasses.asdict(self.cfg),
+                                                            "epochs": epoch + 1, "history": self.log.history})
+
+
+def resume_point(directory, cfg, model):
+    """(epochs done, history) of a checkpoint an interrupted run of the same config left in `directory`, its
+    weights and optimizer state restored into `model`; (0, []) when there is none (a stale one is removed)."""
+    directory = Path(directory)
+    progress = directory / "progress.json"
+    latest = tf.train.latest_checkpoint(str(directory))
+    if latest and progress.is_file():
+        saved = json.loads(progress.read_text())
+        if saved["config"] == dataclasses.asdict(cfg):
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(latest).expect_partial()
+            return saved["epochs"], saved["history"]
+    shutil.rmtree(directory, ignore_errors=True)
+    return 0, []
+
+
 def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=None, name="train.txt"):
     """Train on train_text, score dev_text; writes model.keras (float32 weights), tokenizer.json, config.json,
-    history.json, metrics.json to out_dir and returns (float32 model, tokenizer, metrics)."""
+    history.json, metrics.json to out_dir and returns (float32 model, tokenizer, metrics). A run interrupted
+    after a checkpoint (every eval_every steps, in out_dir/checkpoint/) continues from it when rerun."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tf.keras.utils.set_random_seed(cfg.seed)
@@ -90,9 +124,15 @@ def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=Non
     dev_slice = dev_text[:cfg.eval_chars]
     log = LMLog(log_dir, cfg.log_every, len(tokens) / len(train_text),
                 lambda m: score_keras(m, tokenizer, dev_slice, cfg.context) if dev_slice else None)
-    every = min(cfg.eval_every, cfg.steps)
-    started = time.time()
-    model.fit(data, steps_per_epoch=every, epochs=max(cfg.steps // every, 1), verbose=0, callbacks=[log])
+    every, checkpoints = min(cfg.eval_every, cfg.steps), out_dir / "checkpoint"
+    done, log.history = resume_point(checkpoints, cfg, model)
+    if done:
+        print(f"resuming from the checkpoint at step {done * every} in {checkpoints}", flush=True)
+    started = time.time() - (log.history[-1]["seconds"] if log.history else 0.0)
+    log.started = started
+    # the same window stream as an uninterrupted run: the batches already trained on are skipped
+    model.fit(data.skip(done * every), steps_per_epoch=every, epochs=max(cfg.steps // every, 1), initial_epoch=done,
+              verbose=0, callbacks=[log, Checkpointing(checkpoints, cfg, log)])
     seconds = time.time() - started
     model = float32_copy(model, cfg, tokenizer.vocab_size)
     metrics = {"train_seconds": round(seconds, 1), "steps": int(cfg.steps),
@@ -104,4 +144,5 @@ def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=Non
     cfg.save(out_dir / "config.json")
     (out_dir / "history.json").write_text(json.dumps(log.history, indent=1) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
     return model, tokenizer, metrics

@@ -17,12 +17,14 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.core import files, manifest
+from pipeline.core.config import LM_COMPRESS_KEYS
 from pipeline.core.errors import PipelineError
 from pipeline.export.convert import representative_data
 from pipeline.export.metadata import add_metadata
 from pipeline.export.parity import check_parity
 from pipeline.export.recipes import Chains, Steps, fine_tune_data, fine_tune_steps, label, shared_prefixes
 from pipeline.export.student import make_student
+from pipeline.lm import compress as lm_compress
 from pipeline.lm import export as lm_export
 from pipeline.lm.measure import score_tflite
 from pipeline.lm.model import load_lm
@@ -82,46 +84,78 @@ def run_compress_stage(cfg, run):
 # ---------------------------------------------------------------- a language-model run (data.task lm)
 
 # max |logit difference| from Keras that each export may show (prefill and KV-cache decode): float32 is exact;
-# int8 weights move logits by tenths, int8 activations by up to ~4 on a 4x128 model with its n-gram table (a
-# broken export is off by far more); what matters, the dev bits per character, is recorded beside it
-LM_PARITY = {"float32": 1e-3, "dynamic_range": 1.0, "int8": 8.0}
+# float16 weights move logits by hundredths, int8 weights by tenths, int8 activations by up to ~4 on a 4x128
+# model with its n-gram table (a broken export is off by far more); what matters, the dev bits per character,
+# is recorded beside it. A fine-tuned variant is held to its own fine-tuned Keras model.
+LM_PARITY = {"float32": 1e-3, "float16": 0.5, "dynamic_range": 1.0, "int8": 8.0}
+LM_STAGE_VERSION = 2  # 2: lm.variants (float16, TFMOT prune / qat / prune_qat)
 
 
 def run_lm_compress_stage(cfg, run, model_dir, processed):
-    """The language model's KV-cache exports (pipeline/lm/export.py): float32, dynamic_range and int8 (calibrated
-    on train windows), each checked against Keras and scored on dev through LiteRT, in compression.json."""
+    """The language model's lm.variants (pipeline/lm/compress.py, export.py): each recipe's fine-tuned model
+    exported, checked against its Keras model and scored on dev through LiteRT, in compression.json. A variant
+    finished before an interruption, or by a run with other variants, is kept (compress_state/)."""
     print("task: lm (the processed run is a language-model run)")
-    key = {"config": {"lm_compress": {"modes": list(LM_PARITY), "parity": LM_PARITY}},
+    section = cfg.to_dict(lm=True)["lm"]
+    key = {"config": {"lm_compress": {"parity": LM_PARITY, **{k: section[k] for k in LM_COMPRESS_KEYS}},
+                      **manifest.version_config("compress", LM_STAGE_VERSION)},
            "inputs": {**manifest.inputs(model_dir, ["model.keras", "tokenizer.json"], "train"),
                       **manifest.inputs(processed, ["train.txt", "dev.txt"], "processed")}}
     if manifest.up_to_date(model_dir, "compress", key):
         return json.loads((model_dir / "compression.json").read_text())
     manifest.begin(model_dir, "compress")
+    state = model_dir / "compress_state"
+    # the list of variants is not part of the state's key: adding a recipe builds that one only
+    state_key = json.loads(json.dumps(key))
+    del state_key["config"]["lm_compress"]["variants"]
+    if manifest.work_dir(state, state_key):
+        print(f"resuming compression in {state}")
+    tf.keras.mixed_precision.set_global_policy("float32")  # QAT needs float32; exports are float anyway
     model, tokenizer = load_lm(model_dir / "model.keras"), load_tokenizer(model_dir / "tokenizer.json")
     train_tokens = tokenizer.encode((processed / "train.txt").read_text(encoding="utf-8"))
     dev = (processed / "dev.txt").read_text(encoding="utf-8")
     reference = json.loads((model_dir / "metrics.json").read_text())["dev"]
+    lm = cfg.lm
+    chains = lm_compress.Chains(model, lm_compress.Tuning(
+        tokens=train_tokens, context=model.get_layer("embedding").max_len, batch_size=lm.batch_size,
+        learning_rate=lm.tune_learning_rate, sparsity=lm.sparsity, prune_steps=lm.prune_steps,
+        qat_steps=lm.qat_steps, seed=lm.seed))
     rows = {}
-    for i, mode in enumerate(LM_PARITY, 1):
-        started = time.perf_counter()
-        path = model_dir / "tflite" / f"{mode}.tflite"
-        with files.atomic_path(path) as tmp:
-            tmp.write_bytes(lm_export.export_tflite(model, mode, calibration_tokens=train_tokens, seed=cfg.lm.seed))
-        try:
-            worst = lm_export.check_parity(model, path, train_tokens, LM_PARITY[mode])
-        except ValueError as e:
-            raise PipelineError(str(e)) from None
-        score = score_tflite(path, tokenizer, dev)
-        rows[mode] = {"file": f"tflite/{mode}.tflite", "bytes": path.stat().st_size, "parity_max_logit_diff": worst,
-                      "dev": score, "dev_bits_per_char_vs_keras": score["bits_per_char"] - reference["bits_per_char"]}
-        print(f"compress [{i}/{len(LM_PARITY)}] {mode} done in {time.perf_counter() - started:.0f} s: "
-              f"{rows[mode]['bytes'] / 1e6:.2f} MB, dev {rows[mode]['dev']['bits_per_char']:.4f} bits per char "
-              f"(Keras {reference['bits_per_char']:.4f}), max logit difference {worst:.4f}")
+    for i, (name, recipe) in enumerate(lm.variants.items(), 1):
+        done = state / f"{name}.json"
+        if not done.is_file() or json.loads(done.read_text())["recipe"] != list(recipe):
+            started = time.perf_counter()
+            row = lm_variant(model_dir, name, recipe, chains.model_after(recipe[:-1]), train_tokens, dev, cfg)
+            row["dev_bits_per_char_vs_keras"] = row["dev"]["bits_per_char"] - reference["bits_per_char"]
+            files.write_json(done, row)
+            print(f"compress [{i}/{len(lm.variants)}] {name} done in {time.perf_counter() - started:.0f} s: "
+                  f"{row['bytes'] / 1e6:.2f} MB ({row['gzip_bytes'] / 1e6:.2f} gzipped), dev "
+                  f"{row['dev']['bits_per_char']:.4f} bits per char (Keras {reference['bits_per_char']:.4f}), "
+                  f"max logit difference {row['parity_max_logit_diff']:.4f}", flush=True)
+        rows[name] = json.loads(done.read_text())
     files.write_json(model_dir / "compression.json", {"run": run, "task": "lm", "keras_dev": reference,
                                                       "variants": rows})
     manifest.record(model_dir, "compress", key, [r["file"] for r in rows.values()] + ["compression.json"])
     print(f"compressed {run} -> {model_dir / 'tflite'}")
     return rows
+
+
+def lm_variant(model_dir, name, recipe, model, train_tokens, dev, cfg):
+    """tflite/<name>.tflite exported from `model` (the recipe's model steps done) by its last step, checked
+    against `model`; its row of compression.json."""
+    mode, path = recipe[-1], model_dir / "tflite" / f"{name}.tflite"
+    with files.atomic_path(path) as tmp:
+        tmp.write_bytes(lm_export.export_tflite(model, mode, calibration_tokens=train_tokens, seed=cfg.lm.seed))
+    try:
+        worst = lm_export.check_parity(model, path, train_tokens, LM_PARITY[mode])
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    content = path.read_bytes()
+    return {"file": f"tflite/{name}.tflite", "recipe": list(recipe), "bytes": len(content),
+            "gzip_bytes": files.gzip_size(content), "sparsity": lm_compress.weight_sparsity(model),
+            "ngram_sparsity": lm_compress.weight_sparsity(model, ngram=True),
+            "parity_max_logit_diff": worst, "dev": score_tflite(path, load_tokenizer(model_dir / "tokenizer.json"),
+                                                                 dev)}
 
 
 # ---------------------------------------------------------------- which variants, from what

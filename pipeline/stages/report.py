@@ -11,8 +11,10 @@ import tensorflow as tf
 
 from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
+from pipeline.lm.report import write_lm_report
 from pipeline.measure.compare import GOALS, recommendations, variant_rows, verdict
 from pipeline.measure.tables import html_table, markdown_table
+from pipeline.text.processed import processed_dir
 
 MB = 1024 * 1024
 
@@ -20,6 +22,8 @@ MB = 1024 * 1024
 def run_report_stage(cfg, run):
     """`python -m pipeline report`: saved_models/<run>/report.md, report.html and report/*.png."""
     model_dir = Path(cfg.paths.models) / run
+    if _load(model_dir / "compression.json", "compress").get("task") == "lm":
+        return write_lm_report(cfg, run, model_dir, processed_dir(cfg, run))
     inputs = read_inputs(model_dir)
     compression, benchmark = inputs.compression, inputs.benchmark
     key = stage_key(cfg, model_dir, inputs)

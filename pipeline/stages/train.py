@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from pipeline.core import files, manifest
-from pipeline.core.config import save_config
+from pipeline.core.config import LM_COMPRESS_KEYS, save_config
 from pipeline.core.errors import PipelineError
 from pipeline.lm.config import LMConfig
 from pipeline.lm.kneser_ney import KneserNey
@@ -99,7 +99,8 @@ def run_lm_train_stage(cfg, run):
     print("task: lm (the processed run is a language-model run)")
     processed, model_dir = processed_dir(cfg, run), Path(cfg.paths.models) / run
     names = [f"{s}.txt" for s in LM_SPLITS if (processed / f"{s}.txt").is_file()]
-    key = {"config": {"lm": cfg.to_dict(lm=True)["lm"]}, "inputs": manifest.inputs(processed, names, "processed")}
+    section = {k: v for k, v in cfg.to_dict(lm=True)["lm"].items() if k not in LM_COMPRESS_KEYS}
+    key = {"config": {"lm": section}, "inputs": manifest.inputs(processed, names, "processed")}
     if manifest.up_to_date(model_dir, "train", key):
         return json.loads((model_dir / "metrics.json").read_text())
     manifest.begin(model_dir, "train")
