@@ -90,8 +90,15 @@ def retry_interrupted(study):
 
 def requeue(study, trial):
     """Queue `trial`'s params again (keeping whether it is the config's own trial)."""
-    study.enqueue_trial(trial.params, user_attrs={"default": bool(trial.user_attrs.get("default"))},
-                        skip_if_exists=False)
+    study.enqueue_trial(trial.params, user_attrs={"default": bool(trial.user_attrs.get("default")),
+                                                  "retry_of": trial.number}, skip_if_exists=False)
+
+
+def origin(trial):
+    """Where a trial's values come from, for its progress line."""
+    what = "the config itself" if trial.user_attrs.get("default") else "sampled"
+    retry = trial.user_attrs.get("retry_of")
+    return what if retry is None else f"{what}, trial {retry} again"
 
 
 def finished(study):

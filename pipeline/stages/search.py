@@ -91,7 +91,7 @@ def run_trial(cfg, run, study, out, deadline):
     overrides = search.suggest(trial, cfg.search.space)
     trial_dir = out / f"trial_{trial.number}"
     config = trial_config(cfg, overrides, trial_dir)
-    print(f"search: trial {trial.number} ({'the config itself' if trial.user_attrs.get('default') else 'sampled'}): "
+    print(f"search: trial {trial.number} ({search.origin(trial)}): "
           + ", ".join(f"{k}={search.short(v)}" for k, v in overrides.items()), flush=True)
     t0 = time.time()
     curve_file = trial_dir / run / "train_state" / "epochs.csv"
@@ -166,7 +166,7 @@ def run_cli(args, log, poll):
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as f:
         child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=f, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"})
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` ends the child
         try:
             while child.poll() is None:
