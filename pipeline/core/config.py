@@ -214,6 +214,7 @@ DEFAULT_SPACE = {
     "model.max_encoder_len": [32, 64, 512],  # the encoder's sequence length cap (the n-gram term reads all)
     "model.dropout": [0.1, 0.2, 0.3],
     "model.ngram_order": [0, 3],  # with or without the bag-of-n-grams term
+    "train.ngram_c": [1.0, 4.0, 16.0],  # the n-gram term's regularisation: on small data it sets most of the quality
     "train.learning_rate": [0.0005, 0.001, 0.002],
     "train.batch_size": [32, 64],
     "compress.calibration_samples": [100, 500],
@@ -229,7 +230,7 @@ class SearchConfig:
     objective: str = "latency"  # the cost beside dev macro F1: int8 p50 latency at 1 thread, or the file's size
     seed: int = 0  # the TPE sampler's
     prune_warmup: int = 2  # epochs before a trial may be stopped early
-    prune_margin: float = 0.05  # ... when its dev accuracy at an epoch is this far below the median of finished trials
+    prune_margin: float = 0.1  # ... when its dev accuracy at an epoch is this far below the median of finished trials
     space: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SPACE.items()})
 
 
