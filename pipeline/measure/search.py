@@ -180,8 +180,9 @@ def plot_front(rows, label, path):
     ax.plot([r["cost"] for r in front], [r["macro_f1"] for r in front], "o--", color="tab:red", label="Pareto front")
     for r in rows:
         if r["default"] or r.get("chosen"):
-            ax.annotate(("chosen " if r.get("chosen") else "") + ("config" if r["default"] else f"trial {r['trial']}"),
-                        (r["cost"], r["macro_f1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            text = f"trial {r['trial']}" + (" (the config's own)" if r["default"] else "")
+            ax.annotate(text + (", chosen" if r.get("chosen") else ""), (r["cost"], r["macro_f1"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("dev macro F1 (int8 .tflite)")
     ax.grid(True, alpha=0.3)
