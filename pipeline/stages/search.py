@@ -136,8 +136,8 @@ def trial_config(cfg, overrides, trial_dir):
 
 def early_stopper(cfg, study, trial, curve_file, deadline):
     """A poll function for the training child: "pruned" when its dev accuracy per epoch (the Keras epoch log) is
-    clearly below the finished trials' (the median rule of pipeline/measure/search.py's stop_early), "timeout" past the deadline. Its `curve`
-    holds the epochs seen; each is also a trial user attribute."""
+    clearly below the finished trials' (search.stop_early's median rule), "timeout" past the deadline. Its `curve`
+    holds the epochs seen, also kept as a trial user attribute."""
     finished_curves = [t.user_attrs["metrics"]["val_accuracy"] for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
 
