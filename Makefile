@@ -21,7 +21,7 @@ ARGS      = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 DATA_ARG  = $(if $(DATA),--data $(DATA),)
 RUN_ARG   = $(if $(RUN),--run $(RUN),)
 
-.PHONY: venv help data pretrain train distill evaluate compress benchmark report tensorboard test test-e2e clean
+.PHONY: venv help data pretrain train distill evaluate compress benchmark report search tensorboard test test-e2e clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 help:
-	@echo 'make data | pretrain | train | distill | evaluate | compress | benchmark | report'
+	@echo 'make data | pretrain | train | distill | evaluate | compress | benchmark | report | search'
 	@echo '                                       each runs the stages it needs first (pretrain, distill: optional)'
 	@echo 'make tensorboard | test | test-e2e | clean                     (clean: processed data, models, logs)'
 	@echo 'DATA=DIR     a data directory (train.* and optionally dev.*, test.*); the run is named after it'
@@ -67,6 +67,11 @@ benchmark: compress
 
 report: benchmark
 	$(PY) -m pipeline report $(RUN_ARG) $(ARGS)
+
+# Optuna over shape, learning rate, dropout and int8 knobs (search.*); resumes after a kill. From scratch only:
+#   make search DATA=... SET="model.backbone=none train.learning_rate=0.001 search.trials=8"
+search: data
+	$(PY) -m pipeline search $(RUN_ARG) $(ARGS)
 
 tensorboard: | $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs

@@ -108,7 +108,9 @@ def build_parser():
     for name, what in (("distill", "train a smaller student on the trained model's soft labels"),
                        ("compress", "prune, quantize and export TFLite variants"),
                        ("benchmark", "measure latency, memory and size of every variant"),
-                       ("report", "write the comparison report")):
+                       ("report", "write the comparison report"),
+                       ("search", "search model shape, learning rate, dropout and int8 knobs (Optuna): Pareto front "
+                                  "of dev macro F1 and int8 cost")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--run", default=None, help=RUN_HELP)
         _common(p)
@@ -210,7 +212,8 @@ def _write_problem(e):
 # The module of pipeline/stages/ that runs each CLI stage.
 STAGE_MODULES = {"data": "data", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate",
                  "predict": "evaluate", "explain": "explain", "distill": "distill", "compress": "compress",
-                 "benchmark": "benchmark", "report": "report", "generate": "generate"}
+                 "benchmark": "benchmark", "report": "report", "generate": "generate",
+                 "search": "search"}
 
 
 def stage_module(stage):
@@ -251,7 +254,7 @@ def call_stage(args):
                            args.seed, args.stop)
     elif args.stage == "explain":
         stage.run_explain(cfg, args.model, _texts(args, cfg), args.out, args.label, args.steps)
-    else:  # pretrain, distill, compress, benchmark, report
+    else:  # pretrain, distill, compress, benchmark, report, search
         getattr(stage, f"run_{args.stage}_stage")(cfg, run)
 
 

@@ -181,7 +181,7 @@ def test_an_import_inside_a_function_says_why():
 def test_every_stage_of_the_cli_has_its_module():
     stages = {m.rpartition(".")[2] for m in modules(ROOT) if layer(m) == "stages" and m.count(".") == 2}
     assert stages == {"data", "pretrain", "train", "distill", "compress", "benchmark", "report", "explain", "evaluate",
-                      "generate"}
+                      "generate", "search"}
 
 
 # ---------------------------------------------------------------- the checks themselves

@@ -230,6 +230,36 @@ class ReportConfig:
     ship: str = "smallest"  # the variant in mobile/: a goal (smallest, fastest, most_accurate) or a variant name
 
 
+# The search's default space (make search): each key a list of choices; the config's own value must be one of them,
+# so that trial 0, the config as it is, is a point of the space.
+DEFAULT_SPACE = {
+    "model.num_layers": [1, 2],
+    "model.d_model": [64, 128],
+    "model.num_heads": [2, 4],
+    "model.ff_dim": [128, 256],
+    "model.max_encoder_len": [32, 64, 512],  # the encoder's sequence length cap (the n-gram term reads all)
+    "model.dropout": [0.1, 0.2, 0.3],
+    "model.ngram_order": [0, 3],  # with or without the bag-of-n-grams term
+    "train.ngram_c": [1.0, 4.0, 16.0],  # the n-gram term's regularisation: on small data it sets most of the quality
+    "train.learning_rate": [0.0005, 0.001, 0.002],
+    "train.batch_size": [32, 64],
+    "compress.calibration_samples": [100, 500],
+    # ops the int8 file keeps in float32: the default list, or fully int8 (faster where XNNPACK has int8 kernels)
+    "compress.float_ops": [list(CompressConfig().float_ops), []],
+}
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 20  # finished trials (trial 0: the config itself) after which the study stops
+    timeout: int = 3600  # seconds this invocation may take; a trial it would cut is stopped and retried on resume
+    objective: str = "latency"  # the cost beside dev macro F1: int8 p50 latency at 1 thread, or the file's size
+    seed: int = 0  # the TPE sampler's
+    prune_warmup: int = 2  # epochs before a trial may be stopped early
+    prune_margin: float = 0.1  # ... when its dev accuracy at an epoch is this far below the median of finished trials
+    space: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SPACE.items()})
+
+
 @dataclass
 class LMSection:
     """The language model's keys (data.task lm); the defaults are pipeline/lm/config.py's LMConfig's."""
@@ -267,6 +297,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     lm: LMSection = field(default_factory=LMSection)
 
     def to_dict(self, lm=False):
@@ -289,6 +320,7 @@ CHOICES = {
     "train.init": ("pretrained", "scratch"),
     "data.task": ("auto", "classify", "lm"),
     "lm.mixed_precision": ("float32", "mixed_bfloat16"),
+    "search.objective": ("latency", "size"),
 }
 GOALS = ("smallest", "fastest", "most_accurate")  # report.ship: one of these, or a variant of compress.variants
 
@@ -346,6 +378,8 @@ def _apply(cfg, dotted, value, where):
         check_variants(value, where)
     if dotted == "lm.variants":
         check_lm_variants(value, where)
+    if dotted == "search.space":
+        check_space(value, where)
     setattr(sub, key, value)
 
 
@@ -393,6 +427,40 @@ def load_config(path=None, overrides=()):
                             f"{', '.join(GOALS + tuple(cfg.compress.variants))}, got {cfg.report.ship!r}"
                             f" (a language-model run: also {', '.join(lm_only) or 'none'})")
     return cfg
+
+
+def check_space(space, where):
+    """Raise a one-line PipelineError unless `space` maps config keys (not search.*) to non-empty lists of values
+    each key accepts."""
+    if not isinstance(space, dict) or not space:
+        raise PipelineError(f"{where}: search.space must map section.key names to lists of choices")
+    for dotted, choices in space.items():
+        at = f"{where}: search.space.{dotted}"
+        if not isinstance(dotted, str) or dotted.startswith(("search.", "paths.")) or "." not in dotted:
+            raise PipelineError(f"{at}: expected a section.key of the config (not search.* or paths.*)")
+        if not isinstance(choices, list) or not choices:
+            raise PipelineError(f"{at}: expected a non-empty list of choices")
+        for choice in choices:
+            _apply(Config(), dotted, choice, at)
+    return space
+
+
+def check_space_holds(cfg, where):
+    """Each search.space key's choices include the config's own value (trial 0 measures the config itself)."""
+    for dotted, choices in cfg.search.space.items():
+        section, _, key = dotted.partition(".")
+        value = getattr(getattr(cfg, section), key)
+        if not any(_value(dotted, c) == value for c in choices):
+            raise PipelineError(f"{where}: search.space.{dotted} must include the config's own value {value!r} "
+                                f"(trial 0 measures the config as it is)")
+
+
+def _value(dotted, choice):
+    """`choice` as the config holds it (ints given for floats become floats)."""
+    cfg = Config()
+    _apply(cfg, dotted, choice, dotted)
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def save_config(cfg, path, lm=False):

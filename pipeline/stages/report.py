@@ -13,6 +13,7 @@ from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
 from pipeline.lm.report import write_lm_report
 from pipeline.measure.compare import GOALS, recommendations, variant_rows, verdict
+from pipeline.measure.search import report_section as search_section
 from pipeline.measure.tables import html_table, markdown_table
 from pipeline.text.processed import processed_dir
 
@@ -44,6 +45,8 @@ def run_report_stage(cfg, run):
     images = draw(model_dir, rows, compression, inputs.history, best)
     main, ops = build_tables(rows, benchmark)
     errors_md, errors_html = report_section(cfg, run, model_dir, best)  # also TensorBoard's runs/<run>/explain
+    search_md, search_html = search_section(model_dir)  # make search's Pareto front, when the run has one
+    errors_md, errors_html = errors_md + search_md, errors_html + search_html
     page = SimpleNamespace(run=run, versus=versus_baseline(compression, inputs.metrics), main=main, ops=ops,
                            facts=facts(rows, goals, best, ship, benchmark, compression),
                            placement=placement_note(benchmark), images=images)
@@ -73,6 +76,7 @@ def stage_key(cfg, model_dir, inputs):
     return {"config": {"report": cfg.to_dict()["report"]}, "inputs": manifest.inputs(model_dir, [
         "compression.json", "benchmark.json", "history.json", "labels.txt", "vocab.txt",
         *(["metrics.json"] if inputs.has_metrics else []),
+        *(["search/pareto.json"] if (model_dir / "search" / "pareto.json").is_file() else []),
         *(f"tflite/{n}.tflite" for n in inputs.compression["variants"])], "model")}
 
 
