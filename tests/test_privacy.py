@@ -119,7 +119,8 @@ def test_private_train_run_records_its_privacy(toy_data, tmp_path):
     from pipeline.stages.train import run_train_stage
 
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(
-        tmp_path, "train.epochs=2", "train.privacy=true", "train.privacy_target_epsilon=5", "train.patience=5"))
+        tmp_path, "train.epochs=2", "train.privacy=true", "train.privacy_target_epsilon=5", "train.patience=5",
+        "train.bucketing=false"))  # 25 batches an epoch
     run_data_stage(cfg, str(toy_data), "toy")
     metrics = run_train_stage(cfg, "toy")
 

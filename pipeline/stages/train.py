@@ -180,8 +180,7 @@ def train_model(cfg, run, key):
     rows = fit(cfg, run, key, model, train_ds, dev_ds, epoch, plan)
     privacy = None
     if plan.noise is not None:  # ε of the steps taken (early stopping may end before plan.total_steps)
-        steps = int(tf.keras.backend.get_value(model.optimizer.iterations))
-        privacy = privacy_record(plan.t, int(stats["rows"]["train"]), plan.noise, steps)
+        privacy = privacy_record(plan.t, int(stats["rows"]["train"]), plan.noise, plan.steps_taken)
     if plan.t.mixed_precision != "float32" or privacy:
         # (privacy: a model without the DP optimizer, whose class Keras could not load from model.keras)
         # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
@@ -274,6 +273,8 @@ def fit(cfg, run, key, model, train_ds, dev_ds, epoch, plan):
     callbacks = build_callbacks(cfg, state, logdir, epoch) + [StepBudget(plan.total_steps)]
     model.fit(train_ds, validation_data=dev_ds, epochs=plan.epochs, callbacks=callbacks,
               verbose=1 if sys.stdout.isatty() else 2)
+    # all steps taken: the best epoch's weights are chosen from all epochs' (restoring them resets the counter)
+    plan.steps_taken = int(tf.keras.backend.get_value(model.optimizer.iterations))
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
