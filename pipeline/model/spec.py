@@ -14,9 +14,12 @@ def encoder_length(cfg: ModelConfig, seq_len: int, backbone=None) -> int:
 
 
 def model_config(cfg, stats):
-    """model.*, with the n-gram term off when the train split has more than model.ngram_max_rows rows."""
+    """model.*, with the n-gram term off when the train split has more than model.ngram_max_rows rows, or with
+    train.privacy (its closed-form fit on train is not private)."""
     m = cfg.model
-    return m if not m.ngram_order or ngram.term_used(m, int(stats["rows"]["train"])) else dataclasses.replace(m, ngram_order=0)
+    if not m.ngram_order or (ngram.term_used(m, int(stats["rows"]["train"])) and not cfg.train.privacy):
+        return m
+    return dataclasses.replace(m, ngram_order=0)
 
 
 def backbone_spec(cfg):

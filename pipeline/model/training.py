@@ -134,8 +134,12 @@ LOG_EVERY = 25  # optimizer steps between TensorBoard points of loss, accuracy a
 
 
 def current_learning_rate(optimizer):
-    """The learning rate of the optimizer's last step (tf-keras evaluates its schedule as it steps)."""
-    return float(tf.keras.backend.get_value(optimizer.learning_rate))
+    """The learning rate of the optimizer's last step (tf-keras evaluates its schedule as it steps; a legacy
+    optimizer, such as the DP one, returns the schedule itself)."""
+    rate = optimizer.learning_rate
+    if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(optimizer.iterations - 1)
+    return float(tf.keras.backend.get_value(rate))
 
 
 class StepLog(tf.keras.callbacks.Callback):

@@ -14,6 +14,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.lm.report import write_lm_report
 from pipeline.measure.compare import GOALS, recommendations, variant_rows, verdict
 from pipeline.measure.search import report_section as search_section
+from pipeline.measure.privacy import privacy_fact, privacy_markdown
 from pipeline.measure.tables import html_table, markdown_table
 from pipeline.text.processed import processed_dir
 
@@ -48,12 +49,13 @@ def run_report_stage(cfg, run):
     search_md, search_html = search_section(model_dir)  # make search's Pareto front, when the run has one
     errors_md, errors_html = errors_md + search_md, errors_html + search_html
     page = SimpleNamespace(run=run, versus=versus_baseline(compression, inputs.metrics), main=main, ops=ops,
-                           facts=facts(rows, goals, best, ship, benchmark, compression),
+                           facts=facts(rows, goals, best, ship, benchmark, compression)
+                           + privacy_fact(inputs.metrics.get("privacy")),
                            placement=placement_note(benchmark), images=images)
     files.write_text(model_dir / "report.md", markdown_page(page, errors_md))
     files.write_text(model_dir / "report.html", html_page(page, errors_html))
     log_tensorboard(Path(cfg.paths.runs) / run / "report", page)
-    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark, ship)
+    mobile = write_mobile_bundle(model_dir, run, best, compression, benchmark, ship, inputs.metrics.get("privacy"))
     manifest.record(model_dir, "report", key, ["report.md", "report.html", "report", "mobile"])
     print(f"report {run}: smallest {goals['smallest']}, fastest {goals['fastest']}, most accurate "
           f"{goals['most_accurate']}; mobile/ holds {best} (report.ship {ship}) -> {model_dir / 'report.md'}, "
@@ -276,7 +278,7 @@ classifier.close()
 """
 
 
-def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship):
+def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship, privacy=None):
     """saved_models/<run>/mobile/: the .tflite chosen by report.ship `ship` as model.tflite, labels.txt,
     vocab.txt and model_card.md, written whole or not at all."""
     v, b = compression["variants"][variant], benchmark["variants"][variant]
@@ -287,7 +289,7 @@ def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship):
         labels=", ".join(f"`{label}`" for label in labels), accuracy=v["accuracy"],
         mp_accuracy=v["mediapipe"]["accuracy"], agreement=v["mediapipe"]["agreement"], bytes=v["bytes"],
         gzip=v["gzip_bytes"], p50=b["latency"]["threads_1"]["p50_ms"], p99=b["latency"]["threads_1"]["p99_ms"],
-        rss=b["peak_rss_kb"] / 1024)
+        rss=b["peak_rss_kb"] / 1024) + privacy_markdown(privacy, v["recipe"])
     with files.atomic_path(model_dir / "mobile") as tmp:
         tmp.mkdir()
         # not v["path"]: compress records it relative to the directory it ran in

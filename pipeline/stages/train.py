@@ -26,8 +26,10 @@ from pipeline.measure.baseline import run_baseline
 from pipeline.measure.compare import comparison_table
 from pipeline.measure.metrics import classification_metrics
 from pipeline.measure.predictors import load_predictor
+from pipeline.measure.privacy import noise_for_epsilon, privacy_line, privacy_record
 from pipeline.model import ngram
 from pipeline.model.build import build_run_model, find_layer, initialize_encoder, set_word_vectors
+from pipeline.model.privacy import make_dp_optimizer, per_example_loss
 from pipeline.model.spec import model_config
 from pipeline.model.training import (EpochTimer, ResumableEarlyStopping, ResumableModelCheckpoint, SetEpoch,
                                      StepBudget, StepLog, WarmupLinearDecay, best_in_log, epochs_for, is_chief,
@@ -58,7 +60,7 @@ def run_train_stage(cfg, run):
     if not chief:
         return train_as_worker(cfg, run, strategy)
     manifest.begin(model_dir, "train")
-    model, rows, stats, labels, init = train_model(cfg, run, key, strategy)
+    model, rows, stats, labels, init, privacy = train_model(cfg, run, key, strategy)
     mix = fit_ngram_term(cfg, model, processed, stats, labels) if find_layer(model, "ngrams") else None
     save_model(model_dir, cfg, model, processed, stats, rows)
     splits, scores = score(cfg, processed, model_dir, labels)
@@ -76,6 +78,7 @@ def run_train_stage(cfg, run):
         "params": int(model.count_params()),
         "seq_len": int(stats["seq_len"]),
         **({"ngrams": mix} if mix else {}),
+        **({"privacy": privacy} if privacy else {}),
     }
     files.write_json(model_dir / "metrics.json", metrics)
     manifest.record(model_dir, "train", key, ARTIFACTS)
@@ -84,6 +87,8 @@ def run_train_stage(cfg, run):
     print(f"trained {run}: dev accuracy {dev['accuracy']:.4f}, macro F1 {dev['macro_f1']:.4f}, "
           f"{len(rows)} epochs (best {best + 1}) in {seconds:.0f} s -> {model_dir}")
     print(comparison_table(scores, baseline))
+    if privacy:
+        print(privacy_line(privacy))
     return metrics
 
 
@@ -161,7 +166,7 @@ def lm_comparison(metrics) -> str:
 
 def train_model(cfg, run, key, strategy):
     """Fit a model on data/processed/<run>; return (model with the best weights, epoch rows, stats, labels,
-    "pretrained" or "scratch").
+    "pretrained" or "scratch", metrics.json's "privacy" record or None).
     key: the stage's manifest key, which an interrupted run must share to be resumed."""
     model, train_ds, dev_ds, epoch, plan, build, init = prepare(cfg, run, strategy)
     state = Path(cfg.paths.models) / run / "train_state"
@@ -171,16 +176,20 @@ def train_model(cfg, run, key, strategy):
     rows = read_epoch_log(state / "epochs.csv")
     if not rows or any(not math.isfinite(r.get("loss", math.nan)) for r in rows):
         raise PipelineError(f"{state}: training diverged (loss is NaN); lower train.learning_rate and run again")
-    if plan.t.mixed_precision != "float32" or cfg.train.strategy != "default":
+    privacy = None
+    if plan.noise is not None:  # ε of the steps taken (early stopping may end before plan.total_steps)
+        privacy = privacy_record(plan.t, int(plan.stats["rows"]["train"]), plan.noise, plan.steps_taken)
+    if plan.t.mixed_precision != "float32" or cfg.train.strategy != "default" or privacy:
         # Saved as a float32 model (the variables are float32 already): evaluate, compress's QAT (FakeQuant has
         # no bfloat16 kernel) and the float32 export then compute what they load, in float32. And as a model of
         # this process alone: what follows (n-gram fit, saving, scoring) runs on the chief only, and a
-        # distributed model's predict or save would wait for the other workers.
+        # distributed model's predict or save would wait for the other workers. And (privacy) a model without
+        # the DP optimizer, whose class Keras could not load from model.keras.
         tf.keras.mixed_precision.set_global_policy("float32")
         model = build()
     # A TF checkpoint, not .h5: .h5 weights fail to load under MirroredStrategy in tf-keras 2.21.
     model.load_weights(str(state / "best" / "weights")).expect_partial()
-    return model, rows, plan.stats, plan.labels, init
+    return model, rows, plan.stats, plan.labels, init, privacy
 
 
 def train_as_worker(cfg, run, strategy):
@@ -225,22 +234,25 @@ def prepare(cfg, run, strategy):
 
 def set_up_tensorflow(t):
     """Seeds, deterministic ops, dropout from tf.random.Generator states (saved with each epoch's backup) and the
-    mixed-precision policy of train.*."""
+    mixed-precision policy of train.* (float32 with train.privacy: DP-SGD clips and noises float32 gradients)."""
     tf.keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
     tf.keras.backend.experimental.enable_tf_random_generator()  # dropout from tf.random.Generator states
-    tf.keras.mixed_precision.set_global_policy(t.mixed_precision)
+    tf.keras.mixed_precision.set_global_policy("float32" if t.privacy else t.mixed_precision)
 
 
 def datasets(cfg, processed, stats, labels, epoch):
     """(train batches weighted by class, dev batches, the plan: train.* with the step limit, epochs, steps and class
     weights), and prints the plan."""
     seq_len, t = int(stats["seq_len"]), cfg.train
+    # DP microbatches must divide every batch: then the last, smaller batch of each length is dropped
     train_ds = make_dataset(processed / "train.tfrecord", seq_len, t.batch_size, training=True,
-                            bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels))
+                            bucketing=t.bucketing, seed=t.seed, epoch=epoch, num_classes=len(labels),
+                            drop_remainder=bool(t.privacy and t.privacy_microbatches))
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
     mean_len = stats["train_encoder_mean_len"]
-    t = dataclasses.replace(t, max_steps=step_limit(t, mean_len))
+    t = dataclasses.replace(t, max_steps=step_limit(t, mean_len), mixed_precision="float32" if t.privacy
+                            else t.mixed_precision)
     plan = SimpleNamespace(t=t, epochs=epochs_for(t, int(train_ds.cardinality())),
                            total_steps=steps_for(t, int(train_ds.cardinality())),
                            weights=loss_class_weights(t, stats, labels))
@@ -251,22 +263,41 @@ def datasets(cfg, processed, stats, labels, epoch):
           f"{t.patience}; class weights "
           + (", ".join(f"{l} {w:.2f}" for l, w in zip(labels, weights.values())) if weights else "none"))
     if cfg.model.ngram_order and not model_config(cfg, stats).ngram_order:
-        print(f"n-gram term: off (train has {stats['rows']['train']:,} rows, more than model.ngram_max_rows "
-              f"{cfg.model.ngram_max_rows:,})")
+        print("n-gram term: off " + ("(train.privacy: its closed-form fit on train is not private)" if t.privacy else
+              f"(train has {stats['rows']['train']:,} rows, more than model.ngram_max_rows "
+              f"{cfg.model.ngram_max_rows:,})"))
+    plan.noise = privacy_noise(t, int(stats["rows"]["train"]), plan.total_steps) if t.privacy else None
     return shard_by_data(weigh_by_class(train_ds, weights)), shard_by_data(dev_ds), plan
 
 
+def privacy_noise(t, train_rows, total_steps):
+    """train.privacy_noise_multiplier, or the smallest whose ε at δ = 1/n after total_steps is at most
+    train.privacy_target_epsilon; prints the DP-SGD plan."""
+    q, delta = t.batch_size / train_rows, 1.0 / train_rows
+    noise = t.privacy_noise_multiplier or noise_for_epsilon(t.privacy_target_epsilon, q, total_steps, delta)
+    target = (f" (the smallest for ε <= {t.privacy_target_epsilon:g} at δ = 1/n over {total_steps:,} steps)"
+              if t.privacy_target_epsilon else "")
+    each = f"microbatch's ({t.privacy_microbatches} a batch)" if t.privacy_microbatches else "example's"
+    print(f"privacy: DP-SGD (Adam; train.weight_decay unused), each {each} gradient clipped to L2 norm "
+          f"{t.privacy_l2_norm_clip:g}, noise multiplier {noise:.4f}{target}; sampling rate {q:.2e}, float32")
+    return noise
+
+
 def compile_model(model, plan):
-    """AdamW on the warmup-then-decay schedule, label-smoothed cross-entropy, accuracy."""
+    """AdamW on the warmup-then-decay schedule (DP Adam with train.privacy), label-smoothed cross-entropy,
+    accuracy."""
     t = plan.t
     # Keras keeps dropout's generator states out of checkpoints on purpose; listing them on the
     # model puts them into BackupAndRestore's, so a resumed run continues the same random stream.
     model.dropout_generators = [layer._random_generator._generator for layer in model.submodules
                                 if isinstance(layer, tf.keras.layers.Dropout)]
     schedule = WarmupLinearDecay(t.learning_rate, int(t.warmup_fraction * plan.total_steps), plan.total_steps)
+    private = plan.noise is not None
     model.compile(
-        optimizer=make_optimizer(schedule, t.weight_decay),
-        loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
+        optimizer=make_dp_optimizer(schedule, t.privacy_l2_norm_clip, plan.noise, t.privacy_microbatches)
+        if private else make_optimizer(schedule, t.weight_decay),
+        loss=per_example_loss(t.label_smoothing) if private
+        else tf.keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
         metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
 
@@ -287,6 +318,8 @@ def fit(cfg, model, train_ds, dev_ds, epoch, plan, where, resumed):
     callbacks = build_callbacks(cfg, where, epoch) + [StepBudget(plan.total_steps)]
     model.fit(train_ds, validation_data=dev_ds, epochs=plan.epochs, callbacks=callbacks,
               verbose=1 if sys.stdout.isatty() else 2)
+    # all steps taken: the best epoch's weights are chosen from all epochs' (restoring them resets the counter)
+    plan.steps_taken = int(tf.keras.backend.get_value(model.optimizer.iterations))
 
 
 def _log_hparams(cfg, logdir):

@@ -58,13 +58,14 @@ def parse_record(record, seq_len):
 
 
 def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketing: bool = True,
-                 seed: int | None = None, epoch: tf.Variable | None = None, num_classes: int | None = None):
+                 seed: int | None = None, epoch: tf.Variable | None = None, num_classes: int | None = None,
+                 drop_remainder: bool = False):
     """Batches of ({"input_word_ids", "input_mask", "input_type_ids"}: int32 [b, len], label: int32 [b]),
     or labels one-hot float32 [b, num_classes] when num_classes is given (label smoothing needs them).
 
     training: shuffled each epoch, and batched by similar length (each batch padded to its longest
     member) when bucketing, else padded to seq_len. Eval: file order, padded to seq_len.
-    No batch is ever dropped. With `epoch` (an int64 variable the trainer sets at the start of each
+    No batch is ever dropped, unless drop_remainder (each length's last, smaller batch). With `epoch` (an int64 variable the trainer sets at the start of each
     epoch), epoch e's order depends only on (seed, e), so a resumed run sees the same order.
     """
     path = Path(tfrecord_path)
@@ -99,9 +100,9 @@ def make_dataset(tfrecord_path, seq_len, batch_size, *, training: bool, bucketin
         bounds = bucket_boundaries(seq_len)
         ds = ds.bucket_by_sequence_length(
             lambda ids, label: tf.shape(ids)[0], bounds, [batch_size] * (len(bounds) + 1),
-            padded_shapes=([None], []), drop_remainder=False)
+            padded_shapes=([None], []), drop_remainder=drop_remainder)
     else:
-        ds = ds.padded_batch(batch_size, padded_shapes=([seq_len], []), drop_remainder=False)
+        ds = ds.padded_batch(batch_size, padded_shapes=([seq_len], []), drop_remainder=drop_remainder)
     ds = ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE)
     if epoch is not None:
         # Batches per epoch do not depend on the order (each length bucket yields ceil(n / batch_size)).
