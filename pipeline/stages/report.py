@@ -289,7 +289,7 @@ def write_mobile_bundle(model_dir, run, variant, compression, benchmark, ship, p
         labels=", ".join(f"`{label}`" for label in labels), accuracy=v["accuracy"],
         mp_accuracy=v["mediapipe"]["accuracy"], agreement=v["mediapipe"]["agreement"], bytes=v["bytes"],
         gzip=v["gzip_bytes"], p50=b["latency"]["threads_1"]["p50_ms"], p99=b["latency"]["threads_1"]["p99_ms"],
-        rss=b["peak_rss_kb"] / 1024) + privacy_markdown(privacy, v["recipe"])
+        rss=b["peak_rss_kb"] / 1024) + privacy_markdown(privacy, v.get("recipe"))  # older files: no recipe
     with files.atomic_path(model_dir / "mobile") as tmp:
         tmp.mkdir()
         # not v["path"]: compress records it relative to the directory it ran in
