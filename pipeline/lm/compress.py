@@ -13,13 +13,13 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from pipeline.lm.model import HashedNgramLogits, TiedEmbedding, lm_custom_objects
+from pipeline.export.recipes import PRUNE_RAMP, clone
 from pipeline.lm.windows import training_dataset
 from pipeline.model.encoder import EncoderBlock
 from pipeline.model.layers import LayerNorm
 from pipeline.model.quantize import LiteformerQuantizeConfig, _PrunePreserveScheme, qat_scope
 from pipeline.model.training import WarmupLinearDecay, make_optimizer
 
-PRUNE_RAMP = 0.6  # sparsity reaches its target after this fraction of the pruning steps, then the model recovers
 MODEL_STEPS = ("prune", "qat", "prune_qat")
 
 
@@ -38,11 +38,9 @@ class Tuning:
 
 
 def copy_model(model):
-    """An independent copy of `model` with the same weights (TFMOT wrappers change the layers they wrap)."""
+    """recipes.clone (an independent copy with the same weights) with the language model's layers known."""
     with tf.keras.utils.custom_object_scope(lm_custom_objects()):
-        copy = tf.keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+        return clone(model)
 
 
 def _fit(model, tuning, steps, callbacks=()):

@@ -125,7 +125,8 @@ def run_lm_compress_stage(cfg, run, model_dir, processed):
         done = state / f"{name}.json"
         if not done.is_file() or json.loads(done.read_text())["recipe"] != list(recipe):
             started = time.perf_counter()
-            row = lm_variant(model_dir, name, recipe, chains.model_after(recipe[:-1]), train_tokens, dev, cfg)
+            row = lm_variant(model_dir, name, recipe, chains.model_after(recipe[:-1]), train_tokens, dev, cfg,
+                             tokenizer)
             row["dev_bits_per_char_vs_keras"] = row["dev"]["bits_per_char"] - reference["bits_per_char"]
             files.write_json(done, row)
             print(f"compress [{i}/{len(lm.variants)}] {name} done in {time.perf_counter() - started:.0f} s: "
@@ -140,7 +141,7 @@ def run_lm_compress_stage(cfg, run, model_dir, processed):
     return rows
 
 
-def lm_variant(model_dir, name, recipe, model, train_tokens, dev, cfg):
+def lm_variant(model_dir, name, recipe, model, train_tokens, dev, cfg, tokenizer):
     """tflite/<name>.tflite exported from `model` (the recipe's model steps done) by its last step, checked
     against `model`; its row of compression.json."""
     mode, path = recipe[-1], model_dir / "tflite" / f"{name}.tflite"
@@ -154,8 +155,7 @@ def lm_variant(model_dir, name, recipe, model, train_tokens, dev, cfg):
     return {"file": f"tflite/{name}.tflite", "recipe": list(recipe), "bytes": len(content),
             "gzip_bytes": files.gzip_size(content), "sparsity": lm_compress.weight_sparsity(model),
             "ngram_sparsity": lm_compress.weight_sparsity(model, ngram=True),
-            "parity_max_logit_diff": worst, "dev": score_tflite(path, load_tokenizer(model_dir / "tokenizer.json"),
-                                                                 dev)}
+            "parity_max_logit_diff": worst, "dev": score_tflite(path, tokenizer, dev)}
 
 
 # ---------------------------------------------------------------- which variants, from what
