@@ -226,7 +226,7 @@ def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_pa
     directory, _, _ = make_tiny_bert(tmp_path / "bert")
     student = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
                "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2",
-               "compress.student_learning_rate=0.002", "compress.student_sparsity=0.7"]
+               "distill.batch_size=16", "compress.student_learning_rate=0.002", "compress.student_sparsity=0.7"]
     cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, f"model.backbone={directory}", "train.epochs=4",
                                                            "train.learning_rate=0.003", *COMPRESS, *student))
     run_data_stage(cfg, str(toy_data), "toy")

@@ -10,7 +10,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 
 STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
-           "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2"]
+           "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2", "distill.batch_size=16"]
 
 
 def test_distillation_loss_on_known_values():
@@ -111,7 +111,7 @@ def test_distill_then_compress_ships_the_student(tmp_path):
                                                            f"data.word_vectors={vectors}"))
     run_data_stage(cfg, str(data), "toy")
     run_train_stage(cfg, "toy")
-    # 1,202 texts are 76 batches of 16: distill.epochs=2 is 152 steps, so 200 steps need a third epoch
+    # distill.epochs=2 shows 2 x 1,202 texts, fewer than the 200 training batches of 16 (3,200): a third epoch
     metrics = run_distill_stage(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_steps=200)), "toy")
 
     out = tmp_path / "saved_models" / "toy" / "distilled"

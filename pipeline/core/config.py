@@ -205,7 +205,8 @@ class DistillConfig:
     mask_prob: float = 0.1  # of an augmented copy's wordpieces, replaced by [MASK]
     ngram_prob: float = 0.25  # chance an augmented copy is cut to a random window of 1-5 wordpieces
     epochs: int = 5  # over the transfer set, at least (train.min_steps); the best epoch on dev is kept
-    learning_rate: float = 1e-3
+    batch_size: int = 256
+    learning_rate: float = 3e-3
 
 
 @dataclass

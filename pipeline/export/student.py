@@ -73,10 +73,10 @@ def check_inputs(cfg, run, model_dir):
     if not (model_dir / "metrics.json").is_file():
         raise PipelineError(f"{model_dir}: no trained model (the teacher) for run '{run}'; run `make train` first")
     d = cfg.distill
-    if not (d.temperature > 0 and d.alpha >= 0 and d.augment_copies >= 0 and d.epochs >= 1
+    if not (d.temperature > 0 and d.alpha >= 0 and d.augment_copies >= 0 and d.epochs >= 1 and d.batch_size >= 1
             and 0 <= d.mask_prob < 1 and 0 <= d.ngram_prob <= 1):
         raise PipelineError("distill: temperature must be > 0, alpha >= 0, augment_copies >= 0, epochs >= 1, "
-                            f"mask_prob in [0, 1), ngram_prob in [0, 1]; got {dataclasses.asdict(d)}")
+                            f"batch_size >= 1, mask_prob in [0, 1), ngram_prob in [0, 1]; got {dataclasses.asdict(d)}")
 
 
 def teacher_labels(cfg, processed, stats, labels, teacher, state):

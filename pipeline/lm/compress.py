@@ -17,7 +17,7 @@ from pipeline.export.recipes import PRUNE_RAMP, clone
 from pipeline.lm.windows import training_dataset
 from pipeline.model.encoder import EncoderBlock
 from pipeline.model.layers import LayerNorm
-from pipeline.model.quantize import LiteformerQuantizeConfig, _PrunePreserveScheme, qat_scope
+from pipeline.model.quantize import LiteformerQuantizeConfig, qat_scope, quantize_scheme
 from pipeline.model.training import WarmupLinearDecay, make_optimizer
 
 MODEL_STEPS = ("prune", "qat", "prune_qat")
@@ -85,9 +85,7 @@ def qat_lm(model, tuning, preserve_sparsity=False):
     with qat_scope(), tf.keras.utils.custom_object_scope(lm_custom_objects()):
         annotated = tf.keras.models.clone_model(copy_model(model),
                                                 clone_function=lambda l: _annotate(l, preserve_sparsity))
-        scheme = (_PrunePreserveScheme() if preserve_sparsity
-                  else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
-        qat = tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        qat = tfmot.quantization.keras.quantize_apply(annotated, quantize_scheme(preserve_sparsity))
     _fit(qat, tuning, tuning.qat_steps)
     return plain_from_qat(model, qat, keep_zeros=preserve_sparsity)
 

@@ -155,6 +155,12 @@ class _PrunePreserveScheme(tfmot.experimental.combine.Default8BitPrunePreserveQu
         return registry
 
 
+def quantize_scheme(preserve_sparsity: bool = False):
+    """TFMOT's 8-bit scheme for quantize_apply; preserve_sparsity: its prune-preserving one (_PrunePreserveScheme)."""
+    return (_PrunePreserveScheme() if preserve_sparsity
+            else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
+
+
 def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: bool = False,
                    float_points=(), preserve_clusters: bool = False) -> tf.keras.Model:
     """annotate_for_qat + quantize_apply: a QAT model initialised with `model`'s weights (a copy: the
@@ -162,7 +168,5 @@ def quantize_model(model: tf.keras.Model, num_bits: int = 8, preserve_sparsity: 
     prune-preserving scheme, so the zeros of a pruned model stay zero in the quantized kernels."""
     annotated = annotate_for_qat(model, num_bits=num_bits, preserve_sparsity=preserve_sparsity,
                                  float_points=float_points, preserve_clusters=preserve_clusters)
-    scheme = (_PrunePreserveScheme() if preserve_sparsity
-              else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
     with qat_scope():
-        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+        return tfmot.quantization.keras.quantize_apply(annotated, quantize_scheme(preserve_sparsity))
