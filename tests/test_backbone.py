@@ -237,6 +237,8 @@ def test_a_fine_tuned_backbone_compresses_and_runs_in_mediapipe(toy_data, tmp_pa
                                  "toy")
     assert all(summary["variants"][name]["accuracy"] > 0.9 for name in variants)
     assert (tmp_path / "saved_models" / "toy" / "distilled" / "model.keras").is_file()  # no `make distill` needed
+    # the teacher-labelled transfer set, kept: the student's prune and QAT steps fine-tune on its soft labels
+    assert (tmp_path / "saved_models" / "toy" / "distill_state" / "transfer.npz").is_file()
     pruned = summary["variants"]["distilled_pruned_qat_int8"]
     assert pruned["recipe"] == ["student", "prune", "prune_qat", "int8"]
     sparsity = summary["step_stats"]["student+prune"]  # per kernel of the student (too small for the file's count)

@@ -51,6 +51,26 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
     assert any((ids[1 + i:1 + i + n] == window).all() for i in range(6 - n + 1))  # a contiguous window
 
 
+def test_soft_label_dataset_pads_per_batch_and_targets_the_teachers_probabilities():
+    from pipeline.model.distillation import soft_label_dataset
+
+    ids = np.zeros((10, 12), np.int64)
+    for i in range(10):
+        ids[i, :2 + i] = np.arange(2, 4 + i)
+    logits = np.stack([np.arange(10.0), -np.arange(10.0)], axis=1).astype(np.float32)
+    seen = []
+    for inputs, targets in soft_label_dataset(ids, logits, batch_size=4, seed=0).take(6):
+        x = inputs["input_word_ids"].numpy()
+        rows = [int(np.flatnonzero((ids[:, :x.shape[1]] == r).all(1) & ((ids != 0).sum(1) == (r != 0).sum()))[0])
+                for r in x]
+        assert x.shape[1] == max(2 + r for r in rows)  # padded to the batch's longest text only
+        assert (inputs["input_mask"].numpy() == (x != 0)).all()
+        p = np.exp(logits[rows]) / np.exp(logits[rows]).sum(1, keepdims=True)
+        np.testing.assert_allclose(targets.numpy(), p, rtol=1e-5)
+        seen += rows
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # whole epochs, endless
+
+
 def test_projected_embeddings_keep_what_the_teacher_knows_of_each_token():
     """The student's embeddings start as the teacher's principal components: tokens close in the teacher stay
     close, at the student's initial spread."""

@@ -248,7 +248,7 @@ class Chains:
         """The last step of `prefix` on `model` (the model after the steps before it); writes its stats."""
         tf.keras.utils.set_random_seed(self.cfg.train.seed)
         ctx = self.ctx
-        ctx.cfg, ctx.history, ctx.stats = chain_config(self.cfg, prefix), prefix[:-1], None
+        ctx.cfg, ctx.chain, ctx.history, ctx.stats = chain_config(self.cfg, prefix), prefix, prefix[:-1], None
         ctx.log_dir = Path(self.cfg.paths.runs) / self.run / label(prefix)
         out = STEP_FUNCTIONS[prefix[-1]](model, ctx)
         if ctx.stats is not None:

@@ -3,7 +3,6 @@ distill`, and by `make compress` itself on a backbone run (whose teacher is too 
 pipeline/model/distillation.py."""
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def make_student(cfg, run):
     teacher = load_model(model_dir / "model.keras")
     state = model_dir / "distill_state"
     manifest.work_dir(state, key)
-    data = teacher_labels(cfg, processed, stats, labels, teacher, state)
+    data = teacher_labels(cfg, processed, stats, labels, lambda: teacher, state)
     student, student_cfg, rows = train(cfg, run, processed, stats, labels, teacher, data)
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
@@ -63,7 +62,6 @@ def make_student(cfg, run):
                        seconds=round(time.perf_counter() - started, 1))
         files.write_json(tmp / "metrics.json", metrics)
     manifest.record(model_dir, "distill", key, ["distilled"])
-    shutil.rmtree(state, ignore_errors=True)
     print_result(run, metrics, out)
     return metrics
 
@@ -81,16 +79,24 @@ def check_inputs(cfg, run, model_dir):
 
 def teacher_labels(cfg, processed, stats, labels, teacher, state):
     """The transfer set with the teacher's logits (transfer_set), computed once per teacher and transfer set and
-    cached in `state`."""
+    kept in `state` (compress fine-tunes the student's recipes on it); teacher() gives the teacher."""
     cache = state / "transfer.npz"
     if not cache.is_file():
         vocab = load_vocabulary(processed / "vocab.txt")
-        labeller = labelling_copy(cfg, teacher, stats, len(vocab), len(labels), vectors.load_table(processed))
+        labeller = labelling_copy(cfg, teacher(), stats, len(vocab), len(labels), vectors.load_table(processed))
         data = transfer_set(cfg, processed, int(stats["seq_len"]), labeller, vocab, len(labels))
         with files.atomic_path(cache, suffix=".npz") as tmp:
             np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3])
     with np.load(cache) as z:
         return z["ids"], z["logits"], z["gold"], z["has_gold"]
+
+
+def student_transfer_set(cfg, model_dir, processed, stats, labels):
+    """make_student's transfer set with the teacher's logits, from its cache in <model_dir>/distill_state/
+    (labelled again when the cache is missing or stale)."""
+    state = model_dir / "distill_state"
+    manifest.work_dir(state, distill_key(cfg, processed, model_dir))
+    return teacher_labels(cfg, processed, stats, labels, lambda: load_model(model_dir / "model.keras"), state)
 
 
 def train(cfg, run, processed, stats, labels, teacher, data):

@@ -106,6 +106,26 @@ def sorted_batches(n_rows, lengths, batch_size, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def soft_label_dataset(ids, teacher_logits, batch_size, seed):
+    """Endless batches of (inputs, the teacher's probabilities) over a transfer set, shuffled and padded per batch
+    as sorted_batches makes them: what compress fine-tunes a pruned or quantized student on."""
+    lengths = (ids != 0).sum(1)
+    probabilities = tf.nn.softmax(tf.cast(teacher_logits, tf.float32)).numpy()
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        while True:
+            for batch in sorted_batches(len(ids), lengths, batch_size, rng):
+                x = ids[batch, :int(lengths[batch].max())].astype(np.int32)
+                yield ({"input_word_ids": x, "input_mask": (x != 0).astype(np.int32), "input_type_ids": np.zeros_like(x)},
+                       probabilities[batch])
+
+    spec = tf.TensorSpec([None, None], tf.int32)
+    return tf.data.Dataset.from_generator(batches, output_signature=(
+        {"input_word_ids": spec, "input_mask": spec, "input_type_ids": spec},
+        tf.TensorSpec([None, probabilities.shape[1]], tf.float32)))
+
+
 def projected_embeddings(table, width):
     """The teacher's token embeddings [V, D] projected on their first `width` principal components, scaled to
     the student's initial spread (1/sqrt(width) per value): every wordpiece starts with what the pretrained

@@ -8,6 +8,7 @@ compress_state/; every variant and evaluation is written atomically and skipped 
 (compress_state/ remembers the config and model it was made from), so a killed stage resumes.
 """
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.export.convert import representative_data
 from pipeline.export.metadata import add_metadata
 from pipeline.export.parity import check_parity
 from pipeline.export.recipes import Chains, Steps, fine_tune_data, fine_tune_steps, label, shared_prefixes
-from pipeline.export.student import make_student
+from pipeline.export.student import make_student, student_transfer_set
 from pipeline.lm import compress as lm_compress
 from pipeline.lm import export as lm_export
 from pipeline.lm.measure import score_tflite
@@ -34,12 +35,14 @@ from pipeline.measure.predictors import KerasPredictor, MediaPipeClassifier, TFL
 from pipeline.measure.tables import markdown_table
 from pipeline.measure.tflite_file import tflite_weight_sparsity
 from pipeline.model.build import load_model
+from pipeline.model.distillation import soft_label_dataset
 from pipeline.model.training import train_key
 from pipeline.text.processed import load_processed, load_stats, processed_dir
 from pipeline.text.read import read_examples
 
 # Bump when what the variants are made of changes, so runs compressed by an older pipeline are rebuilt.
-STAGE_VERSION = 3  # 2: fine-tuning weighs rows by class, as training does. 3: the n-gram term counts linearly
+STAGE_VERSION = 4  # 2: fine-tuning weighs rows by class, as training does. 3: the n-gram term counts linearly.
+# 4: the student's recipes fine-tune on the teacher's soft labels
 
 
 def run_compress_stage(cfg, run):
@@ -219,15 +222,32 @@ def open_state(model_dir, key, recipes):
 
 
 def recipe_context(cfg, model_dir, processed, stats, labels):
-    """What a recipe's steps read: the config, the run, fine-tuning steps and data, int8 calibration data."""
+    """What a recipe's steps read: the config, the run, fine-tuning steps and data, int8 calibration data. A chain
+    that starts from the student fine-tunes on the distillation's transfer set with the teacher's probabilities as
+    targets (SST-2, student pruned and QAT-trained: int8 dev accuracy 83.7% against 82.7% on the gold train labels)."""
     seq_len, train_rows, mean_len = int(stats["seq_len"]), int(stats["rows"]["train"]), stats["train_encoder_mean_len"]
     tf.keras.utils.set_random_seed(cfg.train.seed)  # the calibration sample, whatever ran before in this process
-    return SimpleNamespace(
-        cfg=cfg, model_dir=model_dir, seq_len=seq_len,
-        steps=lambda epochs: fine_tune_steps(cfg, train_rows, mean_len, epochs),
-        # a new dataset per step: its shuffle order then depends only on the seed, resumed or not
-        data=lambda: fine_tune_data(cfg, processed, seq_len, stats, labels),
+    transfer = {}
+
+    def transfer_set():
+        if not transfer:
+            transfer["ids"], transfer["logits"], *_ = student_transfer_set(cfg, model_dir, processed, stats, labels)
+        return transfer["ids"], transfer["logits"]
+
+    def steps(epochs):
+        if ctx.chain[:1] != ("student",):
+            return fine_tune_steps(cfg, train_rows, mean_len, epochs)
+        return max(1, round(math.ceil(len(transfer_set()[0]) / cfg.distill.batch_size) * epochs))
+
+    def data():  # a new dataset per step: its shuffle order then depends only on the seed, resumed or not
+        if ctx.chain[:1] != ("student",):
+            return fine_tune_data(cfg, processed, seq_len, stats, labels)
+        return soft_label_dataset(*transfer_set(), cfg.distill.batch_size, cfg.train.seed)
+
+    ctx = SimpleNamespace(
+        cfg=cfg, model_dir=model_dir, seq_len=seq_len, chain=(), steps=steps, data=data,
         representative=representative_data(processed, seq_len, cfg.compress.calibration_samples, cfg.train.seed))
+    return ctx
 
 
 # ---------------------------------------------------------------- variants and their evaluation
