@@ -9,7 +9,7 @@ from conftest import COMPRESS, ROOT, make_toy_dir, make_vectors_file, tiny_overr
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 
-STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
+STUDENT = ["distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16", "distill.student_num_layers=1",
            "distill.epochs=2", "distill.learning_rate=0.005", "distill.augment_copies=2", "distill.batch_size=16"]
 
 
@@ -132,7 +132,8 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     run_data_stage(cfg, str(data), "toy")
     run_train_stage(cfg, "toy")
     # distill.epochs=2 shows 2 x 1,202 texts, fewer than the 200 training batches of 16 (3,200): a third epoch
-    metrics = run_distill_stage(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_steps=200)), "toy")
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_steps=200))
+    metrics = run_distill_stage(longer, "toy")
 
     out = tmp_path / "saved_models" / "toy" / "distilled"
     assert metrics["transfer_texts"] == 3 * 400 + 2  # train, two augmented copies, the unlabelled texts
@@ -154,6 +155,13 @@ def test_distill_then_compress_ships_the_student(tmp_path):
     for name in ("distilled_float32", "distilled_int8"):
         assert (tmp_path / "saved_models" / "toy" / "tflite" / f"{name}.tflite").is_file()
         assert summary["variants"][name]["accuracy"] > 0.9
+
+    # another student shape distils again from the same teacher-labelled transfer set, not labelling it anew
+    cache = out.parent / "distill_state" / "transfer.npz"
+    labelled = cache.stat().st_mtime_ns
+    narrower = run_distill_stage(dataclasses.replace(longer, distill=dataclasses.replace(cfg.distill, student_ff_dim=8)),
+                                 "toy")
+    assert narrower["params"] < metrics["params"] and cache.stat().st_mtime_ns == labelled
 
 
 def test_distill_needs_a_trained_teacher(toy_data, tmp_path):

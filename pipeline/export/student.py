@@ -34,6 +34,16 @@ def distill_key(cfg, processed, model_dir):
                        **manifest.inputs(model_dir, manifest.MODEL_FILES, "teacher")}}
 
 
+TRANSFER_KEYS = ("augment_copies", "mask_prob", "ngram_prob")  # what of distill.* the transfer set depends on
+
+
+def transfer_key(cfg, processed, model_dir):
+    """What the teacher-labelled transfer set depends on: distill_key without the student's shape and training."""
+    key = distill_key(cfg, processed, model_dir)
+    key["config"]["distill"] = {k: key["config"]["distill"][k] for k in TRANSFER_KEYS}
+    return key
+
+
 def make_student(cfg, run):
     """saved_models/<run>/distilled/ with metrics.json comparing student and teacher (accuracy, macro F1, parameters,
     FLOPs); skipped when up to date, resumed from the cached teacher labels when a run was killed."""
@@ -50,7 +60,7 @@ def make_student(cfg, run):
     tf.keras.mixed_precision.set_global_policy("float32")
     teacher = load_model(model_dir / "model.keras")
     state = model_dir / "distill_state"
-    manifest.work_dir(state, key)
+    manifest.work_dir(state, transfer_key(cfg, processed, model_dir))  # kept when only the student changed
     data = teacher_labels(cfg, processed, stats, labels, lambda: teacher, state)
     student, student_cfg, rows = train(cfg, run, processed, stats, labels, teacher, data)
     with files.atomic_path(out) as tmp:
@@ -95,7 +105,7 @@ def student_transfer_set(cfg, model_dir, processed, stats, labels):
     """make_student's transfer set with the teacher's logits, from its cache in <model_dir>/distill_state/
     (labelled again when the cache is missing or stale)."""
     state = model_dir / "distill_state"
-    manifest.work_dir(state, distill_key(cfg, processed, model_dir))
+    manifest.work_dir(state, transfer_key(cfg, processed, model_dir))
     return teacher_labels(cfg, processed, stats, labels, lambda: load_model(model_dir / "model.keras"), state)
 
 
