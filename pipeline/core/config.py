@@ -198,7 +198,7 @@ class DistillConfig:
     student_d_model: int = 64
     student_num_heads: int = 2
     student_ff_dim: int = 128
-    student_num_layers: int = 1
+    student_num_layers: int = 2
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the gold-label cross-entropy beside T^2 * KL(teacher || student)
     augment_copies: int = 4  # augmented copies of each train text in the transfer set (Tang et al. 2019)
