@@ -59,9 +59,7 @@ def make_student(cfg, run):
     tf.keras.utils.set_random_seed(cfg.train.seed)
     tf.keras.mixed_precision.set_global_policy("float32")
     teacher = load_model(model_dir / "model.keras")
-    state = model_dir / "distill_state"
-    manifest.work_dir(state, transfer_key(cfg, processed, model_dir))  # kept when only the student changed
-    data = teacher_labels(cfg, processed, stats, labels, lambda: teacher, state)
+    data = teacher_labels(cfg, model_dir, processed, stats, labels, lambda: teacher)
     student, student_cfg, rows = train(cfg, run, processed, stats, labels, teacher, data)
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
@@ -87,9 +85,12 @@ def check_inputs(cfg, run, model_dir):
                             f"batch_size >= 1, mask_prob in [0, 1), ngram_prob in [0, 1]; got {dataclasses.asdict(d)}")
 
 
-def teacher_labels(cfg, processed, stats, labels, teacher, state):
+def teacher_labels(cfg, model_dir, processed, stats, labels, teacher):
     """The transfer set with the teacher's logits (transfer_set), computed once per teacher and transfer set and
-    kept in `state` (compress fine-tunes the student's recipes on it); teacher() gives the teacher."""
+    kept in <model_dir>/distill_state/: a new student shape reuses it, and compress fine-tunes the student's
+    recipes on it. teacher() gives the teacher, called only when the set must be labelled."""
+    state = model_dir / "distill_state"
+    manifest.work_dir(state, transfer_key(cfg, processed, model_dir))
     cache = state / "transfer.npz"
     if not cache.is_file():
         vocab = load_vocabulary(processed / "vocab.txt")
@@ -99,14 +100,6 @@ def teacher_labels(cfg, processed, stats, labels, teacher, state):
             np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3])
     with np.load(cache) as z:
         return z["ids"], z["logits"], z["gold"], z["has_gold"]
-
-
-def student_transfer_set(cfg, model_dir, processed, stats, labels):
-    """make_student's transfer set with the teacher's logits, from its cache in <model_dir>/distill_state/
-    (labelled again when the cache is missing or stale)."""
-    state = model_dir / "distill_state"
-    manifest.work_dir(state, transfer_key(cfg, processed, model_dir))
-    return teacher_labels(cfg, processed, stats, labels, lambda: load_model(model_dir / "model.keras"), state)
 
 
 def train(cfg, run, processed, stats, labels, teacher, data):

@@ -12,8 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from pipeline.lm.model import HashedNgramLogits, TiedEmbedding, lm_custom_objects
 from pipeline.export.recipes import PRUNE_RAMP, clone
+from pipeline.lm.model import HashedNgramLogits, TiedEmbedding, lm_custom_objects
 from pipeline.lm.windows import training_dataset
 from pipeline.model.encoder import EncoderBlock
 from pipeline.model.layers import LayerNorm

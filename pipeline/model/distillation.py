@@ -106,6 +106,11 @@ def sorted_batches(n_rows, lengths, batch_size, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def batch_inputs(ids):
+    """The model's input dict for a batch of padded ids (0 = padding)."""
+    return {"input_word_ids": ids, "input_mask": (ids != 0).astype(np.int32), "input_type_ids": np.zeros_like(ids)}
+
+
 def soft_label_dataset(ids, teacher_logits, batch_size, seed):
     """Endless batches of (inputs, the teacher's probabilities) over a transfer set, shuffled and padded per batch
     as sorted_batches makes them: what compress fine-tunes a pruned or quantized student on."""
@@ -116,9 +121,7 @@ def soft_label_dataset(ids, teacher_logits, batch_size, seed):
         rng = np.random.default_rng(seed)
         while True:
             for batch in sorted_batches(len(ids), lengths, batch_size, rng):
-                x = ids[batch, :int(lengths[batch].max())].astype(np.int32)
-                yield ({"input_word_ids": x, "input_mask": (x != 0).astype(np.int32), "input_type_ids": np.zeros_like(x)},
-                       probabilities[batch])
+                yield batch_inputs(ids[batch, :int(lengths[batch].max())].astype(np.int32)), probabilities[batch]
 
     spec = tf.TensorSpec([None, None], tf.int32)
     return tf.data.Dataset.from_generator(batches, output_signature=(
@@ -190,9 +193,7 @@ def train_student(cfg, student, data, dev, logdir):
     for epoch in range(epochs):
         t0, losses = time.perf_counter(), []
         for batch in sorted_batches(len(ids), lengths, d.batch_size, rng):
-            width = int(lengths[batch].max())
-            x = ids[batch, :width]
-            inputs = {"input_word_ids": x, "input_mask": (x != 0).astype(np.int32), "input_type_ids": np.zeros_like(x)}
+            inputs = batch_inputs(ids[batch, :int(lengths[batch].max())])
             losses.append(float(step(inputs, teacher_logits[batch], gold[batch], has_gold[batch])))
             if len(losses) % LOG_EVERY == 0:  # a curve, not one dot per epoch
                 with step_writer.as_default():

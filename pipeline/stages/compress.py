@@ -24,7 +24,7 @@ from pipeline.export.convert import representative_data
 from pipeline.export.metadata import add_metadata
 from pipeline.export.parity import check_parity
 from pipeline.export.recipes import Chains, Steps, fine_tune_data, fine_tune_steps, label, shared_prefixes
-from pipeline.export.student import make_student, student_transfer_set
+from pipeline.export.student import make_student, teacher_labels
 from pipeline.lm import compress as lm_compress
 from pipeline.lm import export as lm_export
 from pipeline.lm.measure import score_tflite
@@ -231,7 +231,8 @@ def recipe_context(cfg, model_dir, processed, stats, labels):
 
     def transfer_set():
         if not transfer:
-            transfer["ids"], transfer["logits"], *_ = student_transfer_set(cfg, model_dir, processed, stats, labels)
+            transfer["ids"], transfer["logits"], *_ = teacher_labels(
+                cfg, model_dir, processed, stats, labels, lambda: load_model(model_dir / "model.keras"))
         return transfer["ids"], transfer["logits"]
 
     def steps(epochs):
