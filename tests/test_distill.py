@@ -35,6 +35,18 @@ def test_distillation_loss_on_known_values():
     assert float(distillation_loss(teacher, teacher, gold, np.zeros(2, np.float32), t, alpha)) == pytest.approx(0, abs=1e-6)
 
 
+def test_representation_loss_is_one_minus_cosine_and_standardisation_is_per_dimension():
+    from pipeline.model.distillation import representation_loss, vector_standardisation
+
+    teacher = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], np.float32)
+    student = np.array([[5.0, 0.0], [1.0, 0.0], [-3.0, -4.0]], np.float32)  # same direction, orthogonal, opposite
+    assert float(representation_loss(teacher, student)) == pytest.approx((0 + 1 + 2) / 3, rel=1e-6)
+    vectors = np.random.default_rng(0).normal([1.0, -50.0], [2.0, 0.1], (100_000, 2)).astype(np.float16)
+    mean, std = vector_standardisation(vectors, chunk=7_000)
+    np.testing.assert_allclose(mean, vectors.astype(np.float64).mean(0), rtol=1e-4)
+    np.testing.assert_allclose(std, vectors.astype(np.float64).std(0), rtol=1e-3)
+
+
 def test_augment_keeps_cls_sep_and_masks_or_cuts():
     from pipeline.model.distillation import augment
 
@@ -156,8 +168,11 @@ def test_distill_then_compress_ships_the_student(tmp_path):
         assert (tmp_path / "saved_models" / "toy" / "tflite" / f"{name}.tflite").is_file()
         assert summary["variants"][name]["accuracy"] > 0.9
 
-    # another student shape distils again from the same teacher-labelled transfer set, not labelling it anew
+    # the transfer set keeps the teacher's pooled vector of every text, at the teacher's width
     cache = out.parent / "distill_state" / "transfer.npz"
+    with np.load(cache) as z:
+        assert z["vectors"].shape == (3 * 400 + 2, cfg.model.d_model) and np.abs(z["vectors"]).max() > 0
+    # another student shape distils again from the same teacher-labelled transfer set, not labelling it anew
     labelled = cache.stat().st_mtime_ns
     narrower = run_distill_stage(dataclasses.replace(longer, distill=dataclasses.replace(cfg.distill, student_ff_dim=8)),
                                  "toy")

@@ -201,6 +201,7 @@ class DistillConfig:
     student_num_layers: int = 2
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the gold-label cross-entropy beside T^2 * KL(teacher || student)
+    vector_weight: float = 0.5  # of 1 - cos(teacher's pooled vector, the student's linearly projected to its width)
     augment_copies: int = 4  # augmented copies of each train text in the transfer set (Tang et al. 2019)
     mask_prob: float = 0.1  # of an augmented copy's wordpieces, replaced by [MASK]
     ngram_prob: float = 0.25  # chance an augmented copy is cut to a random window of 1-5 wordpieces

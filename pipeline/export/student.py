@@ -41,6 +41,7 @@ def transfer_key(cfg, processed, model_dir):
     """What the teacher-labelled transfer set depends on: distill_key without the student's shape and training."""
     key = distill_key(cfg, processed, model_dir)
     key["config"]["distill"] = {k: key["config"]["distill"][k] for k in TRANSFER_KEYS}
+    key["teacher_outputs"] = ["logits", "pooled vectors"]  # a cache of logits only is labelled again
     return key
 
 
@@ -79,16 +80,17 @@ def check_inputs(cfg, run, model_dir):
     if not (model_dir / "metrics.json").is_file():
         raise PipelineError(f"{model_dir}: no trained model (the teacher) for run '{run}'; run `make train` first")
     d = cfg.distill
-    if not (d.temperature > 0 and d.alpha >= 0 and d.augment_copies >= 0 and d.epochs >= 1 and d.batch_size >= 1
-            and 0 <= d.mask_prob < 1 and 0 <= d.ngram_prob <= 1):
-        raise PipelineError("distill: temperature must be > 0, alpha >= 0, augment_copies >= 0, epochs >= 1, "
-                            f"batch_size >= 1, mask_prob in [0, 1), ngram_prob in [0, 1]; got {dataclasses.asdict(d)}")
+    if not (d.temperature > 0 and d.alpha >= 0 and d.vector_weight >= 0 and d.augment_copies >= 0 and d.epochs >= 1
+            and d.batch_size >= 1 and 0 <= d.mask_prob < 1 and 0 <= d.ngram_prob <= 1):
+        raise PipelineError("distill: temperature must be > 0, alpha >= 0, vector_weight >= 0, augment_copies >= 0, "
+                            "epochs >= 1, batch_size >= 1, mask_prob in [0, 1), ngram_prob in [0, 1]; "
+                            f"got {dataclasses.asdict(d)}")
 
 
 def teacher_labels(cfg, model_dir, processed, stats, labels, teacher):
-    """The transfer set with the teacher's logits (transfer_set), computed once per teacher and transfer set and
-    kept in <model_dir>/distill_state/: a new student shape reuses it, and compress fine-tunes the student's
-    recipes on it. teacher() gives the teacher, called only when the set must be labelled."""
+    """The transfer set with the teacher's logits and pooled vectors (transfer_set), computed once per teacher and
+    transfer set and kept in <model_dir>/distill_state/: a new student shape reuses it, and compress fine-tunes
+    the student's recipes on it. teacher() gives the teacher, called only when the set must be labelled."""
     state = model_dir / "distill_state"
     manifest.work_dir(state, transfer_key(cfg, processed, model_dir))
     cache = state / "transfer.npz"
@@ -97,9 +99,9 @@ def teacher_labels(cfg, model_dir, processed, stats, labels, teacher):
         labeller = labelling_copy(cfg, teacher(), stats, len(vocab), len(labels), vectors.load_table(processed))
         data = transfer_set(cfg, processed, int(stats["seq_len"]), labeller, vocab, len(labels))
         with files.atomic_path(cache, suffix=".npz") as tmp:
-            np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3])
+            np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3], vectors=data[4])
     with np.load(cache) as z:
-        return z["ids"], z["logits"], z["gold"], z["has_gold"]
+        return z["ids"], z["logits"], z["gold"], z["has_gold"], z["vectors"]
 
 
 def train(cfg, run, processed, stats, labels, teacher, data):
@@ -109,7 +111,7 @@ def train(cfg, run, processed, stats, labels, teacher, data):
     student, student_cfg = build_student(cfg, teacher, len(vocab), len(labels), seq_len, vectors.load_table(processed))
     print(f"distill: student d_model {student_cfg.d_model}, {student_cfg.num_heads} heads, ff {student_cfg.ff_dim}, "
           f"{student_cfg.num_layers} layers ({student.count_params():,} parameters; teacher {teacher.count_params():,}); "
-          f"T {d.temperature:g}, alpha {d.alpha:g}")
+          f"T {d.temperature:g}, alpha {d.alpha:g}, vector weight {d.vector_weight:g}")
     dev_x, dev_y = split_arrays(processed / "dev.tfrecord", seq_len)
     rows = train_student(cfg, student, data, (dev_x["input_word_ids"], dev_y), Path(cfg.paths.runs) / run / "distill")
     return student, student_cfg, rows

@@ -1,5 +1,5 @@
-"""Knowledge distillation: a smaller student trained on the teacher's soft labels over a transfer set of train
-texts, augmented copies of them (Tang et al. 2019) and unlabelled texts."""
+"""Knowledge distillation: a smaller student trained on the teacher's soft labels and pooled sentence vectors over a
+transfer set of train texts, augmented copies of them (Tang et al. 2019) and unlabelled texts."""
 import dataclasses
 import math
 import time
@@ -26,6 +26,13 @@ def distillation_loss(teacher_logits, student_logits, gold, has_gold, temperatur
     return tf.reduce_mean(temperature ** 2 * kl + alpha * tf.cast(has_gold, tf.float32) * ce)
 
 
+def representation_loss(teacher_vectors, projected_student_vectors):
+    """Mean over the batch of 1 - cos(teacher's pooled vector, the student's projected to the teacher's width)."""
+    t = tf.math.l2_normalize(tf.cast(teacher_vectors, tf.float32), axis=-1)
+    s = tf.math.l2_normalize(tf.cast(projected_student_vectors, tf.float32), axis=-1)
+    return tf.reduce_mean(1.0 - tf.reduce_sum(t * s, axis=-1))
+
+
 def augment(ids, length, rng, mask_id, mask_prob, ngram_prob):
     """An augmented copy of one text's ids ([CLS] ... [SEP], `length` real ids, padded): with ngram_prob
     only a random window of 1-5 wordpieces is kept, then each wordpiece becomes [MASK] with mask_prob."""
@@ -40,18 +47,32 @@ def augment(ids, length, rng, mask_id, mask_prob, ngram_prob):
     return out
 
 
-def predict_logits(model, ids, batch_size=256):
-    """Logits of a logits model for padded ids [n, seq_len], batched by similar length, in input order."""
+def predict_outputs(model, ids, batch_size=256):
+    """A model's outputs (each [B, width]) for padded ids [n, seq_len] as float32 arrays, batched by similar length,
+    in input order."""
     lengths = (ids != 0).sum(1)
     order = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(ids), model.output_shape[-1]), np.float32)
+    shapes = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
+    out = [np.zeros((len(ids), shape[-1]), np.float32) for shape in shapes]
     run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # one trace for all widths
     for start in range(0, len(ids), batch_size):
         rows = order[start:start + batch_size]
-        x = ids[rows, :max(1, int(lengths[rows].max()))]
-        out[rows] = run({"input_word_ids": x, "input_mask": (x != 0).astype(np.int32),
-                         "input_type_ids": np.zeros_like(x)}).numpy()
+        results = tf.nest.flatten(run(batch_inputs(ids[rows, :max(1, int(lengths[rows].max()))])))
+        for array, result in zip(out, results):
+            array[rows] = tf.cast(result, tf.float32).numpy()
     return out
+
+
+def predict_logits(model, ids, batch_size=256):
+    """Logits of a logits model for padded ids [n, seq_len], batched by similar length, in input order."""
+    return predict_outputs(model, ids, batch_size)[0]
+
+
+def logits_and_vectors(model):
+    """A model sharing `model`'s layers whose outputs are its logits and its pooled sentence vectors."""
+    logits = logits_model(model)
+    return tf.keras.Model(model.inputs, [logits.output, model.get_layer("pooling").output],
+                          name=f"{model.name}_vectors")
 
 
 def labelling_copy(cfg, teacher, stats, vocab_size, num_classes, word_vectors):
@@ -70,8 +91,9 @@ def labelling_copy(cfg, teacher, stats, vocab_size, num_classes, word_vectors):
 
 
 def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
-    """(ids [n, seq_len], teacher logits [n, C], one-hot gold [n, C], has_gold [n]): the train texts, each
-    with distill.augment_copies augmented copies, and the unlabelled texts; teacher logits computed once."""
+    """(ids [n, seq_len], teacher logits [n, C], one-hot gold [n, C], has_gold [n], teacher's pooled vectors [n, D]
+    in float16): the train texts, each with distill.augment_copies augmented copies, and the unlabelled texts;
+    the teacher's outputs computed once."""
     d = cfg.distill
     rng = np.random.default_rng(cfg.train.seed)
     train_x, train_y = split_arrays(processed / "train.tfrecord", seq_len)
@@ -87,11 +109,11 @@ def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
         gold.append(np.zeros((len(unlabeled), num_classes), np.float32))
     ids, gold = np.concatenate(parts), np.concatenate(gold)
     t0 = time.perf_counter()
-    logits = predict_logits(logits_model(teacher), ids)
+    logits, pooled = predict_outputs(logits_and_vectors(teacher), ids)
     print(f"distill: transfer set of {len(ids):,} texts ({len(train_y):,} train, {d.augment_copies} augmented "
           f"copies of each, {len(ids) - len(train_y) * (1 + d.augment_copies):,} unlabelled); teacher logits "
           f"in {time.perf_counter() - t0:.0f} s")
-    return ids, logits, gold, (gold.sum(1) > 0).astype(np.float32)
+    return ids, logits, gold, (gold.sum(1) > 0).astype(np.float32), pooled.astype(np.float16)
 
 
 def sorted_batches(n_rows, lengths, batch_size, rng):
@@ -162,11 +184,22 @@ def build_student(cfg, teacher, vocab_size, num_classes, seq_len, word_vectors=N
     return student, student_cfg
 
 
+def vector_standardisation(vectors, chunk=65536):
+    """(mean, standard deviation) per dimension of float16 vectors [n, D], as float32, summed in float64 chunks."""
+    total, squares = np.zeros(vectors.shape[1]), np.zeros(vectors.shape[1])
+    for start in range(0, len(vectors), chunk):
+        part = vectors[start:start + chunk].astype(np.float64)
+        total, squares = total + part.sum(0), squares + (part ** 2).sum(0)
+    mean = total / max(len(vectors), 1)
+    std = np.sqrt(np.maximum(squares / max(len(vectors), 1) - mean ** 2, 0)) + 1e-6
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def train_student(cfg, student, data, dev, logdir):
-    """Fit the student on the transfer set (ids, teacher logits, gold, has_gold); keep the epoch with the best
-    dev accuracy. Returns one row per epoch."""
+    """Fit the student on the transfer set (ids, teacher logits, gold, has_gold, teacher's pooled vectors); keep
+    the epoch with the best dev accuracy. Returns one row per epoch."""
     d, t = cfg.distill, cfg.train
-    ids, teacher_logits, gold, has_gold = data
+    ids, teacher_logits, gold, has_gold, teacher_vectors = data
     lengths = (ids != 0).sum(1)
     rng = np.random.default_rng(t.seed)
     steps = math.ceil(len(ids) / d.batch_size)
@@ -176,13 +209,22 @@ def train_student(cfg, student, data, dev, logdir):
     epochs = max(d.epochs, math.ceil(t.min_steps * t.batch_size / len(ids)))
     optimizer = make_optimizer(WarmupLinearDecay(d.learning_rate, int(0.1 * steps * epochs), steps * epochs),
                                t.weight_decay)
-    student_logits = logits_model(student)
-    variables = student_logits.trainable_variables
+    student_logits, student_both = logits_model(student), logits_and_vectors(student)
+    # The student's pooled vector, through a linear map used only here, learns the direction of the teacher's
+    # (each dimension standardised over the transfer set, so a few large ones do not decide the cosine).
+    projection = tf.keras.layers.Dense(teacher_vectors.shape[1], name="vector_projection")
+    projection.build((None, student.get_layer("pooling").output.shape[-1]))
+    centre, scale = vector_standardisation(teacher_vectors)
+    variables = student_logits.trainable_variables + projection.trainable_variables
 
     @tf.function(reduce_retracing=True)
-    def step(x, tl, g, h):
+    def step(x, tl, tv, g, h):
         with tf.GradientTape() as tape:
-            loss = distillation_loss(tl, student_logits(x, training=True), g, h, d.temperature, d.alpha)
+            logits, pooled = student_both(x, training=True)
+            loss = distillation_loss(tl, logits, g, h, d.temperature, d.alpha)
+            if d.vector_weight:
+                loss += d.vector_weight * representation_loss((tf.cast(tv, tf.float32) - centre) / scale,
+                                                              projection(pooled))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
@@ -194,7 +236,8 @@ def train_student(cfg, student, data, dev, logdir):
         t0, losses = time.perf_counter(), []
         for batch in sorted_batches(len(ids), lengths, d.batch_size, rng):
             inputs = batch_inputs(ids[batch, :int(lengths[batch].max())])
-            losses.append(float(step(inputs, teacher_logits[batch], gold[batch], has_gold[batch])))
+            losses.append(float(step(inputs, teacher_logits[batch], teacher_vectors[batch], gold[batch],
+                                     has_gold[batch])))
             if len(losses) % LOG_EVERY == 0:  # a curve, not one dot per epoch
                 with step_writer.as_default():
                     at = int(optimizer.iterations)
