@@ -111,8 +111,8 @@ def transfer_set(cfg, processed, seq_len, teacher, vocab, num_classes):
     t0 = time.perf_counter()
     logits, pooled = predict_outputs(logits_and_vectors(teacher), ids)
     print(f"distill: transfer set of {len(ids):,} texts ({len(train_y):,} train, {d.augment_copies} augmented "
-          f"copies of each, {len(ids) - len(train_y) * (1 + d.augment_copies):,} unlabelled); teacher logits "
-          f"in {time.perf_counter() - t0:.0f} s")
+          f"copies of each, {len(ids) - len(train_y) * (1 + d.augment_copies):,} unlabelled); the teacher's logits "
+          f"and vectors in {time.perf_counter() - t0:.0f} s")
     return ids, logits, gold, (gold.sum(1) > 0).astype(np.float32), pooled.astype(np.float16)
 
 
