@@ -63,6 +63,33 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
     assert any((ids[1 + i:1 + i + n] == window).all() for i in range(6 - n + 1))  # a contiguous window
 
 
+def test_the_vector_term_moves_the_student_towards_the_teachers_vectors(tmp_path):
+    import tensorflow as tf
+
+    from pipeline.model.build import build_model
+    from pipeline.model.distillation import logits_and_vectors, predict_outputs, train_student
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 40, (64, 10))
+    ids[::2, 6:] = 0
+    logits, gold = rng.normal(size=(64, 2)).astype(np.float32), np.zeros((64, 2), np.float32)
+    teacher_vectors = rng.normal(size=(64, 12)).astype(np.float16)
+
+    def student_vectors(weight, vectors):
+        cfg = load_config(ROOT / "params.yaml", tiny_overrides(tmp_path, "distill.epochs=3", "distill.batch_size=16",
+                                                               "train.min_steps=1", "distill.learning_rate=0.01",
+                                                               f"distill.vector_weight={weight}"))
+        tf.keras.utils.set_random_seed(0)
+        student = build_model(cfg.model, 40, 2, 10)
+        train_student(cfg, student, (ids, logits, gold, np.zeros(64, np.float32), vectors), (ids[:8], np.zeros(8)),
+                      tmp_path / "runs")
+        return predict_outputs(logits_and_vectors(student), ids)[1]
+
+    # without the term the teacher's vectors change nothing; with it they do
+    np.testing.assert_array_equal(student_vectors(0.0, teacher_vectors), student_vectors(0.0, -teacher_vectors))
+    assert np.abs(student_vectors(1.0, teacher_vectors) - student_vectors(1.0, -teacher_vectors)).max() > 1e-3
+
+
 def test_soft_label_dataset_pads_per_batch_and_targets_the_teachers_probabilities():
     from pipeline.model.distillation import soft_label_dataset
 
