@@ -63,7 +63,7 @@ def test_augment_keeps_cls_sep_and_masks_or_cuts():
     assert any((ids[1 + i:1 + i + n] == window).all() for i in range(6 - n + 1))  # a contiguous window
 
 
-def test_the_vector_term_moves_the_student_towards_the_teachers_vectors(tmp_path):
+def test_the_teachers_vectors_shape_the_student_only_when_vector_weight_is_positive(tmp_path):
     import tensorflow as tf
 
     from pipeline.model.build import build_model
