@@ -41,7 +41,6 @@ def transfer_key(cfg, processed, model_dir):
     """What the teacher-labelled transfer set depends on: distill_key without the student's shape and training."""
     key = distill_key(cfg, processed, model_dir)
     key["config"]["distill"] = {k: key["config"]["distill"][k] for k in TRANSFER_KEYS}
-    key["teacher_outputs"] = ["logits", "pooled vectors"]  # a cache of logits only is labelled again
     return key
 
 
@@ -93,15 +92,17 @@ def teacher_labels(cfg, model_dir, processed, stats, labels, teacher):
     the student's recipes on it. teacher() gives the teacher, called only when the set must be labelled."""
     state = model_dir / "distill_state"
     manifest.work_dir(state, transfer_key(cfg, processed, model_dir))
-    cache = state / "transfer.npz"
-    if not cache.is_file():
+    cache, vectors_file = state / "transfer.npz", state / "vectors.npy"
+    if not (cache.is_file() and vectors_file.is_file()):
         vocab = load_vocabulary(processed / "vocab.txt")
         labeller = labelling_copy(cfg, teacher(), stats, len(vocab), len(labels), vectors.load_table(processed))
         data = transfer_set(cfg, processed, int(stats["seq_len"]), labeller, vocab, len(labels))
+        with files.atomic_path(vectors_file, suffix=".npy") as tmp:
+            np.save(tmp, data[4])
         with files.atomic_path(cache, suffix=".npz") as tmp:
-            np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3], vectors=data[4])
-    with np.load(cache) as z:
-        return z["ids"], z["logits"], z["gold"], z["has_gold"], z["vectors"]
+            np.savez(tmp, ids=data[0], logits=data[1], gold=data[2], has_gold=data[3])
+    with np.load(cache) as z:  # the vectors (200 MB for SST-2) memory-mapped: compress's fine-tuning never reads them
+        return z["ids"], z["logits"], z["gold"], z["has_gold"], np.load(vectors_file, mmap_mode="r")
 
 
 def train(cfg, run, processed, stats, labels, teacher, data):
