@@ -75,9 +75,10 @@ benchmark: compress
 report: benchmark
 	$(PY) -m pipeline report $(RUN_ARG) $(ARGS)
 
-# Optuna over shape, learning rate, dropout and int8 knobs (search.*); resumes after a kill. From scratch only:
+# Optuna over shape, learning rate, dropout and int8 knobs (search.*); resumes after a kill. A backbone run's
+# trials distil students of its trained model (search.student_space); from scratch (search.space):
 #   make search DATA=... SET="model.backbone=none train.learning_rate=0.001 search.trials=8"
-search: data
+search: train
 	$(PY) -m pipeline search $(RUN_ARG) $(ARGS)
 
 tensorboard: | $(STAMP)

@@ -1,6 +1,7 @@
 """The search stage: the Pareto front, the chosen trial and the early-stopping rule on fixed numbers; the space's
 checks; and (e2e) a tiny study on toy data that writes its files, resumes without repeating finished trials,
-retries a trial a kill interrupted, and whose best.yaml `train` reproduces."""
+retries a trial a kill interrupted, and whose best.yaml `train` reproduces; a backbone run's study of students, each
+distilled from the run's one labelled transfer set, whose best.yaml `distill` reproduces."""
 import json
 import signal
 import subprocess
@@ -31,6 +32,23 @@ def test_pareto_front_and_chosen_trial_on_fixed_numbers():
     best_is_default = search.mark_front([row(0, 0.70, 1.0, default=True), row(1, 0.60, 0.5), row(2, 0.75, 2.0)])
     assert search.choose(best_is_default)["trial"] == 0
     assert search.choose([]) is None
+    # a latency's noise: a better trial up to 10% slower than the config's own is chosen, not one 20% slower
+    noisy = search.mark_front([row(0, 0.60, 1.00, default=True), row(1, 0.70, 1.08), row(2, 0.75, 1.2)])
+    assert search.choose(noisy)["trial"] == 0 and search.choose(noisy, 0.1)["trial"] == 1
+
+
+def test_a_config_drawn_again_reuses_the_earlier_result():
+    space = {"x": optuna.distributions.CategoricalDistribution([1, 2])}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"x": 1})
+    first = study.ask(space)
+    study.tell(first, [0.5, 1.0])
+    for x, earlier in ((2, None), (1, first.number)):
+        study.enqueue_trial({"x": x})
+        trial = study.ask(space)
+        found = search.same_values(study, trial)
+        assert (found and found.number) == earlier
+        study.tell(trial, [0.4, 1.1])
 
 
 def test_the_report_section_shows_the_front_only_when_the_run_has_a_search(tmp_path):
@@ -82,11 +100,14 @@ def test_the_space_is_checked_when_the_config_is_loaded():
         check_space_holds(cfg, "search")
 
 
-def test_search_refuses_a_backbone_in_one_line(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "search", "--run", "toy", *sets([f"paths.models={tmp_path}/m",
-                                                                   "model.backbone=all-minilm-l6-v2"]))
-    assert_one_line_error(code, err, "model.backbone", "model.backbone=none")
-    assert not (tmp_path / "m").exists()
+def test_a_backbone_search_needs_the_trained_teacher_and_varies_only_the_student(tmp_path, capsys):
+    data = make_toy_dir(tmp_path)
+    assert cli("data", "--data", str(data), "--run", "toy", *sets(tiny_overrides(tmp_path))).returncode == 0
+    code, _, err = run_cli(capsys, "search", "--run", "toy", *sets(tiny_overrides(tmp_path, "model.backbone=all-minilm-l6-v2")))
+    assert_one_line_error(code, err, "no trained model", "make train")
+    assert not (tmp_path / "saved_models" / "toy" / "search").exists()
+    with pytest.raises(PipelineError, match=r"search.student_space.model.d_model: only distill.\* and compress.\* keys"):
+        load_config(None, ["search.student_space={model.d_model: [64]}"])
 
 
 # ---------------------------------------------------------------- a tiny study on toy data
@@ -178,3 +199,68 @@ def test_a_killed_search_retries_the_interrupted_trial(studied):
     assert states == [optuna.trial.TrialState.COMPLETE] * 3 + [optuna.trial.TrialState.FAIL,
                                                                optuna.trial.TrialState.COMPLETE]
     assert study.trials[4].params == study.trials[3].params and study.trials[3].user_attrs["interrupted"]
+
+
+# ---------------------------------------------------------------- a backbone run's study of students
+
+
+@pytest.fixture(scope="module")
+def student_study(tmp_path_factory):
+    """(root, overrides, search output) of a 3-trial study of students of a tiny BERT teacher on the toy task."""
+    from test_backbone import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("student_search")
+    data = make_toy_dir(root)
+    bert, _, _ = make_tiny_bert(root / "bert")
+    overrides = tiny_overrides(
+        root, f"model.backbone={bert}", "train.epochs=4", "train.learning_rate=0.003",
+        "distill.student_d_model=8", "distill.student_num_heads=2", "distill.student_ff_dim=16",
+        "distill.student_num_layers=1", "distill.epochs=3", "distill.augment_copies=1", "distill.batch_size=32",
+        "search.student_space={distill.student_d_model: [8, 16], distill.temperature: [2.0, 4.0]}",
+        "search.trials=3", "search.prune_margin=1.0", "compress.calibration_samples=50")
+    for stage in ("data", "train"):
+        done = cli(stage, *(("--data", str(data)) if stage == "data" else ()), "--run", "toy", *sets(overrides),
+                   timeout=900)
+        assert done.returncode == 0, done.stderr
+    found = cli("search", "--run", "toy", *sets(overrides), timeout=1800)
+    assert found.returncode == 0, found.stderr
+    return root, overrides, found.stdout
+
+
+@pytest.mark.e2e
+def test_a_backbone_search_distils_a_student_per_trial_from_one_labelled_transfer_set(student_study):
+    root, _, stdout = student_study
+    run_dir = root / "saved_models" / "toy"
+    out = run_dir / "search"
+    result = json.loads((out / "pareto.json").read_text())
+    assert (result["finished"], result["complete"]) == (3, 3)
+    assert "make compress CONFIG=" in result["summary"]
+    labelled = (run_dir / "distill_state" / "transfer.npz").stat()
+    for r in result["trials"]:
+        trial_run = out / f"trial_{r['trial']}" / "toy"
+        assert r["params"]["distill.student_d_model"] in (8, 16) and 0 <= r["macro_f1"] <= 1 and r["int8_p50_ms"] > 0
+        assert json.loads((trial_run / "compression.json").read_text())["variants"]["int8"]["recipe"] == ["student", "int8"]
+        assert not (trial_run / "tflite" / "float32.tflite").exists()  # the teacher's, no copy per trial
+        student = yaml.safe_load((trial_run / "distilled" / "config.yaml").read_text())
+        assert student["model"]["d_model"] == r["params"]["distill.student_d_model"]  # the trial's student shape
+        # the teacher and its labels are the run's own files, linked: nothing trained or labelled again
+        assert (trial_run / "model.keras").stat().st_ino == (run_dir / "model.keras").stat().st_ino
+        assert (trial_run / "distill_state" / "transfer.npz").stat().st_ino == labelled.st_ino
+        assert "transfer set of" not in (out / f"trial_{r['trial']}" / "compress.log").read_text()
+        epochs = (trial_run / "distill_state" / "epochs.csv").read_text().splitlines()
+        assert epochs[0].startswith("epoch,loss,val_accuracy") and len(epochs) == 1 + len(r["val_accuracy"])
+    assert result["trials"][0]["default"] and result["trials"][0]["params"]["distill.student_d_model"] == 8
+
+
+@pytest.mark.e2e
+def test_best_yaml_distils_the_chosen_trials_student_again(student_study):
+    root, _, _ = student_study
+    out = root / "saved_models" / "toy" / "search"
+    chosen = next(r for r in json.loads((out / "pareto.json").read_text())["trials"] if r["chosen"])
+    cfg = load_config(out / "best.yaml")
+    assert cfg.distill.student_d_model == chosen["params"]["distill.student_d_model"]
+    assert cfg.distill.temperature == chosen["params"]["distill.temperature"]
+    done = cli("distill", "--config", str(out / "best.yaml"), "--run", "toy", timeout=900)
+    assert done.returncode == 0, done.stderr
+    student = json.loads((root / "saved_models" / "toy" / "distilled" / "metrics.json").read_text())
+    assert student["dev"]["macro_f1"] == pytest.approx(chosen["keras_macro_f1"], abs=1e-6)

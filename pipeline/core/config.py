@@ -256,6 +256,20 @@ DEFAULT_SPACE = {
     # ops the int8 file keeps in float32: the default list, or fully int8 (faster where XNNPACK has int8 kernels)
     "compress.float_ops": [list(CompressConfig().float_ops), []],
 }
+# A backbone run's search varies its distilled student (the teacher, the run's trained model, stays): only
+# distill.* and compress.* keys, so that every trial reuses the teacher's labels of the transfer set.
+DEFAULT_STUDENT_SPACE = {
+    "distill.student_num_layers": [1, 2, 3],
+    "distill.student_d_model": [64, 96, 128],
+    "distill.student_num_heads": [2, 4],
+    "distill.student_ff_dim": [128, 256],
+    "distill.temperature": [1.0, 2.0, 4.0],
+    "distill.alpha": [0.0, 0.5, 1.0],
+    "distill.vector_weight": [0.0, 0.5, 1.0],
+    "distill.learning_rate": [0.001, 0.003],
+    "compress.calibration_samples": [100, 500],
+    "compress.float_ops": [list(CompressConfig().float_ops), []],
+}
 
 
 @dataclass
@@ -266,7 +280,9 @@ class SearchConfig:
     seed: int = 0  # the TPE sampler's
     prune_warmup: int = 2  # epochs before a trial may be stopped early
     prune_margin: float = 0.1  # ... when its dev accuracy at an epoch is this far below the median of finished trials
+    latency_tolerance: float = 0.1  # the chosen trial's p50 may exceed the config's own trial's by this share (noise)
     space: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SPACE.items()})
+    student_space: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_STUDENT_SPACE.items()})
 
 
 @dataclass
@@ -389,6 +405,8 @@ def _apply(cfg, dotted, value, where):
         check_lm_variants(value, where)
     if dotted == "search.space":
         check_space(value, where)
+    if dotted == "search.student_space":
+        check_space(value, where, "student_space", sections=("distill", "compress"))
     setattr(sub, key, value)
 
 
@@ -463,15 +481,18 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-def check_space(space, where):
-    """Raise a one-line PipelineError unless `space` maps config keys (not search.*) to non-empty lists of values
-    each key accepts."""
+def check_space(space, where, name="space", sections=None):
+    """Raise a one-line PipelineError unless `space` maps config keys (not search.*, paths.*; only `sections` when
+    given) to non-empty lists of values each key accepts."""
     if not isinstance(space, dict) or not space:
-        raise PipelineError(f"{where}: search.space must map section.key names to lists of choices")
+        raise PipelineError(f"{where}: search.{name} must map section.key names to lists of choices")
     for dotted, choices in space.items():
-        at = f"{where}: search.space.{dotted}"
+        at = f"{where}: search.{name}.{dotted}"
         if not isinstance(dotted, str) or dotted.startswith(("search.", "paths.")) or "." not in dotted:
             raise PipelineError(f"{at}: expected a section.key of the config (not search.* or paths.*)")
+        if sections and dotted.partition(".")[0] not in sections:
+            raise PipelineError(f"{at}: only {' and '.join(s + '.*' for s in sections)} keys (the teacher, the run's "
+                                f"trained model, stays as it is)")
         if not isinstance(choices, list) or not choices:
             raise PipelineError(f"{at}: expected a non-empty list of choices")
         for choice in choices:
@@ -479,13 +500,13 @@ def check_space(space, where):
     return space
 
 
-def check_space_holds(cfg, where):
-    """Each search.space key's choices include the config's own value (trial 0 measures the config itself)."""
-    for dotted, choices in cfg.search.space.items():
+def check_space_holds(cfg, where, name="space"):
+    """Each key of search.<name> has the config's own value among its choices (trial 0 measures the config itself)."""
+    for dotted, choices in getattr(cfg.search, name).items():
         section, _, key = dotted.partition(".")
         value = getattr(getattr(cfg, section), key)
         if not any(_value(dotted, c) == value for c in choices):
-            raise PipelineError(f"{where}: search.space.{dotted} must include the config's own value {value!r} "
+            raise PipelineError(f"{where}: search.{name}.{dotted} must include the config's own value {value!r} "
                                 f"(trial 0 measures the config as it is)")
 
 

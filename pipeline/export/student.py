@@ -34,6 +34,7 @@ def distill_key(cfg, processed, model_dir):
                        **manifest.inputs(model_dir, manifest.MODEL_FILES, "teacher")}}
 
 
+EPOCH_LOG = "distill_state/epochs.csv"  # the student's epochs so far, in the run directory (the search reads it)
 TRANSFER_KEYS = ("augment_copies", "mask_prob", "ngram_prob")  # what of distill.* the transfer set depends on
 
 
@@ -114,7 +115,8 @@ def train(cfg, run, processed, stats, labels, teacher, data):
           f"{student_cfg.num_layers} layers ({student.count_params():,} parameters; teacher {teacher.count_params():,}); "
           f"T {d.temperature:g}, alpha {d.alpha:g}, vector weight {d.vector_weight:g}")
     dev_x, dev_y = split_arrays(processed / "dev.tfrecord", seq_len)
-    rows = train_student(cfg, student, data, (dev_x["input_word_ids"], dev_y), Path(cfg.paths.runs) / run / "distill")
+    rows = train_student(cfg, student, data, (dev_x["input_word_ids"], dev_y), Path(cfg.paths.runs) / run / "distill",
+                         Path(cfg.paths.models) / run / EPOCH_LOG)
     return student, student_cfg, rows
 
 

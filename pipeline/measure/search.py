@@ -120,11 +120,12 @@ def stop_early(curve, finished_curves, warmup, margin):
 
 
 def trial_rows(trials, objective):
-    """One row per complete trial: number, whether it is the config's own, params, dev scores and costs."""
+    """One row per complete trial (not those that drew another's values again): number, whether it is the
+    config's own, params, dev scores and costs."""
     key = COST[objective][0]
     rows = []
     for t in trials:
-        if t.state != optuna.trial.TrialState.COMPLETE:
+        if t.state != optuna.trial.TrialState.COMPLETE or "same_as" in t.user_attrs:
             continue
         m = t.user_attrs["metrics"]
         rows.append({"trial": t.number, "default": bool(t.user_attrs.get("default")), "macro_f1": t.values[0],
@@ -139,13 +140,20 @@ def mark_front(rows):
     return [{**r, "pareto": i in front} for i, r in enumerate(rows)]
 
 
-def choose(rows):
-    """The chosen trial's row: the best dev macro F1 on the front at a cost no higher than the config's own
-    trial's; without that trial, or none such, the best macro F1 on the front."""
-    front = [r for r in rows if r["pareto"]]
+def choose(rows, tolerance=0.0):
+    """The chosen trial's row: the best dev macro F1 among the trials at a cost no higher than the config's own
+    trial's times 1 + `tolerance` (a latency's noise); without that trial, the best macro F1 on the front."""
     default = next((r for r in rows if r["default"]), None)
-    cheap = [r for r in front if default is not None and r["cost"] <= default["cost"]]
-    return max(cheap or front, key=lambda r: (r["macro_f1"], -r["cost"]), default=None)
+    if default is None:
+        return max((r for r in rows if r["pareto"]), key=lambda r: (r["macro_f1"], -r["cost"]), default=None)
+    cheap = [r for r in rows if r["cost"] <= default["cost"] * (1 + tolerance)]
+    return max(cheap, key=lambda r: (r["macro_f1"], -r["cost"]))
+
+
+def same_values(study, trial):
+    """A complete trial of `study` with the same values as `trial` (TPE draws a point again), else None."""
+    return next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if t.params == trial.params and t.number != trial.number and "same_as" not in t.user_attrs), None)
 
 
 # ---------------------------------------------------------------- the table, the plot, the report section

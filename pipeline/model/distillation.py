@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.model.build import build_model, build_run_model, find_layer, logits_model, set_word_vectors
-from pipeline.model.training import LOG_EVERY, WarmupLinearDecay, current_learning_rate, make_optimizer
+from pipeline.model.training import (LOG_EVERY, WarmupLinearDecay, current_learning_rate, make_optimizer,
+                                     write_epoch_log)
 from pipeline.text import vectors
 from pipeline.text.dataset import split_arrays
 
@@ -195,9 +196,10 @@ def vector_standardisation(vectors, chunk=65536):
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def train_student(cfg, student, data, dev, logdir):
+def train_student(cfg, student, data, dev, logdir, epoch_log=None):
     """Fit the student on the transfer set (ids, teacher logits, gold, has_gold, teacher's pooled vectors); keep
-    the epoch with the best dev accuracy. Returns one row per epoch."""
+    the epoch with the best dev accuracy. Returns one row per epoch, also written to the CSV file `epoch_log`
+    after each epoch (as training's epochs.csv: what the search's early stopping reads)."""
     d, t = cfg.distill, cfg.train
     ids, teacher_logits, gold, has_gold, teacher_vectors = data
     lengths = (ids != 0).sum(1)
@@ -210,12 +212,14 @@ def train_student(cfg, student, data, dev, logdir):
     optimizer = make_optimizer(WarmupLinearDecay(d.learning_rate, int(0.1 * steps * epochs), steps * epochs),
                                t.weight_decay)
     student_logits, student_both = logits_model(student), logits_and_vectors(student)
-    # The student's pooled vector, through a linear map used only here, learns the direction of the teacher's
-    # (each dimension standardised over the transfer set, so a few large ones do not decide the cosine).
-    projection = tf.keras.layers.Dense(teacher_vectors.shape[1], name="vector_projection")
-    projection.build((None, student.get_layer("pooling").output.shape[-1]))
-    centre, scale = vector_standardisation(teacher_vectors)
-    variables = student_logits.trainable_variables + projection.trainable_variables
+    variables = list(student_logits.trainable_variables)
+    if d.vector_weight:
+        # The student's pooled vector, through a linear map used only here, learns the direction of the teacher's
+        # (each dimension standardised over the transfer set, so a few large ones do not decide the cosine).
+        projection = tf.keras.layers.Dense(teacher_vectors.shape[1], name="vector_projection")
+        projection.build((None, student.get_layer("pooling").output.shape[-1]))
+        centre, scale = vector_standardisation(teacher_vectors)
+        variables += projection.trainable_variables
 
     @tf.function(reduce_retracing=True)
     def step(x, tl, tv, g, h):
@@ -251,6 +255,8 @@ def train_student(cfg, student, data, dev, logdir):
                 tf.summary.scalar(f"distill/{k}", rows[-1][k], step=epoch)
         print(f"distill: epoch {epoch + 1}/{epochs}: loss {rows[-1]['loss']:.4f}, dev accuracy {accuracy:.4f} "
               f"({rows[-1]['epoch_seconds']:.0f} s)", flush=True)
+        if epoch_log:
+            write_epoch_log(epoch_log, rows)
         if accuracy > best:
             best, best_weights = accuracy, student.get_weights()
     student.set_weights(best_weights)

@@ -2,6 +2,7 @@
 schedule and optimizer, callbacks that survive a resume, step and epoch budgets, class weights, and what a trained
 model depends on (its manifest key)."""
 import csv
+import io
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pipeline.core import manifest
+from pipeline.core import files, manifest
 from pipeline.core.errors import PipelineError
 from pipeline.model import backbone
 from pipeline.model.build import pretrained_encoder
@@ -49,6 +50,15 @@ def read_epoch_log(path):
         rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
     by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r}  # an epoch redone after a kill is logged twice
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def write_epoch_log(path, rows):
+    """Rows (dicts with the same keys) as a CSV file that read_epoch_log reads, written whole and atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(path, text.getvalue())
 
 
 def best_in_log(rows, monitor, improves):

@@ -1,9 +1,10 @@
 """Search stage (`make search`): an Optuna study over the model's shape, learning rate, dropout and the int8
 recipe's knobs (search.space), maximising dev macro F1 of the exported int8 file and minimising its cost (p50
 latency at 1 thread through LiteRT, or its size: search.objective). Each trial is the train and compress stages
-run on the trial's config file in a child process; its study lives in saved_models/<run>/search/study.db, so a
-killed search resumes. Writes pareto.json, pareto.md, pareto.png and best.yaml there; HParams in
-runs/<run>/search."""
+run on the trial's config file in a child process; on a backbone run, whose teacher stays, it is the compress
+stage distilling and exporting the trial's student (search.student_space). The study lives in
+saved_models/<run>/search/study.db, so a killed search resumes. Writes pareto.json, pareto.md, pareto.png and
+best.yaml there; HParams in runs/<run>/search."""
 import json
 import os
 import signal
@@ -19,12 +20,14 @@ import optuna
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from pipeline.core import files
+from pipeline.core import files, manifest
 from pipeline.core.config import check_space_holds, save_config
 from pipeline.core.errors import PipelineError
+from pipeline.export.student import EPOCH_LOG, teacher_labels
 from pipeline.measure import search
 from pipeline.measure.latency import fresh_process
 from pipeline.measure.tables import markdown_table
+from pipeline.model.build import load_model
 from pipeline.model.training import read_epoch_log
 from pipeline.text.processed import load_processed
 from pipeline.text.read import read_examples
@@ -32,6 +35,8 @@ from pipeline.text.tokenizer import encode, make_tokenizer
 
 # each trial's compress stage builds only these: float32 is its parity check's reference, int8 is measured
 TRIAL_VARIANTS = {"float32": ["float32"], "int8": ["int8"]}
+STUDENT_TRIAL_VARIANTS = {"float32": ["float32"], "int8": ["student", "int8"]}  # a backbone run's: its student's
+TEACHER_FILES = manifest.MODEL_FILES + ("metrics.json", "config.yaml")  # what a trial's compress stage reads
 POLL_SECONDS = 1.0  # how often a running trial's epoch log is read
 
 
@@ -40,21 +45,24 @@ def run_search_stage(cfg, run):
     then write the Pareto front and the chosen trial's config."""
     started = time.time()
     check_search_config(cfg, run)
+    space = searched_space(cfg)
     out = Path(cfg.paths.models) / run / "search"
     out.mkdir(parents=True, exist_ok=True)
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("search", "paths")}
-    study = search.open_study(out / "study.db", cfg.search.objective, cfg.search.seed, base, cfg.search.space)
+    study = search.open_study(out / "study.db", cfg.search.objective, cfg.search.seed, base, space)
     retried = search.retry_interrupted(study)
     if retried:
         print(f"search: interrupted trials run again: {', '.join(map(str, retried))}")
-    log_hparams_config(cfg, run)
+    if searches_student(cfg):
+        label_transfer_set(cfg, run)
+    log_hparams_config(cfg, run, space)
     if not study.trials:
-        study.enqueue_trial(search.config_params(cfg, cfg.search.space), user_attrs={"default": True})
+        study.enqueue_trial(search.config_params(cfg, space), user_attrs={"default": True})
     while len(search.finished(study)) < cfg.search.trials:
         if not time_for_a_trial(study, started, cfg.search.timeout):
             print(f"search: stopping, another trial would not finish within search.timeout {cfg.search.timeout} s")
             break
-        run_trial(cfg, run, study, out, started + cfg.search.timeout)
+        run_trial(cfg, run, study, out, started + cfg.search.timeout, space)
         write_results(cfg, run, study, out)
     result = write_results(cfg, run, study, out)
     print(result["summary"])
@@ -62,17 +70,56 @@ def run_search_stage(cfg, run):
     return result
 
 
+def searches_student(cfg):
+    """True for a backbone run: its trials distil students of the run's trained model, which stays."""
+    return cfg.model.backbone != "none"
+
+
+def searched_space(cfg):
+    """search.student_space on a backbone run, else search.space."""
+    return cfg.search.student_space if searches_student(cfg) else cfg.search.space
+
+
 def check_search_config(cfg, run):
-    """A one-line error for what the search cannot run: a backbone, a space without the config's own values,
-    no processed data."""
-    if cfg.model.backbone != "none":
-        raise PipelineError(f"model.backbone: the search trains models from scratch; set model.backbone=none "
-                            f"(searching a backbone's student shape is not supported yet), got {cfg.model.backbone!r}")
+    """A one-line error for what the search cannot run: a space without the config's own values, no processed
+    data, a backbone run without its trained model."""
     if cfg.search.trials < 1 or cfg.search.timeout < 1:
         raise PipelineError(f"search.trials and search.timeout must be at least 1, got {cfg.search.trials} and "
                             f"{cfg.search.timeout}")
-    check_space_holds(cfg, "search")
+    if cfg.search.latency_tolerance < 0:
+        raise PipelineError(f"search.latency_tolerance must be at least 0, got {cfg.search.latency_tolerance}")
+    check_space_holds(cfg, "search", "student_space" if searches_student(cfg) else "space")
     load_processed(cfg, run)
+    model_dir = Path(cfg.paths.models) / run
+    if searches_student(cfg) and not (model_dir / "metrics.json").is_file():
+        raise PipelineError(f"{model_dir}: no trained model for run '{run}'; a backbone run's search distils students "
+                            f"of it: run `make train` first")
+
+
+def label_transfer_set(cfg, run):
+    """The teacher's labels of the transfer set, made once in saved_models/<run>/distill_state/ (skipped when there)
+    and linked into every trial, as `make compress` would make them."""
+    model_dir = Path(cfg.paths.models) / run
+    processed, stats, labels = load_processed(cfg, run)
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    teacher_labels(cfg, model_dir, processed, stats, labels, lambda: load_model(model_dir / "model.keras"))
+
+
+def link_teacher(model_dir, trial_model_dir):
+    """A trial's run directory holding the run's teacher and its labelled transfer set as hard links (no copies of
+    100s of MB; the stages write by renaming new files into place, so the run's files stay as they are) and a
+    manifest that lists only them."""
+    names = TEACHER_FILES + tuple(f"distill_state/{p.name}" for p in (model_dir / "distill_state").iterdir()
+                                  if p.is_file() and p.name != Path(EPOCH_LOG).name)
+    for name in names:
+        target = trial_model_dir / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(model_dir / name, target)
+    m = manifest.load(model_dir)
+    files.write_json(trial_model_dir / manifest.NAME, {
+        "stages": {"train": m["stages"]["train"]},
+        "artifacts": {n: a for n, a in m["artifacts"].items() if n in TEACHER_FILES}})
 
 
 def time_for_a_trial(study, started, timeout):
@@ -85,21 +132,33 @@ def time_for_a_trial(study, started, timeout):
 # ---------------------------------------------------------------- one trial
 
 
-def run_trial(cfg, run, study, out, deadline):
-    """Ask for a trial, train and compress its config in child processes, measure its int8 file, tell the study."""
+def run_trial(cfg, run, study, out, deadline, space):
+    """Ask for a trial, train and compress its config in child processes (a backbone run: compress, which distils
+    the trial's student), measure its int8 file, tell the study."""
     trial = study.ask()
-    overrides = search.suggest(trial, cfg.search.space)
-    trial_dir = out / f"trial_{trial.number}"
-    config = trial_config(cfg, overrides, trial_dir)
+    overrides = search.suggest(trial, space)
     print(f"search: trial {trial.number} ({search.origin(trial)}): "
           + ", ".join(f"{k}={search.short(v)}" for k, v in overrides.items()), flush=True)
+    earlier = search.same_values(study, trial)
+    if earlier is not None:  # TPE drew a config again: its result is told again, nothing is rerun
+        trial.set_user_attr("same_as", earlier.number)
+        trial.set_user_attr("metrics", earlier.user_attrs["metrics"])
+        study.tell(trial, earlier.values)
+        print(f"search: trial {trial.number} has the values of trial {earlier.number}: its result, not run again")
+        return
+    trial_dir = out / f"trial_{trial.number}"
+    config = trial_config(cfg, overrides, trial_dir)
     t0 = time.time()
-    curve_file = trial_dir / run / "train_state" / "epochs.csv"
-    stopper = early_stopper(cfg, study, trial, curve_file, deadline)
-    outcome = run_cli(["train", "--config", str(config), "--run", run], trial_dir / "train.log", stopper)
-    if outcome == 0:
-        outcome = run_cli(["compress", "--config", str(config), "--run", run], trial_dir / "compress.log",
-                          lambda: "timeout" if time.time() > deadline else None)
+    if searches_student(cfg):
+        link_teacher(Path(cfg.paths.models) / run, trial_dir / run)
+        stopper = early_stopper(cfg, study, trial, trial_dir / run / EPOCH_LOG, deadline)
+        outcome = run_cli(["compress", "--config", str(config), "--run", run], trial_dir / "compress.log", stopper)
+    else:
+        stopper = early_stopper(cfg, study, trial, trial_dir / run / "train_state" / "epochs.csv", deadline)
+        outcome = run_cli(["train", "--config", str(config), "--run", run], trial_dir / "train.log", stopper)
+        if outcome == 0:
+            outcome = run_cli(["compress", "--config", str(config), "--run", run], trial_dir / "compress.log",
+                              lambda: "timeout" if time.time() > deadline else None)
     if outcome == "pruned":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         print(f"search: trial {trial.number} stopped early at epoch {len(stopper.curve)} (dev accuracy "
@@ -116,6 +175,8 @@ def run_trial(cfg, run, study, out, deadline):
         print(f"search: trial {trial.number} failed: {error}")
     else:
         metrics = measure_trial(cfg, run, trial_dir, stopper.curve)
+        if searches_student(cfg):  # the teacher's export, its parity check's reference: 95 MB a trial for MiniLM
+            (trial_dir / run / "tflite" / "float32.tflite").unlink(missing_ok=True)
         trial.set_user_attr("metrics", metrics)
         cost = metrics[search.COST[cfg.search.objective][0]]
         study.tell(trial, [metrics["int8_macro_f1"], cost])
@@ -129,7 +190,8 @@ def trial_config(cfg, overrides, trial_dir):
     trial_cfg = search.with_overrides(cfg, overrides)
     trial_cfg.paths.models = str(trial_dir)
     trial_cfg.paths.runs = str(trial_dir / "runs")
-    trial_cfg.compress.variants = {k: list(v) for k, v in TRIAL_VARIANTS.items()}
+    variants = STUDENT_TRIAL_VARIANTS if searches_student(cfg) else TRIAL_VARIANTS
+    trial_cfg.compress.variants = {k: list(v) for k, v in variants.items()}
     save_config(trial_cfg, trial_dir / "config.yaml")
     return trial_dir / "config.yaml"
 
@@ -197,8 +259,10 @@ def last_error(trial_dir, code):
 
 def measure_trial(cfg, run, trial_dir, curve):
     """The trial's int8 file: dev scores (from its compression.json), size, and p50 latency at 1 thread on 64 dev
-    texts in a fresh LiteRT process (pipeline/measure/latency.py); the Keras model's dev scores; the epoch curve."""
+    texts in a fresh LiteRT process (pipeline/measure/latency.py); the Keras model's dev scores (a backbone run:
+    the student's); the epoch curve."""
     model_dir = trial_dir / run
+    keras_dir = model_dir / "distilled" if searches_student(cfg) else model_dir
     compression = files_json(model_dir / "compression.json")
     int8 = compression["variants"]["int8"]
     processed, stats, _ = load_processed(cfg, run)
@@ -207,11 +271,11 @@ def measure_trial(cfg, run, trial_dir, curve):
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "inputs.npz", **inputs)
         latency = fresh_process("tflite", model_dir / "tflite" / "int8.tflite", Path(tmp) / "inputs.npz")
-    history = files_json(model_dir / "history.json")
+    history = files_json(keras_dir / "history.json")
     return {"int8_macro_f1": int8["macro_f1"], "int8_accuracy": int8["accuracy"], "int8_bytes": int8["bytes"],
             "int8_p50_ms": latency["latency"]["threads_1"]["p50_ms"],
-            "keras_macro_f1": compression["keras"]["macro_f1"],
-            "params": files_json(model_dir / "metrics.json")["params"],
+            "keras_macro_f1": files_json(keras_dir / "metrics.json")["dev"]["macro_f1"],
+            "params": files_json(keras_dir / "metrics.json")["params"],
             "val_accuracy": [float(r["val_accuracy"]) for r in history] or curve}
 
 
@@ -225,10 +289,11 @@ def files_json(path):
 def write_results(cfg, run, study, out):
     """pareto.json, pareto.md, pareto.png and best.yaml (the chosen trial's full config) in `out`."""
     rows = search.mark_front(search.trial_rows(study.trials, cfg.search.objective))
-    chosen = search.choose(rows)
+    chosen = search.choose(rows, cfg.search.latency_tolerance if cfg.search.objective == "latency" else 0.0)
     rows = [{**r, "chosen": chosen is not None and r["trial"] == chosen["trial"]} for r in rows]
     states = [t.state.name for t in search.finished(study)]
-    result = {"run": run, "objective": cfg.search.objective, "summary": summary(rows, chosen, states, out),
+    stage = "compress" if searches_student(cfg) else "train"  # what remakes the chosen trial's model
+    result = {"run": run, "objective": cfg.search.objective, "summary": summary(rows, chosen, states, out, stage),
               "finished": len(states), "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
               "failed": states.count("FAIL"), "chosen": chosen and chosen["trial"], "trials": rows}
     files.write_json(out / "pareto.json", result)
@@ -241,7 +306,7 @@ def write_results(cfg, run, study, out):
     return result
 
 
-def summary(rows, chosen, states, out):
+def summary(rows, chosen, states, out, stage):
     """One paragraph: trials finished, the chosen one against the config's own."""
     text = (f"{len(states)} trials finished: {states.count('COMPLETE')} complete, {states.count('PRUNED')} stopped "
             f"early, {states.count('FAIL')} failed; {sum(r['pareto'] for r in rows)} on the Pareto front.")
@@ -252,16 +317,16 @@ def summary(rows, chosen, states, out):
               f"{default['int8_p50_ms']:.3f} ms, {default['int8_bytes']:,} bytes)") if default else ""
     return (text + f" Chosen: trial {chosen['trial']}, int8 dev macro F1 {chosen['macro_f1']:.4f} at p50 "
             f"{chosen['int8_p50_ms']:.3f} ms (1 thread), {chosen['int8_bytes']:,} bytes{versus}; its config: "
-            f"{out / 'best.yaml'} (`make train CONFIG={out / 'best.yaml'}`).")
+            f"{out / 'best.yaml'} (`make {stage} CONFIG={out / 'best.yaml'}`).")
 
 
 RESULTS = ("int8_macro_f1", "int8_accuracy", "int8_p50_ms", "int8_bytes", "keras_macro_f1")
 
 
-def log_hparams_config(cfg, run):
+def log_hparams_config(cfg, run, space):
     """The HParams dashboard's columns: the space's keys and the trial results."""
     with tf.summary.create_file_writer(str(Path(cfg.paths.runs) / run / "search")).as_default():
-        hp.hparams_config(hparams=[hp.HParam(k) for k in cfg.search.space],
+        hp.hparams_config(hparams=[hp.HParam(k) for k in space],
                           metrics=[hp.Metric(f"search/{m}") for m in RESULTS])
 
 
