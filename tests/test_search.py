@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, assert_one_line_error, cli, make_toy_dir, run_cli, sets, tiny_overrides
 
+from pipeline.core import manifest
 from pipeline.core.config import check_space_holds, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.measure import search
@@ -149,6 +150,8 @@ def test_search_writes_the_study_the_front_and_the_chosen_config(studied):
     assert sum(r["chosen"] for r in result["trials"]) == 1 and any(r["pareto"] for r in result["trials"])
     assert "| trial | dev macro F1 (int8)" in (out / "pareto.md").read_text()
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG" and (out / "study.db").is_file()
+    for name in ("pareto.json", "pareto.png", "best.yaml"):  # listed for `make report`, which verifies what it reads
+        manifest.verify(root / "saved_models" / "toy", f"search/{name}")
     for n in range(3):
         assert list((root / "runs" / "toy" / "search" / f"trial_{n}").glob("events.out.tfevents.*"))
 
@@ -235,6 +238,7 @@ def test_a_backbone_search_distils_a_student_per_trial_from_one_labelled_transfe
     result = json.loads((out / "pareto.json").read_text())
     assert (result["finished"], result["complete"]) == (3, 3)
     assert "make compress CONFIG=" in result["summary"]
+    manifest.verify(run_dir, "search/pareto.json")  # what `make report` reads and verifies
     labelled = (run_dir / "distill_state" / "transfer.npz").stat()
     for r in result["trials"]:
         trial_run = out / f"trial_{r['trial']}" / "toy"

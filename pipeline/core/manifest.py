@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 NAME = "manifest.json"
 COMMANDS = {"data": "make data", "pretrain": "make pretrain", "train": "make train", "distill": "make distill",
             "compress": "make compress",
-            "benchmark": "make benchmark", "report": "make report"}
+            "benchmark": "make benchmark", "report": "make report", "search": "make search"}
 
 
 def sha256(path) -> str:

@@ -303,6 +303,10 @@ def write_results(cfg, run, study, out):
         search.plot_front(rows, search.COST[cfg.search.objective][1], out / "pareto.png")
     if chosen is not None:
         save_config(search.with_overrides(cfg, chosen["params"]), out / "best.yaml")
+    # listed in the run's manifest: `make report`, which shows the front, verifies what it reads
+    manifest.record(out.parent, "search", {"config": {"search": cfg.to_dict()["search"]}, "inputs": {}},
+                    [f"search/{n}" for n in ("pareto.json", "pareto.md", "pareto.png", "best.yaml")
+                     if (out / n).is_file()])
     return result
 
 
