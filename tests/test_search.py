@@ -142,7 +142,14 @@ def test_search_writes_the_study_the_front_and_the_chosen_config(studied):
     assert "trial 0 (the config itself)" in first and "trial 1 (sampled)" in first
     result = json.loads((out / "pareto.json").read_text())
     assert (result["finished"], result["complete"], result["objective"]) == (3, 3, "latency")
-    assert [r["trial"] for r in result["trials"]] == [0, 1, 2] and result["trials"][0]["default"]
+    # a config TPE draws again (4 in this space) is told the earlier result and left out of the table
+    study = optuna.load_study(study_name=search.STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    for t in study.trials:
+        if "same_as" in t.user_attrs:
+            earlier = study.trials[t.user_attrs["same_as"]]
+            assert (t.params, t.values) == (earlier.params, earlier.values)
+    assert [r["trial"] for r in result["trials"]] == [t.number for t in study.trials if "same_as" not in t.user_attrs]
+    assert [r["trial"] for r in result["trials"]][:2] == [0, 1] and result["trials"][0]["default"]
     for r in result["trials"]:
         assert 0 <= r["macro_f1"] <= 1 and r["int8_p50_ms"] > 0 and r["int8_bytes"] > 0
         assert r["cost"] == r["int8_p50_ms"]

@@ -145,6 +145,7 @@ def run_trial(cfg, run, study, out, deadline, space):
         trial.set_user_attr("metrics", earlier.user_attrs["metrics"])
         study.tell(trial, earlier.values)
         print(f"search: trial {trial.number} has the values of trial {earlier.number}: its result, not run again")
+        log_hparams(cfg, run, study.trials[trial.number])
         return
     trial_dir = out / f"trial_{trial.number}"
     config = trial_config(cfg, overrides, trial_dir)
