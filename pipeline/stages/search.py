@@ -75,9 +75,13 @@ def searches_student(cfg):
     return cfg.model.backbone != "none"
 
 
+def space_name(cfg):
+    """The search.* key of the space the trials vary: student_space on a backbone run, else space."""
+    return "student_space" if searches_student(cfg) else "space"
+
+
 def searched_space(cfg):
-    """search.student_space on a backbone run, else search.space."""
-    return cfg.search.student_space if searches_student(cfg) else cfg.search.space
+    return getattr(cfg.search, space_name(cfg))
 
 
 def check_search_config(cfg, run):
@@ -88,7 +92,7 @@ def check_search_config(cfg, run):
                             f"{cfg.search.timeout}")
     if cfg.search.latency_tolerance < 0:
         raise PipelineError(f"search.latency_tolerance must be at least 0, got {cfg.search.latency_tolerance}")
-    check_space_holds(cfg, "search", "student_space" if searches_student(cfg) else "space")
+    check_space_holds(cfg, "search", space_name(cfg))
     load_processed(cfg, run)
     model_dir = Path(cfg.paths.models) / run
     if searches_student(cfg) and not (model_dir / "metrics.json").is_file():
@@ -272,11 +276,10 @@ def measure_trial(cfg, run, trial_dir, curve):
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "inputs.npz", **inputs)
         latency = fresh_process("tflite", model_dir / "tflite" / "int8.tflite", Path(tmp) / "inputs.npz")
-    history = files_json(keras_dir / "history.json")
+    history, keras_metrics = files_json(keras_dir / "history.json"), files_json(keras_dir / "metrics.json")
     return {"int8_macro_f1": int8["macro_f1"], "int8_accuracy": int8["accuracy"], "int8_bytes": int8["bytes"],
             "int8_p50_ms": latency["latency"]["threads_1"]["p50_ms"],
-            "keras_macro_f1": files_json(keras_dir / "metrics.json")["dev"]["macro_f1"],
-            "params": files_json(keras_dir / "metrics.json")["params"],
+            "keras_macro_f1": keras_metrics["dev"]["macro_f1"], "params": keras_metrics["params"],
             "val_accuracy": [float(r["val_accuracy"]) for r in history] or curve}
 
 
