@@ -6,7 +6,7 @@ import pytest
 
 import tensorflow as tf
 
-from pipeline.lm.kneser_ney import KneserNey, table_from_counts
+from pipeline.lm.kneser_ney import KneserNey, ngram_rows, table_from_counts
 from pipeline.lm.model import HashedNgramLogits
 
 RNG = np.random.default_rng(0)
@@ -58,10 +58,20 @@ def test_next_distributions_agree_with_probabilities():
     np.testing.assert_allclose(dists.sum(1), 1.0)
 
 
-def test_table_from_counts_reproduces_kneser_ney():
+def test_ngram_rows_give_each_context_length_a_prime_four_times_its_contexts():
+    tokens = np.array([0, 1, 2, 0, 1, 3] * 20)  # contexts: 4 of length 1, 5 of length 2, 6 of length 3
+    # length 1: 4 x 4 = 16, but only 6 ids (5 tokens and the pad) can precede: 7; then the primes >= 20 and 24
+    assert ngram_rows(tokens, 5, order=4, most=1000) == [7, 23, 29]
+    assert ngram_rows(tokens, 5, order=4, most=12) == [7, 11, 11]  # at most the largest prime <= most
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_table_from_counts_reproduces_kneser_ney(sized):
     """With buckets to spare (no collisions), the table's summed rows are the KN log-probabilities."""
     tokens = RNG.integers(0, 4, 400)
-    layer = HashedNgramLogits(5, order=3, buckets=1009)
+    # sized: 7 and 37 rows, one per possible context of 1 and 2 of the 6 ids
+    layer = HashedNgramLogits(5, order=3, buckets=ngram_rows(tokens, 5, 3, 1009) if sized else 1009)
+    assert layer.buckets == ([7, 37] if sized else [1009, 1009])
     layer.build((None, None))
     table_from_counts(layer, tokens)
     logits = layer(tf.constant(tokens[None], tf.int32)).numpy()[0]

@@ -178,6 +178,10 @@ class TrainConfig:
     privacy_noise_multiplier: float = 0.0  # noise std / clip; 0: the smallest meeting privacy_target_epsilon
     privacy_target_epsilon: float = 0.0  # > 0 (instead of a noise multiplier): ε at δ = 1/n at most this
     privacy_microbatches: int = 0  # clipped groups per batch (a divisor of batch_size); 0: one per example
+    # what DP-SGD trains: "head" (the classifier on the pretrained backbone's features, frozen; the noise then
+    # covers a few hundred weights, not millions) or "all" (the whole model; needed without a backbone)
+    privacy_train: str = "head"
+    privacy_head_learning_rate: float = 0.01  # with privacy_train head (train.learning_rate suits fine-tuning)
 
 
 @dataclass
@@ -295,8 +299,9 @@ class LMSection:
     ff_dim: int = 512
     dropout: float = 0.0
     ngram_order: int = 6  # > 0: a hashed n-gram logit table of this order in the model
+    ngram_buckets: int = 262139  # its rows for one context length at most
     batch_size: int = 32
-    steps: int = 900
+    steps: int = 1800
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     mixed_precision: str = "mixed_bfloat16"
@@ -410,7 +415,7 @@ def _apply(cfg, dotted, value, where):
     setattr(sub, key, value)
 
 
-def check_privacy(t, wheres):
+def check_privacy(t, backbone, wheres):
     """Raise a one-line PipelineError unless train.privacy's keys make a DP-SGD run (or privacy is off)."""
     def fail(key, problem):
         raise PipelineError(f"{wheres.get(key, wheres.get('train.privacy', key))}: '{key}' {problem}")
@@ -429,6 +434,14 @@ def check_privacy(t, wheres):
         fail("train.privacy_microbatches", f"must be 0 or divide train.batch_size {t.batch_size}, got {t.privacy_microbatches}")
     if t.strategy != "default":
         fail("train.strategy", f"must be default with train.privacy (DP-SGD runs on one device here), got {t.strategy!r}")
+    if t.privacy_train not in ("head", "all"):
+        fail("train.privacy_train", f"must be head or all, got {t.privacy_train!r}")
+    if t.privacy_train == "head" and backbone == "none":  # named where the backbone was turned off
+        raise PipelineError(f"{wheres.get('model.backbone', wheres.get('train.privacy', 'model.backbone'))}: "
+                            "'train.privacy_train' head trains the classifier on a pretrained backbone's features, "
+                            "and model.backbone is none: set train.privacy_train=all")
+    if t.privacy_train == "head" and t.privacy_head_learning_rate <= 0:
+        fail("train.privacy_head_learning_rate", f"must be > 0, got {t.privacy_head_learning_rate}")
 
 
 def load_config(path=None, overrides=()):
@@ -471,7 +484,7 @@ def load_config(path=None, overrides=()):
         _apply(cfg, dotted.strip(), value, f"--set {item}")
         wheres[dotted.strip()] = f"--set {item}"
         ship_where = f"--set {item}" if dotted.strip() == "report.ship" else ship_where
-    check_privacy(cfg.train, wheres)
+    check_privacy(cfg.train, cfg.model.backbone, wheres)
     # checked last: the variants it may name can be set after it
     lm_only = tuple(n for n in cfg.lm.variants if n not in cfg.compress.variants)
     if cfg.report.ship not in GOALS + tuple(cfg.compress.variants) + lm_only:

@@ -17,10 +17,12 @@ class LMConfig:
     position: str = "learned"    # or "sinusoidal"
     score_limit: float = 8.0     # attention scores clipped to +-score_limit (keeps int8 ranges small)
     ngram_order: int = 6         # > 0: add a hashed n-gram logit table (model.HashedNgramLogits) of this order
-    ngram_buckets: int = 32749   # its rows per context length (a prime: see HashedNgramLogits)
-    ngram_init: str = "counts"   # "counts": the table starts as Kneser-Ney log-probabilities; "zeros"
+    ngram_buckets: int = 262139  # the most rows a context length gets (kneser_ney.ngram_rows sizes each from train)
+    # the rows per context length: set by train_lm from the train text (saved in config.json); []: ngram_buckets
+    ngram_rows: list = dataclasses.field(default_factory=list)
+    ngram_init: str = "counts"   # "counts": the table is Kneser-Ney log-probabilities, not trained; "zeros": learned
     batch_size: int = 32
-    steps: int = 900
+    steps: int = 1800
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1

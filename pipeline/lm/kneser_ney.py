@@ -103,7 +103,7 @@ def table_from_counts(layer, tokens, discount=0.75):
     v, order = layer.vocab_size, layer.order
     tokens = np.asarray(tokens, np.int64)
     kn = KneserNey(order, discount).fit(tokens, v)
-    table = np.zeros(((order - 1) * layer.buckets, v))
+    table = np.zeros((sum(layer.buckets), v))
     weight = np.zeros(len(table))
     for j in range(1, order):
         _, first, count = np.unique(_codes(tokens[:-1], j, v), return_index=True, return_counts=True)
@@ -115,3 +115,28 @@ def table_from_counts(layer, tokens, discount=0.75):
         np.add.at(table, rows, step * count[:, None])
         np.add.at(weight, rows, count)
     layer.table.assign((table / np.maximum(weight, 1)[:, None]).astype(np.float32))
+
+
+def ngram_rows(tokens, vocab_size, order, most):
+    """Bucket counts per context length j = 1..order-1: the smallest prime >= 4 x the distinct contexts of that
+    length in `tokens` (a quarter of the buckets taken: few contexts share one), or >= (vocab + 1)^j, one per
+    possible context, if that is fewer; at most `most`."""
+    tokens, sizes = np.asarray(tokens, np.int64), []
+    for j in range(1, order):
+        contexts = len(np.unique(_codes(tokens, j, vocab_size)))
+        sizes.append(min(_prime_at_least(min(4 * contexts, (vocab_size + 1) ** j)), _prime_at_most(most)))
+    return sizes
+
+
+def _prime_at_least(n):
+    n = max(int(n), 2)
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
+
+
+def _prime_at_most(n):
+    n = max(int(n), 2)
+    while n > 2 and any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n -= 1
+    return n

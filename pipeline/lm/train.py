@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline.core import files
 from pipeline.lm.config import LMConfig
-from pipeline.lm.kneser_ney import table_from_counts
+from pipeline.lm.kneser_ney import ngram_rows, table_from_counts
 from pipeline.lm.measure import score_keras
 from pipeline.lm.model import build_lm, float32_copy
 from pipeline.lm.tokenizer import CharTokenizer, save_tokenizer
@@ -102,6 +102,9 @@ def train_lm(cfg: LMConfig, train_text: str, dev_text: str, out_dir, log_dir=Non
     tokens = tokenizer.encode(train_text)
     check_length(tokens, cfg.context, name)
     data = training_dataset(tokens, cfg.context, cfg.batch_size, seed=cfg.seed, name=name)
+    if cfg.ngram_order:  # the table's rows per context length, from the train text's contexts
+        cfg = dataclasses.replace(cfg, ngram_rows=ngram_rows(tokens, tokenizer.vocab_size, cfg.ngram_order,
+                                                             cfg.ngram_buckets))
     policy = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
     try:

@@ -4,7 +4,9 @@ import dp_accounting
 from dp_accounting import rdp
 
 # What ε covers and what it does not: every other use of the train split is outside the guarantee.
-COVERS = "the Transformer's weights, trained by DP-SGD on the train split (each train row one record)"
+COVERS = {"all": "the Transformer's weights, trained by DP-SGD on the train split (each train row one record)",
+          "head": "the classifier head's weights, trained by DP-SGD on the train split (each train row one record) "
+                  "over the pretrained backbone's features; the backbone is the public checkpoint, unchanged"}
 NOT_COVERED = [
     "the vocabulary when learned from the train texts (model.backbone none; a backbone's vocabulary is public)",
     "the sequence length (data.length_percentile of the train lengths) and the class weights (train class counts)",
@@ -58,7 +60,8 @@ def privacy_record(t, train_rows, noise_multiplier, steps):
         "sampling_rate": q,
         "train_rows": int(train_rows),
         "accounting": ACCOUNTING,
-        "covers": COVERS,
+        "trained": t.privacy_train,
+        "covers": COVERS[t.privacy_train],
         "not_covered": NOT_COVERED,
     }
 

@@ -21,3 +21,9 @@ def per_example_loss(label_smoothing):
     """Label-smoothed cross-entropy, one value per example (the DP optimizer clips each one's gradient)."""
     return tf.keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing,
                                                    reduction=tf.keras.losses.Reduction.NONE)
+
+
+def train_only_head(model):
+    """Freeze every layer but the classifier head ("probabilities"): DP-SGD then clips and noises its gradient alone."""
+    for layer in model.layers:
+        layer.trainable = layer.name == "probabilities"

@@ -29,7 +29,7 @@ from pipeline.measure.predictors import load_predictor
 from pipeline.measure.privacy import noise_for_epsilon, privacy_line, privacy_record
 from pipeline.model import ngram
 from pipeline.model.build import build_run_model, find_layer, initialize_encoder, set_word_vectors
-from pipeline.model.privacy import make_dp_optimizer, per_example_loss
+from pipeline.model.privacy import make_dp_optimizer, per_example_loss, train_only_head
 from pipeline.model.spec import model_config
 from pipeline.model.training import (EpochTimer, ResumableEarlyStopping, ResumableModelCheckpoint, SetEpoch,
                                      StepBudget, StepLog, WarmupLinearDecay, best_in_log, epochs_for, is_chief,
@@ -228,6 +228,8 @@ def prepare(cfg, run, strategy):
         init = initialize_encoder(cfg, model, Path(cfg.paths.models) / run)
         if word_vectors is not None:  # (a pretrained encoder has them, but MLM's random tokens touched unseen rows)
             set_word_vectors(model, *word_vectors)
+        if private_head(plan.t):
+            train_only_head(model)
         compile_model(model, plan)
     return model, train_ds, dev_ds, epoch, plan, build, init
 
@@ -252,7 +254,8 @@ def datasets(cfg, processed, stats, labels, epoch):
     dev_ds = make_dataset(processed / "dev.tfrecord", seq_len, t.batch_size, training=False, num_classes=len(labels))
     mean_len = stats["train_encoder_mean_len"]
     t = dataclasses.replace(t, max_steps=step_limit(t, mean_len), mixed_precision="float32" if t.privacy
-                            else t.mixed_precision)
+                            else t.mixed_precision,
+                            learning_rate=t.privacy_head_learning_rate if private_head(t) else t.learning_rate)
     plan = SimpleNamespace(t=t, epochs=epochs_for(t, int(train_ds.cardinality())),
                            total_steps=steps_for(t, int(train_ds.cardinality())),
                            weights=loss_class_weights(t, stats, labels))
@@ -278,9 +281,16 @@ def privacy_noise(t, train_rows, total_steps):
     target = (f" (the smallest for ε <= {t.privacy_target_epsilon:g} at δ = 1/n over {total_steps:,} steps)"
               if t.privacy_target_epsilon else "")
     each = f"microbatch's ({t.privacy_microbatches} a batch)" if t.privacy_microbatches else "example's"
-    print(f"privacy: DP-SGD (Adam; train.weight_decay unused), each {each} gradient clipped to L2 norm "
+    trains = (f"the classifier head on the backbone's frozen features (train.privacy_train head), learning rate "
+              f"{t.learning_rate:g}" if private_head(t) else "the whole model (train.privacy_train all)")
+    print(f"privacy: DP-SGD trains {trains} (Adam; train.weight_decay unused), each {each} gradient clipped to L2 norm "
           f"{t.privacy_l2_norm_clip:g}, noise multiplier {noise:.4f}{target}; sampling rate {q:.2e}, float32")
     return noise
+
+
+def private_head(t):
+    """Whether DP-SGD trains only the classifier head (train.privacy_train head)."""
+    return t.privacy and t.privacy_train == "head"
 
 
 def compile_model(model, plan):
