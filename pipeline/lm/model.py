@@ -54,10 +54,10 @@ class FullMask(PaddingMask):
 @_register
 class HashedNgramLogits(_Layer):
     """ids [B, T] -> logits [B, T, vocab] of a log-linear n-gram model: for each context length j = 1..order-1,
-    the last j tokens up to position t are hashed into buckets[j-1] rows of a learned [vocab] table, and the rows
-    are summed (Mikolov's RNNME "direct connections"). Local spelling is what a small character Transformer
-    learns slowest; one table row per context learns it in a few hundred steps and leaves the Transformer
-    the longer range. Positions before the text start read the pad id `vocab_size`; ids are clipped to it.
+    the last j tokens up to position t are hashed into buckets[j-1] rows of a [vocab] table, and the rows are
+    summed (Mikolov's RNNME "direct connections"). Local spelling is what a small character Transformer learns
+    slowest; a row per context holds it from the start (Kneser-Ney counts: table_from_counts) and leaves the
+    Transformer the longer range. Positions before the text start read the pad id `vocab_size`; ids are clipped to it.
     Each bucket count should be a prime: the hash is a polynomial in the ids modulo it. `buckets`: one count
     per context length, or one int for all (ngram_rows sizes them from the data)."""
 
